@@ -13,9 +13,9 @@ Public API, by section:
                 save_mask_png, save_label_png, save_overlay
   4. discovery  find_pairs, discover_splits, find_slice_files
   5. datasets   PairDataset, SliceDataset, VolumeDataset, ToyBinary, ToyMulticlass,
-                write_toy, random_flip_rotate, load_data
+                write_toy, random_flip_rotate, load_data, predict_volume
   6. run        add_common_args, finish_args, Run, seed_everything, choose_device,
-                save_checkpoint, load_checkpoint, make_loader, progress, benchmark
+                save_checkpoint, load_checkpoint, make_loader, progress, benchmark, unwrap
   7. scan       selective_scan, selective_scan_reference, scan_backend, bench_scan
 
 Command line of this file:
@@ -138,12 +138,16 @@ def resize_image(image, size):
     return np.asarray(pil.resize((size, size), Image.BILINEAR, reducing_gap=None))
 
 
-def resize_mask(mask, size):
-    """Resize a mask or label map to (size, size) nearest-neighbour; dtype kept (re-binarised)."""
-    if mask.shape[0] == size and mask.shape[1] == size:
+def resize_mask(mask, size, shape=None):
+    """Resize a mask or label map to (size, size), or to `shape` (H, W), nearest-neighbour.
+
+    The dtype is kept, so a binary mask stays binary.
+    """
+    height, width = shape if shape is not None else (size, size)
+    if mask.shape[0] == height and mask.shape[1] == width:
         return mask
-    rows = (np.arange(size) + 0.5) * mask.shape[0] / size
-    cols = (np.arange(size) + 0.5) * mask.shape[1] / size
+    rows = np.minimum((np.arange(height) + 0.5) * mask.shape[0] / height, mask.shape[0] - 1)
+    cols = np.minimum((np.arange(width) + 0.5) * mask.shape[1] / width, mask.shape[1] - 1)
     return mask[rows.astype(np.int64)[:, None], cols.astype(np.int64)[None, :]]
 
 
@@ -598,6 +602,21 @@ class ToyMulticlass(torch.utils.data.Dataset):
         """(image (1, S, S), label (1, S, S), name): a one-slice 'volume' for VolumeMeter."""
         image, label = make_toy_multiclass(index, self.size, self.seed)
         return image[None], label[None], self.names[index]
+
+
+@torch.no_grad()
+def predict_volume(logits_fn, volume, size, channels=3, device="cpu", batch=16):
+    """Label volume (D, H, W) int64: each slice resized to `size`, argmax of `logits_fn`, resized back.
+
+    `logits_fn` maps (n, channels, size, size) float to (n, K, size, size) logits; the prediction
+    is brought back to the slice's own H x W nearest-neighbour, as the TransUNet test does.
+    """
+    labels = []
+    for start in range(0, volume.shape[0], batch):
+        x = torch.stack([_gray_to_tensor(s, size, channels) for s in volume[start:start + batch]])
+        pred = logits_fn(x.to(device)).argmax(dim=1).cpu().numpy()  # (n, S, S)
+        labels.extend(resize_mask(p, 0, volume.shape[1:]) for p in pred)
+    return np.stack(labels)
 
 
 def write_toy(out, kind="binary", n=100, size=256, seed=0):
