@@ -126,8 +126,11 @@ def load_mask(path, instance=False):
 
 
 def load_label_map(path):
-    """An integer label map (H, W) int64 from a PNG/TIFF of class indices."""
-    return _mask_values(_open(path)).astype(np.int64)
+    """An integer label map (H, W) int64 from a PNG/TIFF of class indices (palette = indices)."""
+    image = _open(path)
+    if image.mode == "P":  # a palette PNG stores the class index; the palette is only colour
+        return np.asarray(image).astype(np.int64)
+    return _mask_values(image).astype(np.int64)
 
 
 def resize_image(image, size):
