@@ -903,6 +903,7 @@ def benchmark(model, train_step, infer_step, batch_size, device, repeats=3, **ex
     One warm-up call each, then the median of `repeats` timed calls.
     """
     def timed(step):
+        """Median seconds of one call after a warm-up call."""
         step()
         times = []
         for _ in range(repeats):
@@ -941,6 +942,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta = F.softplus(delta)
     batch, dim, length = u.shape
     def expand(M):
+        """B or C as (batch, dim, N, L)."""
         if M.dim() == 2:
             return M[None, :, :, None].expand(batch, dim, M.shape[1], length)
         if M.dim() == 3:
