@@ -7,8 +7,8 @@ Public API, by section:
   1. errors     UserError, fail, cli
   2. metrics    dice, iou, precision, recall, specificity, accuracy, confusion,
                 scores_from_confusion, hd95, asd, assd, mae, s_measure, weighted_f_measure,
-                e_measure_curve, dice_iou_curves, PolypMeter, PerImageMeter, GlobalMeter,
-                VolumeMeter
+                e_measure_curve, adaptive_e_measure, dice_iou_curves, PolypMeter,
+                PerImageMeter, GlobalMeter, VolumeMeter
   3. image I/O  load_image, load_mask, load_label_map, resize_image, resize_mask,
                 save_mask_png, save_label_png, save_overlay
   4. discovery  find_pairs, discover_splits, find_slice_files
@@ -36,9 +36,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.ndimage
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFile
+from PIL import Image
 
 Image.MAX_IMAGE_PIXELS = None  # ISIC has >10 MP dermoscopy images; they are not decompression bombs
 
@@ -83,7 +84,561 @@ def cli(main):
 
 
 # ==== 2. Metrics ====
-# METRICS-BLOCK
+# Every paper prints its own table columns, computed its own way: per image then averaged
+# (PerImageMeter, PolypMeter), over the whole test set (GlobalMeter), or per volume and class
+# (VolumeMeter). The functions below take numpy arrays or torch tensors; a mask is anything whose
+# foreground is > 0.5 (bool, {0, 1}, {0, 255}); a probability map `prob` lies in [0, 1].
+
+
+_EPS = np.spacing(1)  # MATLAB's eps, as the polyp toolboxes use it
+
+
+def _to_numpy(x):
+    """Return a numpy array or torch tensor (any device, any dtype) as a numpy array."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype in (torch.float16, torch.bfloat16):  # numpy has no bfloat16
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _as_mask(x):
+    """Boolean mask: values > 0.5 are foreground."""
+    x = _to_numpy(x)
+    return x if x.dtype == bool else x > 0.5
+
+
+def _as_prob(x):
+    """Float64 probability map, checked to lie in [0, 1] (catches logits passed by mistake)."""
+    x = _to_numpy(x).astype(np.float64)
+    if x.size and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"prob must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
+    return x
+
+
+def _check_same_shape(pred, gt):
+    """Raise a one-line error when prediction and ground truth differ in shape."""
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+
+
+# ---- Binary masks: confusion counts and the ratios built on them ----
+
+def confusion(pred, gt):
+    """Confusion counts (tp, fp, fn, tn) of a binary prediction against a binary mask, as ints."""
+    pred, gt = _as_mask(pred), _as_mask(gt)
+    _check_same_shape(pred, gt)
+    tp = int(np.count_nonzero(pred & gt))
+    fp = int(np.count_nonzero(pred & ~gt))
+    fn = int(np.count_nonzero(~pred & gt))
+    return tp, fp, fn, pred.size - tp - fp - fn
+
+
+def _ratio(numerator, denominator, agree):
+    """numerator / denominator, where 0/0 scores 1.0 if the masks agree and 0.0 if not."""
+    if denominator == 0:
+        return 1.0 if agree else 0.0
+    return numerator / denominator
+
+
+def scores_from_confusion(tp, fp, fn, tn):
+    """Dice, IoU, precision, recall, specificity and accuracy from confusion counts, as a dict.
+
+    dice = 2tp / (2tp + fp + fn) (= F1), iou = tp / (tp + fp + fn), precision = tp / (tp + fp),
+    recall = tp / (tp + fn) (= sensitivity), specificity = tn / (tn + fp),
+    accuracy = (tp + tn) / (tp + fp + fn + tn).
+    Zero denominator (empty masks): the score is 1.0 if prediction and ground truth agree
+    (fp = fn = 0) and 0.0 otherwise. So two empty masks give dice = iou = precision = recall = 1;
+    an empty prediction on a non-empty mask has precision 0; false positives on an empty mask give
+    recall 0; on an all-foreground mask, specificity is 1 only for an all-foreground prediction.
+    (VM-UNet's global scores use 0 for every zero denominator; with a whole test set pooled
+    the denominators are never 0, so the two agree there.)
+    """
+    agree = fp == 0 and fn == 0
+    return {
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn, agree),
+        "iou": _ratio(tp, tp + fp + fn, agree),
+        "precision": _ratio(tp, tp + fp, agree),
+        "recall": _ratio(tp, tp + fn, agree),
+        "specificity": _ratio(tn, tn + fp, agree),
+        "accuracy": _ratio(tp + tn, tp + fp + fn + tn, agree),
+    }
+
+
+def dice(pred, gt):
+    """Dice (F1) = 2|P & G| / (|P| + |G|) of two binary masks; two empty masks score 1.0."""
+    return scores_from_confusion(*confusion(pred, gt))["dice"]
+
+
+def iou(pred, gt):
+    """IoU (Jaccard) = |P & G| / |P | G| of two binary masks; two empty masks score 1.0."""
+    return scores_from_confusion(*confusion(pred, gt))["iou"]
+
+
+def precision(pred, gt):
+    """Precision = tp / (tp + fp); an empty prediction scores 1.0 if gt is empty, else 0.0."""
+    return scores_from_confusion(*confusion(pred, gt))["precision"]
+
+
+def recall(pred, gt):
+    """Recall (sensitivity) = tp / (tp + fn); an empty gt scores 1.0 if pred is empty, else 0.0."""
+    return scores_from_confusion(*confusion(pred, gt))["recall"]
+
+
+def specificity(pred, gt):
+    """Specificity = tn / (tn + fp); an all-foreground gt scores 1.0 if pred is too, else 0.0."""
+    return scores_from_confusion(*confusion(pred, gt))["specificity"]
+
+
+def accuracy(pred, gt):
+    """Pixel accuracy = (tp + tn) / number of pixels."""
+    return scores_from_confusion(*confusion(pred, gt))["accuracy"]
+
+
+# ---- Surface distances (MedPy's definitions: hd95, asd, assd) ----
+
+def _crop_to_union(a, b):
+    """Crop two masks to the bounding box of a | b: same surfaces and distances, much faster.
+
+    Outside the box both masks are background, as the erosion treats the outside of an array.
+    """
+    union = a | b
+    box = []
+    for axis in range(union.ndim):
+        others = tuple(i for i in range(union.ndim) if i != axis)
+        occupied = np.flatnonzero(union.any(axis=others))
+        box.append(slice(occupied[0], occupied[-1] + 1))
+    return a[tuple(box)], b[tuple(box)]
+
+
+def _surface_distances(a, b, spacing):
+    """Distance from every surface voxel of mask `a` to the nearest surface voxel of mask `b`."""
+    structure = scipy.ndimage.generate_binary_structure(a.ndim, 1)  # 4- (2D) / 6-neighbours (3D)
+    surface_a = a ^ scipy.ndimage.binary_erosion(a, structure)  # outside the array counts as 0
+    surface_b = b ^ scipy.ndimage.binary_erosion(b, structure)
+    # The EDT gives each voxel its distance to the nearest zero, so b's surface must be the zeros.
+    distance_to_b = scipy.ndimage.distance_transform_edt(~surface_b, sampling=spacing)
+    return distance_to_b[surface_a]
+
+
+def _both_surfaces(pred, gt):
+    """Two masks as bool arrays cropped to their union, or None if either one is empty."""
+    pred, gt = _as_mask(pred), _as_mask(gt)
+    _check_same_shape(pred, gt)
+    if not pred.any() or not gt.any():
+        return None
+    return _crop_to_union(pred, gt)
+
+
+def hd95(pred, gt, spacing=None):
+    """95th-percentile Hausdorff distance between the surfaces of two masks, as MedPy's hd95.
+
+    Masks are (H, W) or (D, H, W); surface = mask XOR its erosion by the connectivity-1 element;
+    hd95 = np.percentile(distances pred->gt and gt->pred pooled, 95). `spacing` (a number or one
+    per axis) gives physical units; None = voxel units (TransUNet's protocol). Returns nan if
+    either mask is empty (MedPy raises); VolumeMeter applies the papers' conventions for that.
+    """
+    masks = _both_surfaces(pred, gt)
+    if masks is None:
+        return math.nan
+    pred, gt = masks
+    distances = np.concatenate([_surface_distances(pred, gt, spacing),
+                                _surface_distances(gt, pred, spacing)])
+    return float(np.percentile(distances, 95))
+
+
+def asd(pred, gt, spacing=None):
+    """Average surface distance from pred's surface to gt's (one direction), as MedPy's asd.
+
+    asd = mean over the surface voxels of pred of the distance to the nearest surface voxel of gt.
+    Not symmetric: see assd. Surfaces, `spacing` and empty masks (nan) as in hd95.
+    """
+    masks = _both_surfaces(pred, gt)
+    if masks is None:
+        return math.nan
+    return float(_surface_distances(masks[0], masks[1], spacing).mean())
+
+
+def assd(pred, gt, spacing=None):
+    """Average symmetric surface distance = (asd(pred, gt) + asd(gt, pred)) / 2.
+
+    This is MedPy <= 0.4's assd. MedPy 0.5 instead takes the mean of the pooled distances of both
+    directions, which weights the larger surface more; the two agree when both surfaces have the
+    same number of voxels. Empty masks give nan, as in hd95.
+    """
+    return (asd(pred, gt, spacing) + asd(gt, pred, spacing)) / 2
+
+
+# ---- Probability maps: the polyp benchmark (PraNet protocol, PySODMetrics conventions) ----
+
+def mae(prob, gt):
+    """Mean absolute error = mean |P - G| between a probability map and a binary mask."""
+    prob, gt = _as_prob(prob), _as_mask(gt)
+    _check_same_shape(prob, gt)
+    return float(np.mean(np.abs(prob - gt)))
+
+
+def _threshold_counts(prob, gt):
+    """tp and fp at the toolbox's 256 thresholds, highest first, from one histogram per class.
+
+    The map is quantised as the toolboxes do, level = floor(255 P); entry i counts the pixels with
+    level >= 255 - i. Cumulative sums of the reversed histograms give all 256 binarisations at
+    once, instead of thresholding the image 256 times.
+    """
+    levels = (prob * 255).astype(np.uint8)
+    tp = np.cumsum(np.bincount(levels[gt], minlength=256)[::-1])
+    fp = np.cumsum(np.bincount(levels[~gt], minlength=256)[::-1])
+    return tp, fp
+
+
+def _divide_or_zero(numerator, denominator):
+    """Element-wise numerator / denominator with 0 where the denominator is 0 (PySODMetrics)."""
+    numerator, denominator = np.asarray(numerator, float), np.asarray(denominator, float)
+    return np.divide(numerator, denominator, out=np.zeros_like(denominator),
+                     where=denominator != 0)
+
+
+def dice_iou_curves(prob, gt):
+    """Dice and IoU at the 256 thresholds P >= t, t = 1, 254/255, ..., 0: two (256,) arrays.
+
+    Entry i binarises the quantised map at level >= 255 - i (see e_measure_curve). As in
+    PySODMetrics, a 0/0 ratio on the curves is 0 (this only happens when gt is empty).
+    The polyp papers' mDice / mIoU average these curves over images, then over thresholds.
+    """
+    prob, gt = _as_prob(prob), _as_mask(gt)
+    _check_same_shape(prob, gt)
+    tp, fp = _threshold_counts(prob, gt)
+    fn = np.count_nonzero(gt) - tp
+    return _divide_or_zero(2 * tp, 2 * tp + fp + fn), _divide_or_zero(tp, tp + fp + fn)
+
+
+def _e_measure_from_counts(tp, fp, num_fg, num_pixels):
+    """E-measure of a binary map F from its counts (scalars or arrays over thresholds).
+
+    phi = 2 (F - mean F)(G - mean G) / ((F - mean F)^2 + (G - mean G)^2 + eps) per pixel,
+    psi = (phi + 1)^2 / 4, E = sum psi / (N - 1 + eps). F and G take only the values 0 and 1, so
+    psi takes one value on each of the four (F, G) pixel groups tp, fp, fn, tn.
+    """
+    tp, fp = np.asarray(tp, float), np.asarray(fp, float)
+    num_pred = tp + fp
+    if num_fg == 0:  # empty gt: psi = 1 - F
+        enhanced_sum = num_pixels - num_pred
+    elif num_fg == num_pixels:  # full gt: psi = F
+        enhanced_sum = num_pred
+    else:
+        mean_f, mean_g = num_pred / num_pixels, num_fg / num_pixels
+        fn = num_fg - tp
+        tn = num_pixels - num_pred - fn
+        enhanced_sum = 0.0
+        for count, f, g in ((tp, 1, 1), (fp, 1, 0), (fn, 0, 1), (tn, 0, 0)):
+            a, b = f - mean_f, g - mean_g
+            phi = 2 * a * b / (a ** 2 + b ** 2 + _EPS)
+            enhanced_sum = enhanced_sum + count * (phi + 1) ** 2 / 4
+    return enhanced_sum / (num_pixels - 1 + _EPS)
+
+
+def e_measure_curve(prob, gt):
+    """E-measure (Fan et al., IJCAI 2018) at the 256 thresholds, highest threshold first: (256,).
+
+    Entry i binarises floor(255 P) >= 255 - i, i.e. P >= 1, 254/255, ..., 0 on the quantised map,
+    the order of PySODMetrics' 'curve'. maxEm / meanEm = max / mean of the image-averaged curve.
+    """
+    prob, gt = _as_prob(prob), _as_mask(gt)
+    _check_same_shape(prob, gt)
+    tp, fp = _threshold_counts(prob, gt)
+    return _e_measure_from_counts(tp, fp, np.count_nonzero(gt), gt.size)
+
+
+def adaptive_e_measure(prob, gt):
+    """E-measure of the map binarised at P >= min(2 mean(P), 1) (the toolboxes' adaptive E)."""
+    prob, gt = _as_prob(prob), _as_mask(gt)
+    _check_same_shape(prob, gt)
+    binary = prob >= min(2 * prob.mean(), 1.0)
+    tp, fp = np.count_nonzero(binary & gt), np.count_nonzero(binary & ~gt)
+    return float(_e_measure_from_counts(tp, fp, np.count_nonzero(gt), gt.size))
+
+
+def _object_similarity(x):
+    """S-measure object term of one region: 2 mean / (mean^2 + 1 + std + eps), std with N - 1."""
+    mean = x.mean()
+    std = x.std(ddof=1) if x.size > 1 else 0.0
+    return 2 * mean / (mean ** 2 + 1 + std + _EPS)
+
+
+def _ssim(prob, gt):
+    """Single-window SSIM of one block: 4 xy s_xy / ((x^2 + y^2)(s_x^2 + s_y^2) + eps)."""
+    x, y = prob.mean(), gt.mean()
+    n_minus_1 = prob.size - 1 + _EPS
+    var_x = np.sum((prob - x) ** 2) / n_minus_1
+    var_y = np.sum((gt - y) ** 2) / n_minus_1
+    cov_xy = np.sum((prob - x) * (gt - y)) / n_minus_1
+    numerator = 4 * x * y * cov_xy
+    denominator = (x ** 2 + y ** 2) * (var_x + var_y)
+    if numerator != 0:
+        return numerator / (denominator + _EPS)
+    return 1.0 if denominator == 0 else 0.0
+
+
+def s_measure(prob, gt, alpha=0.5):
+    """Structure measure S = alpha S_object + (1 - alpha) S_region (Fan et al., ICCV 2017).
+
+    Empty gt: S = 1 - mean(P); all-foreground gt: S = mean(P). Otherwise, with mu = mean(G):
+    S_object = mu O(P on G) + (1 - mu) O(1 - P on not G), O as in _object_similarity;
+    S_region = area-weighted SSIM of the four blocks cut at the gt's centroid (np.round, + 1 as in
+    MATLAB). PySODMetrics' conventions: std and variances with N - 1, S clipped at 0.
+    """
+    prob, gt = _as_prob(prob), _as_mask(gt)
+    _check_same_shape(prob, gt)
+    mu = gt.mean()
+    if mu == 0:
+        return float(1 - prob.mean())
+    if mu == 1:
+        return float(prob.mean())
+    s_object = (mu * _object_similarity(prob[gt])
+                + (1 - mu) * _object_similarity(1 - prob[~gt]))
+    height, width = gt.shape
+    cy, cx = (int(c) + 1 for c in np.round(np.argwhere(gt).mean(axis=0)))
+    gt_float = gt.astype(np.float64)
+    s_region = 0.0
+    for rows in (slice(0, cy), slice(cy, height)):
+        for cols in (slice(0, cx), slice(cx, width)):
+            block = prob[rows, cols]
+            if block.size:  # a block is empty when the centroid sits on the last row/column
+                s_region += block.size / gt.size * _ssim(block, gt_float[rows, cols])
+    return float(max(0.0, alpha * s_object + (1 - alpha) * s_region))
+
+
+def _matlab_gaussian(size=7, sigma=5.0):
+    """Normalised size x size Gaussian kernel, as MATLAB's fspecial('gaussian', size, sigma)."""
+    r = (size - 1) / 2
+    y, x = np.mgrid[-r:r + 1, -r:r + 1]
+    kernel = np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
+    return kernel / kernel.sum()
+
+
+def weighted_f_measure(prob, gt, beta2=1.0):
+    """Weighted F-measure (Margolin et al., CVPR 2014), beta^2 = beta2; 0.0 when gt is empty.
+
+    E = |P - G|; each background pixel takes the error of its nearest foreground pixel (E_t),
+    which is blurred by a 7x7, sigma 5 Gaussian (E_A); on the foreground min(E, E_A) is used.
+    Background errors are weighted by B = 2 - exp(ln(0.5) / 5 * distance to the foreground):
+    E_w = min-map * B. R_w = 1 - mean_fg(E_w), P_w = TP_w / (TP_w + FP_w) with
+    TP_w = |G| - sum_fg(E_w), FP_w = sum_bg(E_w); F_w = (1 + beta2) R_w P_w / (R_w + beta2 P_w).
+    """
+    prob, gt = _as_prob(prob), _as_mask(gt)
+    _check_same_shape(prob, gt)
+    if not gt.any():
+        return 0.0
+    distance, nearest = scipy.ndimage.distance_transform_edt(~gt, return_indices=True)
+    error = np.abs(prob - gt)
+    error_t = error[tuple(nearest)]  # a foreground pixel is its own nearest foreground pixel
+    error_a = scipy.ndimage.convolve(error_t, _matlab_gaussian(), mode="constant", cval=0.0)
+    min_error = np.where(gt & (error_a < error), error_a, error)
+    importance = np.where(gt, 1.0, 2 - np.exp(np.log(0.5) / 5 * distance))
+    error_w = min_error * importance
+    tp_w = np.count_nonzero(gt) - error_w[gt].sum()
+    fp_w = error_w[~gt].sum()
+    recall_w = 1 - error_w[gt].mean()
+    precision_w = tp_w / (tp_w + fp_w + _EPS)
+    return float((1 + beta2) * recall_w * precision_w / (recall_w + beta2 * precision_w + _EPS))
+
+
+# ---- Meters: accumulate over a test set; state() / merge() combine processes ----
+
+def _images(prob, gt):
+    """Yield (prob, gt) numpy pairs from one image (H, W) or a batch (B, H, W) / (B, 1, H, W)."""
+    prob, gt = _to_numpy(prob), _to_numpy(gt)
+    _check_same_shape(prob, gt)
+    height, width = prob.shape[-2:]
+    yield from zip(prob.reshape(-1, height, width), gt.reshape(-1, height, width))
+
+
+class _SumMeter:
+    """A meter whose statistics are all sums, so merging two meters is adding their sums."""
+
+    def state(self):
+        """Flat dict of the running sums and counts (numbers or numpy arrays), e.g. to gather."""
+        return {key: value.copy() if isinstance(value, np.ndarray) else value
+                for key, value in self.sums.items()}
+
+    def merge(self, other_state):
+        """Add another meter's state() (e.g. gathered from another process) into this one."""
+        for key, value in other_state.items():
+            self.sums[key] = self.sums[key] + value
+
+
+class PolypMeter(_SumMeter):
+    """Polyp-benchmark columns (PraNet protocol): per image, then averaged over images.
+
+    mDice / mIoU: mean over thresholds of the image-averaged 256-threshold Dice / IoU curves;
+    maxEm / meanEm: max / mean of the image-averaged E-measure curve; adpEm: adaptive E-measure;
+    Sm, wFm, MAE: per image, then averaged. update() takes prob in [0, 1]; the PraNet protocol
+    min-max normalises each prediction map first, which is the caller's step.
+    """
+
+    def __init__(self):
+        curve = np.zeros(256)
+        self.sums = {"images": 0, "dice_curve": curve, "iou_curve": curve.copy(),
+                     "em_curve": curve.copy(), "adp_em": 0.0, "sm": 0.0, "wfm": 0.0, "mae": 0.0}
+
+    def update(self, prob, gt):
+        """Add one image (H, W) or a batch (B, H, W) / (B, 1, H, W)."""
+        for prob_i, gt_i in _images(prob, gt):
+            dice_curve, iou_curve = dice_iou_curves(prob_i, gt_i)
+            self.sums["images"] += 1
+            self.sums["dice_curve"] += dice_curve
+            self.sums["iou_curve"] += iou_curve
+            self.sums["em_curve"] += e_measure_curve(prob_i, gt_i)
+            self.sums["adp_em"] += adaptive_e_measure(prob_i, gt_i)
+            self.sums["sm"] += s_measure(prob_i, gt_i)
+            self.sums["wfm"] += weighted_f_measure(prob_i, gt_i)
+            self.sums["mae"] += mae(prob_i, gt_i)
+
+    def compute(self):
+        """Dict mDice, mIoU, wFm, Sm, maxEm, meanEm, adpEm, MAE (floats; nan before any update)."""
+        n = self.sums["images"]
+        if n == 0:
+            return dict.fromkeys(["mDice", "mIoU", "wFm", "Sm", "maxEm", "meanEm", "adpEm", "MAE"],
+                                 math.nan)
+        em_curve = self.sums["em_curve"] / n
+        return {"mDice": float(np.mean(self.sums["dice_curve"] / n)),
+                "mIoU": float(np.mean(self.sums["iou_curve"] / n)),
+                "wFm": self.sums["wfm"] / n, "Sm": self.sums["sm"] / n,
+                "maxEm": float(em_curve.max()), "meanEm": float(em_curve.mean()),
+                "adpEm": self.sums["adp_em"] / n, "MAE": self.sums["mae"] / n}
+
+
+_BINARY_KEYS = ("dice", "iou", "precision", "recall", "specificity", "accuracy")
+
+
+class PerImageMeter(_SumMeter):
+    """Binary scores per image at prob >= threshold, then averaged over images (MFEL's choice).
+
+    compute() gives dice, iou, precision, recall, specificity, accuracy (empty-mask conventions of
+    scores_from_confusion) and, with with_hd95=True, hd95 (in `spacing` units, None = pixels):
+    the mean over the images where both masks are non-empty (others are left out of that mean).
+    """
+
+    def __init__(self, threshold=0.5, with_hd95=False, spacing=None):
+        self.threshold, self.with_hd95, self.spacing = threshold, with_hd95, spacing
+        self.sums = {"images": 0, **dict.fromkeys(_BINARY_KEYS, 0.0),
+                     "hd95": 0.0, "hd95_images": 0}
+
+    def update(self, prob, gt):
+        """Add one image (H, W) or a batch (B, H, W) / (B, 1, H, W)."""
+        for prob_i, gt_i in _images(prob, gt):
+            pred = _as_prob(prob_i) >= self.threshold
+            scores = scores_from_confusion(*confusion(pred, gt_i))
+            self.sums["images"] += 1
+            for key in _BINARY_KEYS:
+                self.sums[key] += scores[key]
+            if self.with_hd95:
+                distance = hd95(pred, gt_i, self.spacing)
+                if not math.isnan(distance):
+                    self.sums["hd95"] += distance
+                    self.sums["hd95_images"] += 1
+
+    def compute(self):
+        """Dict of the per-image means (nan before any update)."""
+        n = self.sums["images"]
+        result = {key: self.sums[key] / n if n else math.nan for key in _BINARY_KEYS}
+        if self.with_hd95:
+            n_hd95 = self.sums["hd95_images"]
+            result["hd95"] = self.sums["hd95"] / n_hd95 if n_hd95 else math.nan
+        return result
+
+
+class GlobalMeter(_SumMeter):
+    """Binary scores from one confusion matrix summed over the whole test set (VM-UNet's way).
+
+    Every pixel of every image at prob >= threshold goes into the same tp, fp, fn, tn, so large
+    images and large lesions weigh more than in PerImageMeter. compute() gives the same keys.
+    """
+
+    def __init__(self, threshold=0.5):
+        self.threshold = threshold
+        self.sums = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+
+    def update(self, prob, gt):
+        """Add the pixels of any number of images (prob and gt of the same shape)."""
+        prob, gt = _as_prob(prob), _as_mask(gt)
+        _check_same_shape(prob, gt)
+        for key, count in zip(("tp", "fp", "fn", "tn"), confusion(prob >= self.threshold, gt)):
+            self.sums[key] += count
+
+    def compute(self):
+        """Dict dice, iou, precision, recall, specificity, accuracy of the pooled counts."""
+        return scores_from_confusion(**self.sums)
+
+
+class VolumeMeter(_SumMeter):
+    """Dice and HD95 per volume and class, averaged over volumes, then over classes (Synapse, ACDC).
+
+    update() takes integer label maps (H, W) or (D, H, W); classes 1 .. num_classes - 1 are scored
+    on the masks pred == c and gt == c (background 0 is not). HD95 uses `spacing` (None = voxel
+    units, as TransUNet). Empty masks follow `convention`:
+    - "transunet" (TransUNet's calculate_metric_percase, needed to compare with the papers):
+      both non-empty -> (dice, hd95); pred non-empty and gt empty -> (1, 0);
+      pred empty, whatever gt -> (0, 0). Every volume counts for every class, so a missed
+      organ lowers the mean HD95 and a class absent from both scores Dice 0.
+    - "skip": a class absent from both is left out of that class's means; otherwise Dice is
+      computed normally (0 when only one of the two is empty) and HD95 only when both are
+      non-empty (left out of the HD95 mean otherwise).
+    compute() gives dice_<name> and hd95_<name> per class (the mean over the volumes counted,
+    nan if none) and mean_dice, mean_hd95 (mean over the classes that are not nan).
+    """
+
+    def __init__(self, num_classes, class_names=None, spacing=None, convention="transunet"):
+        if convention not in ("transunet", "skip"):
+            raise ValueError(f"convention must be 'transunet' or 'skip', got {convention!r}")
+        if class_names is None:
+            class_names = [f"class{c}" for c in range(1, num_classes)]
+        if len(class_names) != num_classes - 1:
+            raise ValueError(f"class_names names the {num_classes - 1} foreground classes, "
+                             f"got {len(class_names)} names")
+        self.num_classes, self.class_names = num_classes, list(class_names)
+        self.spacing, self.convention = spacing, convention
+        zeros = np.zeros(num_classes - 1)
+        self.sums = {"volumes": 0, "dice": zeros, "dice_volumes": zeros.copy(),
+                     "hd95": zeros.copy(), "hd95_volumes": zeros.copy()}
+
+    def _case_scores(self, pred, gt):
+        """(dice, hd95) of one class in one volume under the convention; None = not counted."""
+        if pred.any() and gt.any():
+            return dice(pred, gt), hd95(pred, gt, self.spacing)
+        if self.convention == "transunet":
+            return (1.0, 0.0) if pred.any() else (0.0, 0.0)
+        if not pred.any() and not gt.any():
+            return None, None
+        return 0.0, None
+
+    def update(self, pred_labels, gt_labels):
+        """Add one volume: integer label maps of the same shape, (H, W) or (D, H, W)."""
+        pred_labels, gt_labels = _to_numpy(pred_labels), _to_numpy(gt_labels)
+        _check_same_shape(pred_labels, gt_labels)
+        self.sums["volumes"] += 1
+        for index, c in enumerate(range(1, self.num_classes)):
+            dice_c, hd95_c = self._case_scores(pred_labels == c, gt_labels == c)
+            if dice_c is not None:
+                self.sums["dice"][index] += dice_c
+                self.sums["dice_volumes"][index] += 1
+            if hd95_c is not None:
+                self.sums["hd95"][index] += hd95_c
+                self.sums["hd95_volumes"][index] += 1
+
+    def compute(self):
+        """Dict dice_<name>, hd95_<name> per class, mean_dice and mean_hd95."""
+        result = {}
+        for metric in ("dice", "hd95"):
+            counts = self.sums[f"{metric}_volumes"]
+            means = _divide_or_zero(self.sums[metric], counts)
+            means[counts == 0] = math.nan
+            for name, value in zip(self.class_names, means):
+                result[f"{metric}_{name}"] = float(value)
+            counted = means[~np.isnan(means)]
+            result[f"mean_{metric}"] = float(counted.mean()) if counted.size else math.nan
+        return result
 
 
 # ==== 3. Image and mask I/O ====
