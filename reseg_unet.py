@@ -1,0 +1,866 @@
+"""ReSeg-UNet: reconstruction-guided two-stage optimisation of a U-Net, in one file.
+
+Li, Tang, Chu, Yang, Yu, "ReSeg-UNet: A Reconstruction-Guided Optimization Framework for Enhanced
+Medical Image Segmentation", MICCAI 2025. Code: https://github.com/Li-gzhu/ReSeg-UNet (UNet.zip;
+only the U-Net variant is released; its facts are in ../shared/specs/reseg_unet.md, "spec n").
+
+Idea. Stage 1 trains a plain U-Net to *reconstruct*: it is fed the ground-truth label map and
+regressed with 0.6 MSE + 0.4 L1. Its weights are then frozen. Stage 2 trains a second U-Net of the
+same shape to segment the image, and pulls its features towards the frozen network's features
+of the same slice's label map, crosswise: reconstruction encoder <-> segmentation decoder,
+reconstruction decoder <-> segmentation encoder, and the middle features. The alignment costs
+only a forward pass of the frozen net at training time; inference is the plain U-Net.
+
+Equation map (paper number -> code):
+    Eq. (1) -> mse_loss
+    Eq. (2) -> l1_loss
+    Eq. (3) -> recon_loss
+    Eq. (4) -> alignment_loss (Recon-E -> Seg-D pairs, each by feature_mse)
+    Eq. (5) -> alignment_loss (Recon-D -> Seg-E pairs)
+    Eq. (6) -> alignment_loss (middle pair)
+    Eq. (7) -> alignment_loss (sum of the terms / 3)
+    Eq. (8) -> total_loss (L_Seg = 0.5 CE + 0.5 Dice by seg_loss, dice_loss)
+The metrics (Dice, HD95 per volume and organ) are common.VolumeMeter's (common.dice, common.hd95).
+
+Symbols (B batch, K classes, level l = 1 deepest .. 3 shallowest, spec 3.2):
+    x_hat                  labels / recon target       (B, H, W) ids; target (B, K, H, W)
+    x                      recon (recon-net logits)    (B, K, H, W)
+    alpha, beta            --alpha, --beta             0.6, 0.4 (Eq. 3)
+    F^l_{Recon-E}          rec.encoder[3 - l]          (B, C_l, H/2^(4-l), W/2^(4-l))
+    F^l_{Seg-D}            seg.decoder[l - 1]          same shape as F^l_{Recon-E}
+    F^l_{Recon-D}, F^l_{Seg-E}  rec.decoder[l - 1], seg.encoder[3 - l]
+    F_in                   .mid: x5 (bottleneck, (B, 16 C_1, H/16, W/16)) or u1 (authors)
+    lambda                 --lam                       0.035 (Eq. 8)
+
+Deviations, each with its switch (--as-released sets all three of the first to the authors'):
+  - Stage-1 target. The paper reconstructs the ground truth from itself (Eqs. 1-3, x_hat = GT);
+    the code maps the label map to the CT/MR *image*, broadcast over the K output channels
+    (spec 7.1). Default: the paper's, read as the one-hot GT (B, K, H, W) against the K-channel
+    head, because the paper is what a student reads next to this file and the head already has K
+    channels; the network's input is the code's (raw ids as intensities), so checkpoints are
+    interchangeable. `--recon-target image` gives the code's label -> image synthesis.
+  - Eq. (6) feature. Paper: the bottleneck (x5, 16 C_1 channels at 1/16). Code: the first decoder
+    stage u1, which Eq. (4) already pulls once (spec 7.2). `--mid-feature up1` for the code's.
+  - Frozen reconstruction net. Paper: frozen, "no parameter updates", read as eval-mode BN.
+    Code: requires_grad off but BN left in training mode (spec 2.4). `--recon-bn batch`.
+  - Fig. 4(a) ablations (`--align-groups`) keep Eq. (7)'s division by 3 (the paper says nothing).
+  - Stage 2 loads the *final* stage-1 weights (recon_last.pt), as the authors' code does.
+  - Augmentation: TransUNet's (rot90 + flip, or a +-20 degree rotation), drawn from Python's
+    `random`; slices are resized bilinearly by common.SliceDataset (TransUNet: cubic). On the toy
+    data it is off by default, since flips swap its left/right classes (`--augment on`).
+  - Model selection: best validation Dice where a validation set exists, else the last epoch
+    (the authors chose an epoch by hand on Synapse and by test score on ACDC, spec 6.3).
+
+Run:
+    python reseg_unet.py                                   # toy data, both stages, CPU, ~3 min
+    python reseg_unet.py --data data/Synapse --dataset synapse       # paper recipe (150 + 150)
+    python reseg_unet.py --data ACDC --dataset acdc --epochs 400     # authors' ACDC stage 2
+    python reseg_unet.py --stage recon --out runs/r                  # stage 1 only
+    python reseg_unet.py --stage seg --recon-ckpt runs/r/recon_last.pt
+    python reseg_unet.py --lam 0                                      # the plain U-Net baseline
+    python reseg_unet.py --eval runs/reseg_unet/<time>/best.pt
+    python reseg_unet.py --predict my_pngs/ --checkpoint best.pt
+    python reseg_unet.py --bench                                      # paper preset, 224 x 224
+"""
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+SCRIPT = "reseg_unet"
+
+# ==== 2. Presets and the paper's recipe ====
+
+
+@dataclass(frozen=True)
+class Preset:
+    """U-Net size: channels of inc, down1 .. down4 (the decoder mirrors them)."""
+    widths: tuple
+    in_channels: int = 3  # grayscale repeated to 3 channels, as the authors' n_channels=3
+
+
+PRESETS = {
+    "paper": Preset(widths=(64, 128, 256, 512, 1024),  # spec 1.2 (authors' U-Net, Sec. 3.2)
+                    in_channels=3),  # spec 1.3
+    "small": Preset(widths=(16, 32, 64, 128, 256)),  # CPU toy demo
+    "tiny": Preset(widths=(4, 8, 16, 32, 64)),  # tests: every code path, in seconds
+}
+
+PAPER_RECIPE = {
+    "epochs": 150,  # spec 5.1: stage 2 on Synapse (authors' ACDC script: 400)
+    "recon_epochs": 150,  # spec 2.3: stage 1, both data sets
+    "batch_size": 24,  # Sec. 3.2 (baseline's recipe) = spec 5.1
+    "lr": 0.01,  # Sec. 3.2 (baseline's recipe) = spec 5.1, SGD
+    "momentum": 0.9,  # spec 5.1
+    "weight_decay": 1e-4,  # spec 5.1
+    "poly_power": 0.9,  # spec 5.1: lr = lr0 (1 - it / max_it)^0.9 per iteration
+    "img_size": 224,  # Sec. 3.2
+    "alpha": 0.6,  # Sec. 2.2, Eq. (3)
+    "beta": 0.4,  # Sec. 2.2, Eq. (3)
+    "lam": 0.035,  # Sec. 2.3, Eq. (8)
+    "ce_weight": 0.5,  # Sec. 3.2 (TransUNet's L_Seg) = spec 3.4
+    "dice_weight": 0.5,  # Sec. 3.2 (TransUNet's L_Seg) = spec 3.4
+}
+
+# Toy demo: 2-core CPU, both stages in about 3 minutes, test mean Dice >= 0.80.
+TOY_RECIPE = {"epochs": 12, "recon_epochs": 3, "batch_size": 8, "lr": 0.05, "img_size": 64,
+              "toy_sizes": (480, 48, 48)}
+
+CLASS_NAMES = {  # label ids 1 .. K-1 (Synapse: TransUNet's order, spec 6.1)
+    "synapse": ["aorta", "gallbladder", "kidney L", "kidney R", "liver", "pancreas", "spleen",
+                "stomach"],
+    "acdc": ["RV", "Myo", "LV"],  # spec 6.2
+    "toy": common.TOY_CLASS_NAMES,
+}
+
+# ==== 3. Building blocks (the authors' U-Net parts, spec 1.1) ====
+
+
+class DoubleConv(nn.Module):
+    """(conv 3x3 without bias -> BN -> ReLU) x 2; spec 1.1. (B, C_in, H, W) -> (B, C_out, H, W)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.double_conv = nn.Sequential(  # indices 0, 1, 3, 4 are the released state-dict keys
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return self.double_conv(x)
+
+
+class Down(nn.Module):
+    """Max-pool 2x2 then DoubleConv; spec 1.1. (B, C_in, H, W) -> (B, C_out, H/2, W/2)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.maxpool_conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
+
+    def forward(self, x):
+        return self.maxpool_conv(x)
+
+
+class Up(nn.Module):
+    """Transposed-conv upsampling, pad to the skip, concat [skip, up], DoubleConv; spec 1.1.
+
+    deep (B, C_in, h, w), skip (B, C_in/2, 2h, 2w) -> (B, C_out, 2h, 2w).
+    """
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, 2, stride=2)
+        self.conv = DoubleConv(in_channels, out_channels)
+
+    def forward(self, deep, skip):
+        up = self.up(deep)  # (B, C_in/2, 2h, 2w)
+        dy, dx = skip.shape[2] - up.shape[2], skip.shape[3] - up.shape[3]  # odd sizes only
+        up = F.pad(up, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.conv(torch.cat([skip, up], dim=1))  # skip first, as released
+
+
+class OutConv(nn.Module):
+    """1x1 conv to the K class logits, no activation; spec 1.1."""
+
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, num_classes, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+# ==== 4. Model ====
+
+
+class UNetOutput(tuple):
+    """(logits, mid, encoder, decoder), a tuple like the authors' 4-tuple, with names."""
+
+    def __new__(cls, logits, mid, encoder, decoder):
+        return super().__new__(cls, (logits, mid, encoder, decoder))
+
+    logits = property(lambda self: self[0])
+    mid = property(lambda self: self[1])
+    encoder = property(lambda self: self[2])  # [x2, x3, x4, x5], shallow -> deep
+    decoder = property(lambda self: self[3])  # [u1, u2, u3], deep -> shallow
+
+
+class ReSegUNet(nn.Module):
+    """The U-Net used for both branches (Fig. 1; the authors' UNet_se and UNet_hd, spec 1).
+
+    role "seg" takes the image (B, 1 or 3, H, W); role "recon" takes the label map (B, H, W),
+    whose raw ids 0 .. K-1 become the pixel intensities (spec 1.3). Returns a UNetOutput whose
+    features are the DoubleConv outputs that Eqs. (4)-(6) align; `mid_feature` picks F_in.
+    """
+
+    def __init__(self, num_classes, widths=(64, 128, 256, 512, 1024), in_channels=3,
+                 role="seg", mid_feature="bottleneck"):
+        super().__init__()
+        if role not in ("seg", "recon") or mid_feature not in ("bottleneck", "up1"):
+            raise ValueError(f"role {role!r} / mid_feature {mid_feature!r}")
+        c1, c2, c3, c4, c5 = widths
+        self.role, self.mid_feature, self.in_channels = role, mid_feature, in_channels
+        self.inc = DoubleConv(in_channels, c1)
+        self.down1, self.down2 = Down(c1, c2), Down(c2, c3)
+        self.down3, self.down4 = Down(c3, c4), Down(c4, c5)
+        self.up1, self.up2 = Up(c5, c4), Up(c4, c3)
+        self.up3, self.up4 = Up(c3, c2), Up(c2, c1)
+        self.outc = OutConv(c1, num_classes)
+
+    def forward(self, x):
+        if self.role == "recon":
+            x = x[:, None].float()  # (B, 1, H, W): class ids as intensities, not one-hot
+        if x.shape[1] == 1:
+            x = x.repeat(1, self.in_channels, 1, 1)  # (B, 3, H, W)
+        x1 = self.inc(x)  # (B, C_1, H, W)
+        x2 = self.down1(x1)  # (B, C_2, H/2, W/2)
+        x3 = self.down2(x2)  # (B, C_3, H/4, W/4)
+        x4 = self.down3(x3)  # (B, C_4, H/8, W/8)
+        x5 = self.down4(x4)  # (B, C_5, H/16, W/16): the bottleneck
+        u1 = self.up1(x5, x4)  # (B, C_4, H/8, W/8)
+        u2 = self.up2(u1, x3)  # (B, C_3, H/4, W/4)
+        u3 = self.up3(u2, x2)  # (B, C_2, H/2, W/2)
+        u4 = self.up4(u3, x1)  # (B, C_1, H, W)
+        logits = self.outc(u4)  # (B, K, H, W)
+        mid = x5 if self.mid_feature == "bottleneck" else u1  # Sec. 2.3 vs spec 3.2
+        return UNetOutput(logits, mid, [x2, x3, x4, x5], [u1, u2, u3])
+
+
+def build_model(preset="paper", num_classes=9, role="seg", as_released=False, **overrides):
+    """The U-Net of a preset. `as_released=True`: the authors' network exactly (Eq. (6) on u1).
+
+    The layers and state-dict keys are the released ones in every case (118 keys at any
+    preset), so the authors' checkpoints load with strict=True. Overrides: widths, in_channels,
+    mid_feature.
+    """
+    if preset not in PRESETS:
+        common.fail(f"unknown preset '{preset}' (paper, small or tiny)")
+    settings = asdict(PRESETS[preset])
+    settings["mid_feature"] = "up1" if as_released else "bottleneck"
+    settings.update(overrides)
+    return ReSegUNet(num_classes, role=role, **settings)
+
+
+def load_released_weights(model, path):
+    """Load a plain state_dict of the authors' code (e.g. epoch_149.pth) or our checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        common.fail(f"weights file not found: {path}")
+    except Exception as error:
+        common.fail(f"cannot read weights {path}: {type(error).__name__}")
+    if isinstance(state, dict) and "model" in state:
+        state = state["model"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel saves
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        common.fail(f"{path} does not fit this U-Net: {str(error).splitlines()[1].strip()}")
+    return model
+
+
+# ==== 5. Losses ====
+
+
+def mse_loss(x, x_hat):
+    """Mean squared error over H x W x C (and the batch); x, x_hat (B, C, H, W)."""
+    assert x.shape == x_hat.shape, (x.shape, x_hat.shape)
+    return ((x - x_hat) ** 2).mean()  # Eq. (1)  L_MSE = 1/(HWC) sum (x - x_hat)^2
+
+
+def l1_loss(x, x_hat):
+    """Mean absolute error over H x W x C (and the batch); x, x_hat (B, C, H, W)."""
+    assert x.shape == x_hat.shape, (x.shape, x_hat.shape)
+    return (x - x_hat).abs().mean()  # Eq. (2)  L_L1 = 1/(HWC) sum |x - x_hat|
+
+
+def recon_loss(x, x_hat, alpha=0.6, beta=0.4):
+    """Stage-1 loss, Sec. 2.2: x the reconstruction, x_hat the target, both (B, C, H, W)."""
+    return alpha * mse_loss(x, x_hat) + beta * l1_loss(x, x_hat)  # Eq. (3)  a L_MSE + b L_L1
+
+
+def recon_target(labels, images, num_classes, target="gt"):
+    """x_hat of Eqs. (1)-(3): the one-hot GT (paper) or the image on every channel (code).
+
+    labels (B, H, W) int, images (B, 3, H, W) -> (B, K, H, W) float.
+    """
+    if target == "gt":
+        return F.one_hot(labels, num_classes).permute(0, 3, 1, 2).float()  # (B, K, H, W)
+    # Deviation (authors' code): label -> image synthesis; the gray image is broadcast over K
+    return images[:, :1].expand(-1, num_classes, -1, -1)  # (B, K, H, W)
+
+
+def feature_mse(f_recon, f_seg):
+    """1/(H_l W_l C_l) ||F_recon - F_seg||^2, averaged over the batch (spec 3.3); raw features."""
+    assert f_recon.shape == f_seg.shape, (f_recon.shape, f_seg.shape)
+    return ((f_recon - f_seg) ** 2).mean()
+
+
+ALIGN_GROUPS = ("e2d", "d2e", "mid")  # Recon-E -> Seg-D, Recon-D -> Seg-E, middle (Fig. 4(a))
+
+
+def alignment_loss(seg, rec, groups=ALIGN_GROUPS):
+    """Three-level cross-feature alignment, Sec. 2.3; seg, rec are UNetOutputs of equal shapes.
+
+    Level l = 1 is the deepest (spec 3.2): Recon-E^1 is x4 and Seg-D^1 is u1, both (B, C_4,
+    H/8, W/8). The frozen net's features are constants (computed without gradient).
+    Returns (L_align, dict of the per-term values).
+    """
+    terms = {}
+    for level in (1, 2, 3):
+        if "e2d" in groups:  # Eq. (4)  F^l_Recon-E vs F^l_Seg-D
+            terms[f"e2d{level}"] = feature_mse(rec.encoder[3 - level], seg.decoder[level - 1])
+        if "d2e" in groups:  # Eq. (5)  F^l_Recon-D vs F^l_Seg-E
+            terms[f"d2e{level}"] = feature_mse(rec.decoder[level - 1], seg.encoder[3 - level])
+    if "mid" in groups:
+        terms["mid"] = feature_mse(rec.mid, seg.mid)  # Eq. (6)  F_Recon-in vs F_Seg-in
+    l_align = sum(terms.values()) / 3  # Eq. (7)  L_align = (sum_l (E->D + D->E) + in) / 3
+    return l_align, terms
+
+
+def dice_loss(logits, labels, eps=1e-5):
+    """TransUNet's soft Dice loss (spec 3.4): softmax, one-hot incl. background, squared sums.
+
+    logits (B, K, H, W), labels (B, H, W); per class over the whole batch
+    d_c = 1 - (2 sum p g + eps) / (sum p^2 + sum g^2 + eps), then the mean over the K classes.
+    """
+    p = logits.float().softmax(dim=1)  # (B, K, H, W)
+    g = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float()  # (B, K, H, W)
+    dims = (0, 2, 3)
+    d = 1 - (2 * (p * g).sum(dims) + eps) / ((p * p).sum(dims) + (g * g).sum(dims) + eps)
+    return d.mean()
+
+
+def seg_loss(logits, labels, ce_weight=0.5, dice_weight=0.5):
+    """L_Seg of Eq. (8): the baseline's CE + Dice (TransUNet: 0.5 each, spec 3.4)."""
+    ce = F.cross_entropy(logits.float(), labels)  # Eq. (8), L_Seg cross-entropy term
+    return ce_weight * ce + dice_weight * dice_loss(logits, labels)  # Eq. (8), L_Seg
+
+
+def total_loss(seg, labels, rec=None, lam=0.035, groups=ALIGN_GROUPS, ce_weight=0.5,
+               dice_weight=0.5):
+    """Stage-2 objective, Sec. 2.3; rec None or lam 0 gives the plain baseline.
+
+    Returns (L_total, L_align as a float for logging).
+    """
+    l_seg = seg_loss(seg.logits, labels, ce_weight, dice_weight)
+    if rec is None or lam == 0 or not groups:
+        return l_seg, 0.0
+    l_align, _ = alignment_loss(seg, rec, groups)
+    return l_seg + lam * l_align, l_align.item()  # Eq. (8)  L_total = L_Seg + lambda L_align
+
+
+# ==== 6. Data handling: TransUNet's augmentation, class names, test cases ====
+
+
+def transunet_augment(image, label, rng):
+    """TransUNet's RandomGenerator (spec 5.2) on a float slice (H, W) and its labels (H, W).
+
+    p = 0.5: rot90 by k in {0..3} then a flip; else p = 0.5: rotate by an integer angle in
+    [-20, 19] degrees, nearest-neighbour for image and label alike.
+    """
+    from scipy.ndimage import rotate
+    if rng.random() > 0.5:
+        k, axis = rng.randrange(4), rng.randrange(2)
+        image, label = np.flip(np.rot90(image, k), axis), np.flip(np.rot90(label, k), axis)
+    elif rng.random() > 0.5:
+        angle = rng.randrange(-20, 20)
+        image = rotate(image, angle, order=0, reshape=False)
+        label = rotate(label, angle, order=0, reshape=False)
+    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def resolve_classes(args, data):
+    """(K, class names, note) from --dataset, the data folder's name, or the largest label id."""
+    kind = args.dataset
+    if kind == "auto":
+        lowered = str(args.data).lower()
+        kind = ("toy" if args.data == "toy" else "synapse" if "synapse" in lowered
+                else "acdc" if "acdc" in lowered else "scan")
+    if kind in CLASS_NAMES:
+        names = CLASS_NAMES[kind]
+        return len(names) + 1, names, f"{kind} classes"
+    train = data["train"]  # unnamed data: K = 1 + the largest id in (up to) 200 training items
+    picks = np.unique(np.linspace(0, len(train) - 1, min(200, len(train))).astype(int))
+    top = max(int(train[int(i)]["mask"].max()) for i in picks)
+    if top < 1:
+        common.fail(f"--data {args.data}: no foreground label found in the training label maps")
+    return top + 1, [f"class{c}" for c in range(1, top + 1)], "classes counted from the labels"
+
+
+def test_cases(dataset):
+    """Yield (image, labels, name) per test case: a volume (D, H, W) float, or one RGB image."""
+    for index in range(len(dataset)):
+        if isinstance(dataset, common.VolumeDataset):
+            yield dataset[index]
+        elif hasattr(dataset, "volume"):  # the toy set: one-slice volumes
+            yield dataset.volume(index)
+        else:  # a folder of image / label-map PNGs
+            image, labels = dataset.full(index)
+            yield image, labels, dataset.names[index]
+
+
+def display_slice(image):
+    """A gray slice or RGB image as uint8 (H, W, 3) for overlays (min-max scaled if float)."""
+    if image.dtype == np.uint8:
+        return image
+    low, high = float(image.min()), float(image.max())
+    gray = ((image - low) / max(high - low, 1e-8) * 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+# ==== 7. Train, evaluate, predict ====
+
+
+def autocast(device, enabled):
+    """Mixed precision context (fp16 on CUDA, bf16 on CPU), a no-op when disabled."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, device, args, stage="seg",
+                    recon_net=None, scaler=None, show=True):
+    """One epoch of stage 1 (`stage="recon"`, model = recon net) or stage 2 (model = seg net).
+
+    In stage 2 `recon_net` is the frozen reconstruction net, fed the same batch's label maps.
+    The poly schedule steps every iteration. Returns {'loss', 'align'} averaged over batches.
+    """
+    model.train()
+    if recon_net is not None:  # the authors' code leaves it in train mode (spec 2.4)
+        recon_net.train(args.recon_bn == "batch")
+    totals, count = {"loss": 0.0, "align": 0.0}, 0
+    for step, batch in enumerate(common.progress(loader, f"{stage} train", show)):
+        if args.limit_batches and step >= args.limit_batches:
+            break
+        images = batch["image"].to(device)  # (B, 3, H, W)
+        labels = batch["mask"].to(device)  # (B, H, W) ids
+        with autocast(device, args.amp):
+            if stage == "recon":
+                x = model(labels).logits.float()  # (B, K, H, W)
+                x_hat = recon_target(labels, images, x.shape[1], args.recon_target)
+                loss, align = recon_loss(x, x_hat, args.alpha, args.beta), 0.0
+            else:
+                seg = model(images)
+                rec = None
+                if recon_net is not None:
+                    with torch.no_grad():
+                        rec = recon_net(labels)
+                loss, align = total_loss(seg, labels, rec, args.lam, args.align_groups,
+                                         args.ce_weight, args.dice_weight)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        totals["loss"] += loss.item()
+        totals["align"] += align
+        count += 1
+    return {k: v / max(count, 1) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def validate(model, dataset, args, device, stage="seg"):
+    """Validation score: mean stage-1 loss (recon), or the pooled foreground Dice (seg)."""
+    model.eval()
+    loader = common.make_loader(dataset, args.batch_size, train=False)
+    k = args.num_classes
+    loss_sum, count = 0.0, 0
+    inter, total = torch.zeros(k), torch.zeros(k)
+    for batch in loader:
+        images, labels = batch["image"].to(device), batch["mask"].to(device)
+        if stage == "recon":
+            x = model(labels).logits
+            x_hat = recon_target(labels, images, k, args.recon_target)
+            loss_sum += float(recon_loss(x, x_hat, args.alpha, args.beta)) * len(labels)
+            count += len(labels)
+            continue
+        pred = model(images).logits.argmax(1)  # (B, H, W)
+        for c in range(1, k):
+            inter[c] += ((pred == c) & (labels == c)).sum().item()
+            total[c] += ((pred == c).sum() + (labels == c).sum()).item()
+    if stage == "recon":
+        return loss_sum / max(count, 1)
+    present = total[1:] > 0
+    return float((2 * inter[1:][present] / total[1:][present]).mean()) if present.any() else 0.0
+
+
+@torch.no_grad()
+def predict(model, image, img_size, device, rgb=False):
+    """Label map of one test case at its own size, slice by slice (as TransUNet's test).
+
+    image: a volume (D, H, W) float (or one slice (H, W)) -> (D, H, W) int64; or, with
+    rgb=True, a uint8 RGB image (H, W, 3) normalised as in training -> (H, W) int64.
+    """
+    model.eval()
+    logits_fn = lambda x: model(x).logits  # noqa: E731  (n, 3, S, S) -> (n, K, S, S)
+    if not rgb:
+        volume = image[None] if image.ndim == 2 else image
+        return common.predict_volume(logits_fn, volume, img_size, 3, device)
+    x = common.resize_image(image, img_size).astype(np.float32) / 255.0
+    x = (x - np.array(common.IMAGENET_MEAN)) / np.array(common.IMAGENET_STD)
+    x = torch.from_numpy(x.transpose(2, 0, 1)).float()[None].to(device)  # (1, 3, S, S)
+    pred = logits_fn(x).argmax(1)[0].cpu().numpy()  # (S, S)
+    return common.resize_mask(pred, 0, image.shape[:2])
+
+
+def evaluate(model, dataset, args, device, pred_dir=None, max_overlays=50):
+    """The paper's columns (Tab. 1, 2): Dice and HD95 per volume and organ, then averaged.
+
+    Uses common.VolumeMeter with TransUNet's empty-organ convention and voxel-unit HD95
+    (spec 6.3). Writes label PNGs (one per slice) and up to `max_overlays` overlays if
+    `pred_dir` is given. Returns {'mean_dice', 'mean_hd95', 'dice_<organ>', 'hd95_<organ>'}.
+    """
+    meter = common.VolumeMeter(args.num_classes, args.class_names, None, "transunet")
+    rgb = isinstance(dataset, common.PairDataset)
+    overlays = 0
+    for image, labels, name in test_cases(dataset):
+        pred = predict(model, image, args.img_size, device, rgb)
+        pred = pred.reshape(labels.shape)
+        meter.update(pred, labels)
+        if pred_dir is None:
+            continue
+        slices = [(image, pred, labels)] if rgb or labels.ndim == 2 else zip(image, pred, labels)
+        for depth, (picture, p, g) in enumerate(slices):
+            stem = name if rgb or labels.ndim == 2 or len(labels) == 1 else f"{name}_{depth:03d}"
+            common.save_label_png(Path(pred_dir) / f"{stem}.png", p)
+            if overlays < max_overlays and g.any():
+                common.save_overlay(Path(pred_dir) / f"{stem}_overlay.png",
+                                    display_slice(picture), p, g)
+                overlays += 1
+    return meter.compute()
+
+
+def print_table(run, group, metrics, class_names):
+    """Print one test group as the paper's table row: DSC (%), HD95, per-organ Dice (%)."""
+    names = ["DSC(%)", "HD95"] + list(class_names)
+    values = [100 * metrics["mean_dice"], metrics["mean_hd95"]]
+    values += [100 * metrics[f"dice_{n}"] for n in class_names]
+    width = max(8, *(len(n) + 1 for n in names))
+    run.log(f"test [{group}]  (HD95 in voxels, TransUNet's convention)")
+    run.log("".join(f"{n:>{width}}" for n in names))
+    run.log("".join(f"{v:>{width}.2f}" for v in values))
+
+
+# ==== 8. Command line and the two-stage training run ====
+
+
+def build_parser():
+    """The shared flags plus the paper's switches (ablations and the authors' variants)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    common.add_common_args(parser, PAPER_RECIPE, "Sec. 3.2 / spec 5.1")
+    group = parser.add_argument_group("ReSeg-UNet switches")
+    group.add_argument("--stage", choices=["both", "recon", "seg"], default="both",
+                       help="stage 1 (recon), stage 2 (seg) or both in one run (default both)")
+    group.add_argument("--recon-ckpt", default=None, metavar="FILE",
+                       help="stage-1 weights for --stage seg (ours, or the authors' .pth)")
+    group.add_argument("--recon-epochs", type=int, default=None,
+                       help="stage-1 epochs (paper: 150, spec 2.3)")
+    group.add_argument("--dataset", choices=["auto", "synapse", "acdc", "toy"], default="auto",
+                       help="class names and count (auto: from the data folder's name)")
+    group.add_argument("--lam", type=float, default=PAPER_RECIPE["lam"],
+                       help="lambda of Eq. (8); 0 = plain U-Net baseline (paper: 0.035)")
+    group.add_argument("--align-groups", default="e2d,d2e,mid",
+                       help="Fig. 4(a): which of e2d (Eq. 4), d2e (Eq. 5), mid (Eq. 6) are on")
+    group.add_argument("--alpha", type=float, default=PAPER_RECIPE["alpha"],
+                       help="MSE weight of Eq. (3) (paper: 0.6)")
+    group.add_argument("--beta", type=float, default=PAPER_RECIPE["beta"],
+                       help="L1 weight of Eq. (3) (paper: 0.4)")
+    group.add_argument("--ce-weight", type=float, default=PAPER_RECIPE["ce_weight"],
+                       help="CE weight in L_Seg (paper: 0.5, TransUNet's)")
+    group.add_argument("--dice-weight", type=float, default=PAPER_RECIPE["dice_weight"],
+                       help="Dice weight in L_Seg (paper: 0.5, TransUNet's)")
+    group.add_argument("--recon-target", choices=["gt", "image"], default=None,
+                       help="stage-1 target: gt (paper, default) or image (authors' code)")
+    group.add_argument("--mid-feature", choices=["bottleneck", "up1"], default=None,
+                       help="F_in of Eq. (6): bottleneck (paper, default) or up1 (authors')")
+    group.add_argument("--recon-bn", choices=["eval", "batch"], default=None,
+                       help="frozen net's BN: eval (paper, default) or batch (authors' code)")
+    group.add_argument("--as-released", action="store_true",
+                       help="all three of the authors' variants (recon target, F_in, BN mode)")
+    group.add_argument("--augment", choices=["auto", "on", "off"], default="auto",
+                       help="TransUNet augmentation (auto: on for real data, off for toy)")
+    group.add_argument("--toy-sizes", default=None, metavar="TRAIN,VAL,TEST",
+                       help=f"toy set sizes (default {TOY_RECIPE['toy_sizes']})")
+    return parser
+
+
+def explicit_flags(parser, argv):
+    """Destinations of the flags typed on the command line (they win over a checkpoint's)."""
+    typed = {a.split("=")[0] for a in argv if a.startswith("--")}
+    return {action.dest for action in parser._actions if typed & set(action.option_strings)}
+
+
+def finish_method_args(args):
+    """Resolve the paper switches after common.finish_args; stop on bad values."""
+    variants = ("image", "up1", "batch") if args.as_released else ("gt", "bottleneck", "eval")
+    for name, value in zip(("recon_target", "mid_feature", "recon_bn"), variants):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.recon_epochs is None:
+        args.recon_epochs = (TOY_RECIPE if args.data == "toy" else PAPER_RECIPE)["recon_epochs"]
+    if args.recon_epochs < 1:
+        common.fail(f"--recon-epochs must be at least 1 (got {args.recon_epochs})")
+    if isinstance(args.align_groups, str):
+        args.align_groups = [g for g in args.align_groups.split(",") if g]
+    unknown = set(args.align_groups) - set(ALIGN_GROUPS)
+    if unknown:
+        common.fail(f"--align-groups: unknown {sorted(unknown)} (choose from e2d, d2e, mid)")
+    if args.lam < 0:
+        common.fail(f"--lam must be >= 0 (got {args.lam})")
+    sizes = args.toy_sizes or TOY_RECIPE["toy_sizes"]
+    try:
+        sizes = tuple(int(n) for n in (sizes.split(",") if isinstance(sizes, str) else sizes))
+        assert len(sizes) == 3 and min(sizes) >= 1
+    except (ValueError, AssertionError):
+        common.fail(f"--toy-sizes {args.toy_sizes}: give three positive counts, e.g. 80,8,8")
+    args.toy_sizes = sizes
+    args.aligned = args.lam > 0 and bool(args.align_groups)
+    return args
+
+
+def load_recon_net(args, path):
+    """The frozen stage-1 network from our recon checkpoint or an authors' state_dict."""
+    net = build_model(args.preset, args.num_classes, role="recon", mid_feature=args.mid_feature)
+    load_released_weights(net, path)
+    return net.requires_grad_(False)
+
+
+def run_stage(stage, model, data, args, run, recon_net=None, resume=None):
+    """The training loop of one stage; checkpoints recon_last/recon_best.pt or last/best.pt.
+
+    Validation keeps the best epoch (lowest stage-1 loss, highest stage-2 Dice); without a
+    validation set the last epoch is the best. Returns the best score.
+    """
+    prefix, epochs = ("recon_", args.recon_epochs) if stage == "recon" else ("", args.epochs)
+    device = run.device
+    if run.distributed:
+        model = nn.parallel.DistributedDataParallel(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=PAPER_RECIPE["momentum"],
+                                weight_decay=PAPER_RECIPE["weight_decay"])
+    loader = common.make_loader(data["train"], args.batch_size, train=True,
+                                workers=args.workers, seed=args.seed)
+    per_epoch = min(len(loader), args.limit_batches or len(loader))
+    max_it = epochs * per_epoch
+    poly = lambda it: max(0.0, 1 - it / max_it) ** PAPER_RECIPE["poly_power"]  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+    scaler = torch.amp.GradScaler(enabled=args.amp and device.type == "cuda")
+    sign = -1 if stage == "recon" else 1  # higher is better after the sign
+    start, best = 0, -float("inf")
+    if resume is not None:
+        common.unwrap(model).load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        start, best = resume["epoch"] + 1, resume["best"]
+        run.log(f"resuming stage '{stage}' at epoch {start} (best so far {sign * best:.4f})")
+    run.log(f"stage '{stage}': {epochs} epochs x {per_epoch} iterations, lr {args.lr}")
+    for epoch in range(start, epochs):
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        tic = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(model, loader, optimizer, scheduler, device, args, stage,
+                                recon_net, scaler, run.is_main)
+        score = None
+        if data["val"] is not None and run.is_main:
+            score = sign * validate(common.unwrap(model), data["val"], args, device, stage)
+        improved = score is None or score > best
+        best = score if score is not None and improved else best
+        row = {"stage": stage, "epoch": epoch, "lr": lr, "train_loss": train["loss"],
+               "train_align": train["align"], "val_recon_loss": "", "val_dice": "",
+               "seconds": round(time.time() - tic, 1)}
+        if score is not None:
+            row["val_recon_loss" if stage == "recon" else "val_dice"] = sign * score
+        run.log_epoch(row)
+        run.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in row.items() if v != ""))
+        state = {"model": common.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
+                 "config": vars(args), "preset": args.preset, "stage": stage}
+        run.checkpoint(prefix + "last.pt", state)
+        if improved:
+            run.checkpoint(prefix + "best.pt", state)
+    run.barrier()
+    return best
+
+
+def run_bench(args, given, run):
+    """--bench: one stage-2 training step (both nets) and one inference, on random input."""
+    preset = args.preset if "preset" in given else "paper"
+    size = args.img_size if "img_size" in given else PAPER_RECIPE["img_size"]
+    cuda = run.device.type == "cuda"
+    batch = args.batch_size if "batch_size" in given else (PAPER_RECIPE["batch_size"] if cuda
+                                                          else 2)
+    k = 4 if args.dataset == "acdc" else 9
+    seg = build_model(preset, k, mid_feature=args.mid_feature).to(run.device)
+    rec = build_model(preset, k, role="recon", mid_feature=args.mid_feature).to(run.device)
+    rec.requires_grad_(False).train(args.recon_bn == "batch")
+    x = torch.rand(batch, 3, size, size, device=run.device)
+    y = torch.randint(0, k, (batch, size, size), device=run.device)
+    optimizer = torch.optim.SGD(seg.parameters(), lr=0.01, momentum=0.9)
+
+    def train_step():
+        seg.train()
+        with autocast(run.device, args.amp):
+            with torch.no_grad():
+                r = rec(y)
+            loss, _ = total_loss(seg(x), y, r, args.lam, args.align_groups)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def infer_step():
+        seg.eval()
+        with torch.no_grad(), autocast(run.device, args.amp):
+            seg(x)
+
+    record = common.benchmark(seg, train_step, infer_step, batch, run.device, script=SCRIPT,
+                              preset=preset, img_size=size, num_classes=k,
+                              measured="stage 2: seg fwd/bwd + frozen recon fwd + Eq. (8)")
+    print(json.dumps(record))
+    return record
+
+
+def main(argv=None):
+    """Train stage 1 and/or 2, or --eval / --predict / --bench; returns the test metrics dict."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = explicit_flags(parser, argv)
+    saved = None
+    if args.resume or args.eval or args.predict:  # the checkpoint's settings, unless typed
+        saved = common.load_checkpoint(args.resume or args.eval or args.checkpoint, SCRIPT)
+        keep = {"resume", "eval", "predict", "checkpoint", "out", "bench", "device", "workers"}
+        for key, value in saved["config"].items():
+            if key not in given and key not in keep:
+                setattr(args, key, value)
+        if args.resume and args.out is None:
+            args.out = str(Path(args.resume).parent)  # continue in the same run folder
+    args = common.finish_args(args, PAPER_RECIPE, TOY_RECIPE)
+    args = finish_method_args(args)
+    if saved is not None and "preset" not in given:
+        args.preset_reason = "from the checkpoint"
+    common.seed_everything(args.seed)
+    run = common.Run(args, SCRIPT)
+    run.log(f"ReSeg-UNet | preset {args.preset} ({args.preset_reason}) | device {run.device} | "
+            f"data {args.data}")
+    if args.bench:
+        return run_bench(args, given, run)
+
+    if args.predict:  # one label PNG per image of the folder
+        if saved.get("stage") != "seg":
+            common.fail(f"{args.checkpoint} is a stage-1 (reconstruction) checkpoint: "
+                        "--predict needs a segmentation checkpoint (best.pt / last.pt)")
+        folder = Path(args.predict)
+        if not folder.is_dir():
+            common.fail(f"--predict {args.predict}: no such folder")
+        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in common.IMAGE_EXTS),
+                       key=lambda p: common.natural_key(p.name))
+        if not files:
+            common.fail(f"--predict {args.predict}: no image files in the folder")
+        model = build_model(args.preset, args.num_classes, mid_feature=args.mid_feature)
+        model.load_state_dict(saved["model"])
+        model.to(run.device)
+        for path in files:
+            image = common.load_image(path)  # (H, W, 3) uint8
+            if args.input_kind == "rgb":
+                labels = predict(model, image, args.img_size, run.device, rgb=True)
+            else:  # trained on gray slices in [0, 1]
+                gray = image.mean(axis=2).astype(np.float32) / 255.0
+                labels = predict(model, gray, args.img_size, run.device)[0]
+            common.save_label_png(run.out / "predictions" / f"{path.stem}.png", labels)
+        run.log(f"wrote {len(files)} label maps to {run.out / 'predictions'}")
+        run.close()
+        return {"predicted": len(files), "folder": str(run.out / "predictions")}
+
+    augment = transunet_augment if args.augment == "on" or (
+        args.augment == "auto" and args.data != "toy") else None
+    data = common.load_data(args, "multiclass", augment=augment, toy_sizes=args.toy_sizes)
+    if data["splits"] is not None:
+        run.save_json("splits.json", data["splits"])
+    if not data["test"]:
+        common.fail(f"--data {args.data}: no test volumes or images found")
+    args.input_kind = "rgb" if isinstance(data["train"], common.PairDataset) else "gray"
+    if saved is None or "num_classes" not in saved["config"]:
+        args.num_classes, args.class_names, note = resolve_classes(args, data)
+    else:
+        note = "classes from the checkpoint"
+    run.log(f"data: {data['source']} | {args.num_classes} classes ({note}): "
+            f"{', '.join(args.class_names)}")
+    run.log(f"stage {args.stage} | recon target {args.recon_target} | F_in {args.mid_feature} | "
+            f"frozen BN {args.recon_bn} | lambda {args.lam} | groups {args.align_groups}")
+
+    if args.eval:
+        if saved.get("stage") != "seg":
+            common.fail(f"{args.eval} is a stage-1 (reconstruction) checkpoint: --eval needs "
+                        "a segmentation checkpoint (best.pt / last.pt)")
+        stage = "eval"
+    else:
+        stage = args.stage
+        run.save_json("config.json", {**vars(args), "source": data["source"],
+                                      "device": str(run.device),
+                                      "preset_values": asdict(PRESETS[args.preset])})
+    resume_stage = saved.get("stage") if args.resume else None
+
+    if stage in ("recon", "both") and args.aligned and resume_stage != "seg":  # stage 1
+        recon = build_model(args.preset, args.num_classes, role="recon",
+                            mid_feature=args.mid_feature).to(run.device)
+        best = run_stage("recon", recon, data, args, run,
+                         resume=saved if resume_stage == "recon" else None)
+        if stage == "recon":
+            run.log(f"stage 1 done: {run.out / 'recon_last.pt'} (best val loss {-best:.4f})")
+            run.close()
+            return {"stage": "recon", "best_val_recon_loss": -best,
+                    "checkpoint": str(run.out / "recon_last.pt")}
+        run.barrier()
+        args.recon_ckpt = str(run.out / "recon_last.pt")  # final stage-1 weights (spec 2.4)
+    elif stage == "recon":
+        common.fail("--stage recon with --lam 0 (or no --align-groups): nothing to train")
+
+    if stage in ("seg", "both"):  # stage 2
+        recon_net = None
+        if args.aligned:
+            if not args.recon_ckpt:
+                common.fail("--stage seg needs --recon-ckpt FILE (stage-1 weights), "
+                            "or --lam 0 for the plain baseline")
+            recon_net = load_recon_net(args, args.recon_ckpt).to(run.device)
+            run.log(f"frozen reconstruction net: {args.recon_ckpt}")
+        model = build_model(args.preset, args.num_classes, mid_feature=args.mid_feature)
+        if args.pretrained not in ("none", "auto"):
+            load_released_weights(model, args.pretrained)
+            run.log(f"initialised from {args.pretrained}")
+        elif args.pretrained == "auto":  # Sec. 3.2: the U-Net is trained from scratch
+            run.log("--pretrained auto: the authors publish no weights; training from scratch")
+        model.to(run.device)
+        run_stage("seg", model, data, args, run, recon_net,
+                  resume=saved if resume_stage == "seg" else None)
+        saved = common.load_checkpoint(run.out / "best.pt", SCRIPT)
+
+    model = build_model(args.preset, args.num_classes, mid_feature=args.mid_feature)
+    model.load_state_dict(saved["model"])
+    model.to(run.device)
+    metrics = {}
+    if run.is_main:
+        for group, dataset in data["test"].items():
+            pred_dir = run.out / "predictions" / group if len(data["test"]) > 1 else None
+            pred_dir = pred_dir or run.out / "predictions"
+            pred_dir.mkdir(parents=True, exist_ok=True)
+            metrics[group] = evaluate(model, dataset, args, run.device, pred_dir)
+            print_table(run, group, metrics[group], args.class_names)
+        run.save_json("test_metrics.json", metrics)
+    run.close()
+    return metrics
+
+
+if __name__ == "__main__":
+    common.cli(main)
