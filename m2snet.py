@@ -1,8 +1,8 @@
 """M2SNet: Multi-scale in Multi-scale Subtraction Network for Medical Image Segmentation.
 
 X. Zhao, H. Jia, Y. Pang, L. Lv, F. Tian, L. Zhang, W. Sun, H. Lu. arXiv:2303.10894 (2023),
-the journal extension of MSNet (MICCAI 2021). Authors' code: github.com/Xiaoqi-Zhao-DLUT/MSNet-M2SNet
-(`model/miccai_msnet.py`, `train.py`); what it does is recorded in ../shared/specs/m2snet.md.
+the journal extension of MSNet (MICCAI 2021). Authors' code:
+github.com/Xiaoqi-Zhao-DLUT/MSNet-M2SNet (`model/miccai_msnet.py`, `train.py`).
 
 Idea: U-Nets fuse encoder levels by addition or concatenation, which repeats what both levels
 share. M2SNet fuses them by *subtraction*: |F_A - F_B| keeps what one level has and the other
