@@ -50,6 +50,8 @@ Deviations and gap decisions (switch in brackets):
   --val-fraction of train for that choice [--val-fraction 0: no validation, best = last].
 - Splits: a layout's own split, else the paper's seeded 70/30 [--split 70-30 re-splits the
   official train+val of ISIC 2017/2018 as VM-UNet's package did; --split official].
+- --pretrained defaults to auto with real data (VM-UNet starts from VMamba-S; the paper does not
+  say) and none with toy data.
 - BCE is computed from logits (VM-UNet: BCELoss on sigmoid outputs; same value, no clamping).
 - FD features: first and last block output of all 8 stages; F_final = output of the final x4
   expansion (24 channels at C = 96); random channels by torch.randperm (spec 6.3).
@@ -57,7 +59,7 @@ Deviations and gap decisions (switch in brackets):
 
 Run:
   python cmssm_unet.py                                   # toy data, small preset, CPU minutes
-  python cmssm_unet.py --data data/isic2017 --pretrained auto        # paper recipe (Sec. 4.3)
+  python cmssm_unet.py --data data/isic2017   # paper recipe (Sec. 4.3), VMamba-S weights (auto)
   python cmssm_unet.py --data DIR --eval runs/cmssm_unet/X/best.pt
   python cmssm_unet.py --predict images/ --checkpoint best.pt --out preds
   python cmssm_unet.py --bench --preset paper --img-size 256 --batch-size 2
@@ -293,8 +295,8 @@ class CMSSMUNet(nn.Module):
         c = preset.dims
         dims, dims_decoder = [c, 2 * c, 4 * c, 8 * c], [8 * c, 4 * c, 2 * c, c]
         self.patch_embed = PatchEmbed2D(in_chans, c)
-        rates = torch.linspace(0, preset.drop_path, sum(preset.depths)).tolist()
-        rates_decoder = torch.linspace(0, preset.drop_path, sum(preset.depths_decoder)).tolist()
+        rates = np.linspace(0, preset.drop_path, sum(preset.depths)).tolist()
+        rates_decoder = np.linspace(0, preset.drop_path, sum(preset.depths_decoder)).tolist()
         rates_decoder = rates_decoder[::-1]  # spec 1.6: largest rate at the bottleneck
         self.layers, self.layers_up = nn.ModuleList(), nn.ModuleList()
         for i in range(4):
@@ -825,7 +827,7 @@ def run_predict(args, run):
     size = state["config"]["img_size"]
     for path in files:
         image = common.load_image(path)
-        x = torch.from_numpy(common.resize_image(image, size)).permute(2, 0, 1).float() / 255
+        x = torch.from_numpy(np.array(common.resize_image(image, size))).permute(2, 0, 1) / 255
         prob = predict(model, x[None].to(run.device), size=image.shape[:2])[0, 0]
         common.save_mask_png(run.out / "predictions" / f"{path.stem}.png",
                              (prob >= THRESHOLD).cpu().numpy())
@@ -870,9 +872,15 @@ def main(argv=None):
                        help="score at each image's own size (paper: at --img-size, spec 9)")
     group.add_argument("--vmunet-rotation", action="store_true",
                        help="one rotation angle for the whole run, as VM-UNet's code")
+    parser.set_defaults(pretrained=None)
     args = common.finish_args(parser.parse_args(argv), PAPER_RECIPE, TOY_RECIPE)
+    real = args.data != "toy"
+    if args.pretrained is None:  # VM-UNet starts from VMamba-S (spec 10); toy runs from scratch
+        args.pretrained = "auto" if real else "none"
     if args.t_max is None:
-        args.t_max = T_MAX if args.data != "toy" else args.epochs
+        args.t_max = T_MAX if real else args.epochs
+    if args.resume and not args.out:  # continue in the resumed run's folder
+        args.out = str(Path(args.resume).parent)
     if args.t_max < 1 or not 0 <= args.val_fraction < 1:
         common.fail("--t-max must be >= 1 and --val-fraction in [0, 1)")
     if args.img_size % 32:
