@@ -43,8 +43,9 @@ switches items 1-6 to the code, whose 690-key state_dict then loads with strict=
      param-group name bug), Nesterov, its own train normalisation, five-size collate.
 Not switched: one logit output, no deep supervision (both); the code's triangular warm-up/decay
 per epoch (spec 9) realises the paper's "warm-up and linear decay"; masks resized bilinearly
-in multi-scale training as PraNet does. The `small`/`tiny` presets use a narrower Res2Net with
-one block per stage and a narrower LossNet VGG at the training size (CPU demos).
+in multi-scale training as PraNet does. BUSI gets one seeded split, not the paper's four folds.
+The `small`/`tiny` presets use a narrower Res2Net with one block per stage and a narrower
+LossNet VGG at the training size (CPU demos); `python m2snet.py` trains `small` on toy data.
 Ablations: --msu-kernels 1,3,7 (Tab. 13), --unit add (Tab. 10, SU -> AU), --orders 1..5
 (Tab. 10 SU_1..SU_5 rows), --no-lossnet (Tab. 11).
 
@@ -288,9 +289,10 @@ class M2SNet(nn.Module):
 
 
 def parse_kernels(text):
-    """'1,3,5' -> (1, 3, 5): positive odd sizes (a centred all-ones filter needs an odd size)."""
+    """'1,3,5' or (1, 3, 5) -> (1, 3, 5): distinct positive odd sizes (centred filters)."""
+    text = ",".join(map(str, text)) if isinstance(text, (tuple, list)) else str(text)
     try:
-        sizes = tuple(int(k) for k in str(text).split(",") if k.strip())
+        sizes = tuple(int(k) for k in text.split(",") if k.strip())
     except ValueError:
         sizes = ()
     if not sizes or any(k < 1 or k % 2 == 0 for k in sizes) or len(set(sizes)) != len(sizes):
@@ -299,13 +301,14 @@ def parse_kernels(text):
 
 
 def build_model(preset="paper", num_classes=1, **overrides):
-    """M2SNet for a preset name (or Preset); overrides: as_released, msu_kernels, unit, orders,
-    or any Preset field (e.g. channels=16)."""
+    """M2SNet for a preset name (or Preset); overrides: as_released, msu_kernels ('1,3,5' or a
+    tuple), unit, orders, or any Preset field (e.g. channels=16); None keeps the preset's."""
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     fields = {f.name for f in dataclasses.fields(Preset)}
-    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if k in fields})
+    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items()
+                                            if k in fields and v is not None})
     as_released = overrides.get("as_released", False)
-    kernels = parse_kernels(",".join(map(str, preset.msu_kernels)))
+    kernels = parse_kernels(preset.msu_kernels)
     unit = overrides.get("unit", "sub")
     if unit not in ("sub", "add"):
         common.fail(f"--unit {unit}: choose sub (paper) or add (Tab. 10's AU)")
@@ -385,9 +388,9 @@ class Res2Net(nn.Module):
             setattr(self, f"layer{k + 1}", nn.Sequential(*layer))
             inplanes = planes * 4
             self.out_channels.append(inplanes)
-        if with_fc:
+        if with_fc:  # unused by M2SNet: frozen, so DDP does not wait for its gradients
             self.avgpool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(inplanes, 1000)
+            self.fc = nn.Linear(inplanes, 1000).requires_grad_(False)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -709,9 +712,7 @@ ARCH_KEYS = ("preset", "as_released", "msu_kernels", "unit", "orders", "img_size
 def model_from_args(args):
     """build_model with the command line's switches."""
     return build_model(args.preset, 1, as_released=args.as_released, unit=args.unit,
-                       msu_kernels=parse_kernels(args.msu_kernels) if args.msu_kernels
-                       else PRESETS[args.preset].msu_kernels,
-                       orders=args.orders or PRESETS[args.preset].orders)
+                       msu_kernels=args.msu_kernels, orders=args.orders)
 
 
 def lossnet_from_args(args, run):
@@ -785,14 +786,14 @@ def predict_folder(args, run):
     return {"predictions": len(files), "folder": str(out)}
 
 
-def test_all(model, data, args, run, save=True):
+def test_all(model, data, args, run):
     """Evaluate every test group; print a table; write test_metrics.json and predictions."""
     results = {}
     for group, dataset in data["test"].items():
         folder = run.out / "predictions" / group
         folder.mkdir(parents=True, exist_ok=True)
         results[group] = evaluate(common.unwrap(model), dataset, run.device, args.metrics,
-                                  args.batch_size, folder if save else None)
+                                  args.batch_size, folder)
     columns = list(METRIC_COLUMNS[args.metrics])
     run.log(f"{'test set':<20}" + "".join(f"{c:>12}" for c in columns))
     for group, scores in results.items():
