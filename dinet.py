@@ -1,0 +1,1051 @@
+"""DIN: dual interaction network with cross-image attention for medical image segmentation.
+
+J. Noh, W. Jeon, J. Park, Pattern Recognition Letters (2025); github.com/JJeong-Gari/DIN holds no
+code, so the network is the reconstruction of ../shared/specs/dinet.md ("spec n" below), which
+reproduces the paper's 323.31 M parameters and 1,860 G multiply-adds.
+
+Idea: each slice I is also enhanced once by fuzzy image enhancement (E, Eqs. 11-12). Two
+ConvNeXt-B encoders with a 3x3 stride-1 stem (Eq. 13, Tab. 14) see I and E and give, per stage,
+an "edge" map (an extra 2x2 pooling) and a "shape" map (the blocks). At each of the four stages a
+dual interactive fusion module (DIFM) merges edge and shape (Eq. 1), lets I's features query E's
+and E's query I's in 7x7 windows (Eqs. 2-3), refines both with a gated FFN (Eqs. 4-5) and a
+parameter-free global spatial attention (Eq. 6), and adds the two directions. A SegFormer MLP
+decoder (Eq. 14) predicts the mask; training adds a multi-scale Sobel boundary loss (Eqs. 9-10).
+
+Equation map:
+  Eq. (1) -> DIFM.forward (merge_i, merge_e)
+  Eq. (2) -> window_attention (called by WindowCrossAttention.forward)
+  Eq. (3) -> WindowCrossAttention.forward
+  Eq. (4) -> GatedFFN.forward
+  Eq. (5) -> GatedFFN.forward
+  Eq. (6) -> global_spatial_attention
+  Eq. (7) -> loss_ce
+  Eq. (8) -> loss_dice
+  Eq. (9) -> loss_boundary (multi-scale part: boundary_l1)
+  Eq. (10) -> total_loss
+  Eq. (11) -> fuzzy_enhance
+  Eq. (12) -> fuzzy_enhance
+  Eq. (13) -> ConvNeXtBlock.forward
+  Eq. (14) -> MLPDecoder.forward
+  Eq. (15) -> SOBEL_H, SOBEL_V (applied by sobel)
+  Metrics (not numbered): Dice, HD95 per volume and organ -> common.VolumeMeter; binary Dice ->
+  common.PerImageMeter (both in evaluate).
+
+Symbols (paper preset at 224x224; stage s = 1..4, C_s = 128..1024, H_s = 224 / 2^(s-1)):
+  I, E            image, enhanced (B, 3, H, W); grayscale repeated to 3 channels
+  f_low, f_high   lows, highs: edge and shape maps per stage (B, C_s, H_s, W_s)
+  f~ (Eq. 1)      m_i, m_e: merged maps (B, C_s, H_s, W_s)
+  Q, K, V         q, k, v: (B * windows, heads, 49, d), d = 32 channels per head
+  f~_IE, F^, F    f after Eq. 3, after the FFN (Eq. 5), after the gate (Eq. 6)
+  F_s             fused = F_IE + F_EI, the DIFM output (B, C_s, H_s, W_s)
+  x, y (7-9)      softmax probabilities, one-hot labels (B, K, H, W); K = 9 / 4 / 2
+  lambda, tau     lam, tau per fuzzy window W_ij (Eq. 11); I_ij of Eq. 12 = membership w
+
+Deviations and the paper's gaps (spec 11), each with its switch:
+  1. No code: kernels, window 7, 32 channels per head, relative position bias, pre-attention
+     LayerNorms and the unused q/k/v thirds are the spec's budget match (--attn-proj lean).
+  2. Tab. 14 prints x9 blocks in stage 3; the totals need ConvNeXt-B's 27 (build_model(depths=
+     (3, 3, 9, 3)) builds the table literally). The paper's split 178 / 119.94 / 25.27 M does not
+     add up; ours is 180.64 / 119.85 / 22.72 M = 323.20 M (paper 323.31 M).
+  3. Eq. (12): windows combine by an ordinary sum as the reference code does (--fuzzy-patrascu:
+     Patrascu's (m+1)x(n+1) windows and log-model sum); 2x2 windows, gamma 4, sigma_u = 1/sqrt3.
+  4. Eq. (8) has no squares; the default is the base code's (MERIT) squared form (--dice-eq8).
+  5. Eq. (6) says "channel mean" (a (B, 1, H, W) gate, default); the prose speaks of channel
+     weights (--gsa global: mean over H, W).
+  6. Edge pools read the previous stage's output (--edge-from chain: a chain from the stem).
+     Grayscale is repeated to 3 channels (MERIT learns a 1x1 conv instead; no switch).
+  7. PyTorch's default initialisation, not ConvNeXt's trunc-normal(0.02): from scratch the
+     latter stalls on small models; with --pretrained the encoders are ImageNet's anyway.
+  8. Recipe gaps filled from MERIT (spec 7): constant lr, weight decay 1e-4 (--weight-decay),
+     its rotation/flip draw; best epoch on validation, else the last (not MERIT's test set).
+  9. Toy slices are scored with VolumeMeter's "skip" convention (a class absent from a slice
+     and its prediction does not count); real volumes with TransUNet's (spec 9).
+
+Run:
+  python dinet.py                                        # toy data, small preset, CPU, minutes
+  python dinet.py --data PATH/Synapse --pretrained auto  # paper recipe (a 48 GB GPU)
+  python dinet.py --data PATH/ACDC --inputs i            # an ablation row (Tabs. 3-5, 7, 8)
+  python dinet.py --data PATH/ClinicDB --task binary     # supplement Tab. 13
+  python dinet.py --eval runs/dinet/<time>/best.pt [--data PATH]
+  python dinet.py --predict DIR --checkpoint best.pt --out DIR2
+  python dinet.py --bench --batch-size 1                 # paper preset at 224x224, one JSON line
+"""
+import argparse
+import functools
+import json
+import math
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import ndimage
+
+import common
+
+# ==== 2. Presets and recipe ====
+
+
+@dataclass
+class DINConfig:
+    """Architecture of one preset; the ablation switches of Tabs. 3-5, 7, 8 live here too."""
+    dims: tuple = (128, 256, 512, 1024)  # C_s, Tab. 14 (ConvNeXt-B widths)
+    depths: tuple = (3, 3, 27, 3)  # Tab. 14 says x9 for stage 3; the totals need 27 (spec 3)
+    stem_kernel: int = 3  # Tab. 14, Sec. 9.1: 3x3 stem ...
+    stem_stride: int = 1  # Sec. 9.1: ... with stride 1, "to preserve full-size features"
+    drop_path: float = 0.0  # not stated (spec 3)
+    merge_kernel: int = 3  # Eq. (1) conv, 3x3 from the parameter budget (spec 4.1)
+    window: int = 7  # Sec. 3.1.3 window attention; size from spec 4.2
+    head_dim: int = 32  # Sec. 3.1.2 multi-head; 32 channels per head (spec 4.2)
+    rel_pos_bias: bool = True  # not in the paper; counted by the budget match (spec 4.2)
+    ffn_kernel: int = 3  # Eq. (4) expansion conv 3x3, Eq. (5) conv 1x1 (spec 4.3)
+    decoder_dim: int = 768  # Sec. 9.2: all maps to 768 channels
+    fuse_kernel: int = 3  # Eq. (14): 3x3 fuse conv
+    decoder_dropout: float = 0.1  # SegFormer's default (spec 5)
+    # switches (paper defaults), set from the command line
+    inputs: str = "ie"  # Tab. 4: ie | i (only I) | e (only E) | ii (I + I)
+    fusion: str = "difm"  # Tab. 5: difm | concat (Ours_concat) | input (Ours_IF)
+    attn: str = "dual"  # Tab. 7: dual | ie | ei
+    cross_attn: bool = True  # Tab. 3 (a)
+    merge: bool = True  # Tab. 3 (b)
+    gsa: bool = True  # Tab. 3 (c)
+    gsa_axis: str = "channel"  # Eq. (6) "channel mean"; "global" = mean over H, W (spec 4.4)
+    attn_proj: str = "budget"  # spec 4.2: q/k/v from two Linear(C, 3C); "lean" = q, kv, out
+    edge_from: str = "stage"  # spec 3: edge pool on the previous stage output, or "chain"
+
+
+PRESETS = {
+    "paper": DINConfig(),
+    "small": DINConfig(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), window=8, head_dim=16,
+                       decoder_dim=32, stem_kernel=2, stem_stride=2, decoder_dropout=0.0),
+    "tiny": DINConfig(dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), window=4, head_dim=8,
+                      decoder_dim=16),
+}
+PAPER_RECIPE = {"epochs": 300, "batch_size": 3, "lr": 1e-4, "img_size": 224}  # Sec. 4.2
+TOY_RECIPE = {"epochs": 14, "batch_size": 8, "lr": 2e-3, "img_size": 64}
+TOY_SIZES = (192, 24, 40)  # toy train / val / test slices
+WEIGHT_DECAY = 1e-4  # not in the paper; MERIT's AdamW setting (spec 7.1)
+LOSS_WEIGHTS = (0.3, 0.7)  # alpha, beta of Eq. (10), "like [41]" (MERIT)
+BOUNDARY_SCALES = (1, 2, 4)  # Eq. (9): original, 1/2 and 1/4
+SYNAPSE_ORGANS = ["aorta", "gallbladder", "kidney_l", "kidney_r", "liver", "pancreas", "spleen",
+                  "stomach"]  # TransUNet's label order, as in Tab. 1
+ACDC_ORGANS = ["rv", "myo", "lv"]  # Tab. 2
+CONVNEXT_B_URL = "https://dl.fbaipublicfiles.com/convnext/convnext_base_1k_224_ema.pth"  # spec 3
+
+# ==== 3. Building blocks (Sec. 3.1: DIFM; Sec. 9.2: decoder) ====
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map (ConvNeXt's channels-first LN)."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                         self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def to_windows(x, window):
+    """(B, C, H, W) -> (B * H/w * W/w, w*w, C) non-overlapping windows (H, W multiples of w)."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // window, window, w // window, window).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(-1, window * window, c)
+
+
+def from_windows(tokens, window, b, h, w):
+    """Inverse of to_windows: (B * n, w*w, C) -> (B, C, H, W)."""
+    c = tokens.shape[-1]
+    x = tokens.view(b, h // window, w // window, window, window, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, c, h, w)
+
+
+def window_attention(q, k, v, bias=None):
+    """softmax(Q K^T / sqrt(d)) V per window and head; q, k, v: (N, heads, T, d)."""
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (N, heads, T, T)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1) @ v  # Eq. (2)  Atten(Q, K, V) = softmax(Q K^T / sqrt(d)) V
+
+
+class WindowCrossAttention(nn.Module):
+    """One direction of the dual cross-attention (Sec. 3.1.2, Eqs. 2-3), in w x w windows.
+
+    Queries come from `query_map` (e.g. m_i), keys and values from `kv_map` (m_e); the result
+    keeps the projected query as residual. Both maps (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, dim, window, head_dim, rel_pos_bias=True, proj="budget"):
+        super().__init__()
+        self.window, self.proj = window, proj
+        self.heads = max(1, dim // head_dim)
+        self.norm_a, self.norm_b = nn.LayerNorm(dim), nn.LayerNorm(dim)  # pre-norm (spec 4.2)
+        if proj == "budget":  # self-attention layers adapted to two inputs: 2 x 3C^2 (spec 4.2)
+            self.qkv_a, self.qkv_b = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
+        else:
+            self.q, self.kv, self.out = (nn.Linear(dim, dim), nn.Linear(dim, 2 * dim),
+                                         nn.Linear(dim, dim))
+        self.rpb_table = None
+        if rel_pos_bias:  # Swin's relative position table, one bias per offset and head
+            self.rpb_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, self.heads))
+            nn.init.trunc_normal_(self.rpb_table, std=0.02)
+            yx = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window),
+                                            indexing="ij")).flatten(1)  # (2, T)
+            offset = yx[:, :, None] - yx[:, None, :] + window - 1  # (2, T, T) in 0..2w-2
+            self.register_buffer("rpb_index", offset[0] * (2 * window - 1) + offset[1],
+                                 persistent=False)
+
+    def forward(self, query_map, kv_map):
+        b, c, h, w = query_map.shape
+        pad_h, pad_w = -h % self.window, -w % self.window  # pad to whole windows
+        a = to_windows(F.pad(query_map, (0, pad_w, 0, pad_h)), self.window)  # (N, T, C)
+        kv = to_windows(F.pad(kv_map, (0, pad_w, 0, pad_h)), self.window)
+        if self.proj == "budget":  # only the Q third of qkv_a and the K, V thirds of qkv_b act
+            q = F.linear(self.norm_a(a), self.qkv_a.weight[:c], self.qkv_a.bias[:c])
+            k, v = F.linear(self.norm_b(kv), self.qkv_b.weight[c:],
+                            self.qkv_b.bias[c:]).chunk(2, dim=-1)
+        else:
+            q = self.q(self.norm_a(a))
+            k, v = self.kv(self.norm_b(kv)).chunk(2, dim=-1)
+        heads = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        bias = None
+        if self.rpb_table is not None:
+            bias = self.rpb_table[self.rpb_index].permute(2, 0, 1)  # (heads, T, T)
+        attended = window_attention(heads(q), heads(k), heads(v), bias)  # (N, heads, T, d)
+        attended = attended.transpose(1, 2).flatten(2)  # (N, T, C)
+        if self.proj == "lean":
+            attended = self.out(attended)
+        f = attended + q  # Eq. (3)  f~_IE = Atten(Q_i, K_e, V_e) + Q_i
+        f = from_windows(f, self.window, b, h + pad_h, w + pad_w)
+        return f[:, :, :h, :w]
+
+
+class GatedFFN(nn.Module):
+    """The FFN after the cross-attention (Eqs. 4-5): LN, conv C -> 2C, GELU gate, conv C -> C."""
+
+    def __init__(self, dim, kernel=3):
+        super().__init__()
+        self.norm = LayerNorm2d(dim)
+        self.fc_in = nn.Conv2d(dim, 2 * dim, kernel, padding=kernel // 2)
+        self.fc_out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, f):
+        f_1, f_2 = self.fc_in(self.norm(f)).chunk(2, dim=1)  # Eq. (4)  f~1, f~2 = chunk(conv(LN))
+        return self.fc_out(F.gelu(f_1) * f_2) + f  # Eq. (5)  F^ = conv(GELU(f~1) (x) f~2) + f~
+
+
+def global_spatial_attention(f, axis="channel"):
+    """Eq. (6): a parameter-free sigmoid gate from a mean; 'channel' -> (B, 1, H, W) gate."""
+    dims = (1,) if axis == "channel" else (2, 3)  # "global": (B, C, 1, 1), spec 4.4
+    return torch.sigmoid(f.mean(dim=dims, keepdim=True)) * f  # Eq. (6)  F = sigm(mean(f)) (x) f
+
+
+class DIFM(nn.Module):
+    """Dual interactive fusion module (Sec. 3.1, Fig. 2b-d) for one stage: 4 maps -> F_s.
+
+    `single_image`: one encoder (only I, only E, input fusion): the module becomes window
+    self-attention ("MHSA instead of DIFM", Sec. 4.4) with the same merge, FFN and gate.
+    """
+
+    def __init__(self, dim, cfg, single_image=False):
+        super().__init__()
+        self.cfg = cfg
+        conv = lambda: nn.Conv2d(2 * dim, dim, cfg.merge_kernel,  # noqa: E731
+                                 padding=cfg.merge_kernel // 2)
+        self.merge_i = conv() if cfg.merge else None
+        self.merge_e = conv() if cfg.merge and not single_image else None
+        self.directions = ["ie"] if single_image else (["ie", "ei"] if cfg.attn == "dual"
+                                                       else [cfg.attn])
+        for d in ("ie", "ei"):
+            active = d in self.directions
+            setattr(self, f"attn_{d}", WindowCrossAttention(
+                dim, cfg.window, cfg.head_dim, cfg.rel_pos_bias, cfg.attn_proj)
+                if active and cfg.cross_attn else None)
+            setattr(self, f"ffn_{d}", GatedFFN(dim, cfg.ffn_kernel) if active else None)
+
+    def forward(self, low_i, high_i, low_e, high_e):
+        m_i, m_e = high_i, high_e  # Tab. 3 without (b): the shape features alone
+        if self.merge_i is not None:
+            m_i = self.merge_i(torch.cat([low_i, high_i], dim=1))  # Eq. (1)  f~ = conv(concat)
+            m_e = m_i if self.merge_e is None else self.merge_e(torch.cat([low_e, high_e], dim=1))
+        fused = 0
+        for direction in self.directions:
+            query, keys = (m_i, m_e) if direction == "ie" else (m_e, m_i)
+            attn = getattr(self, f"attn_{direction}")
+            f = attn(query, keys) if attn is not None else query  # Eqs. (2)-(3)
+            f = getattr(self, f"ffn_{direction}")(f)  # Eqs. (4)-(5)
+            if self.cfg.gsa:
+                f = global_spatial_attention(f, self.cfg.gsa_axis)  # Eq. (6)
+            fused = fused + f  # F_s = F_IE + F_EI (Sec. 3.1.3)
+        return fused
+
+
+class ConcatFusion(nn.Module):
+    """Layer fusion by concatenation in place of the DIFM (Ours_concat, Tab. 5; Tab. 3 row 1)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(2 * dim, dim, 1)
+
+    def forward(self, low_i, high_i, low_e, high_e):
+        return self.proj(torch.cat([high_i, high_e], dim=1))
+
+
+class MLPDecoder(nn.Module):
+    """SegFormer's all-MLP decoder with a 3x3 fuse conv (Sec. 9.2, Fig. 5, Eq. 14).
+
+    Four maps (B, C_s, H_s, W_s) -> logits (B, K, H, W) at the input size `out_size`.
+    """
+
+    def __init__(self, dims, dim, num_classes, fuse_kernel=3, dropout=0.1):
+        super().__init__()
+        self.linear_c = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(c, dim)}) for c in dims)
+        self.linear_fuse = nn.Sequential(
+            nn.Conv2d(len(dims) * dim, dim, fuse_kernel, padding=fuse_kernel // 2, bias=False),
+            nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout2d(dropout)
+        self.linear_pred = nn.Conv2d(dim, num_classes, 1)  # "MLP layer": 1x1 conv
+
+    def forward(self, features, out_size):
+        size = features[0].shape[-2:]  # level 1: 224x224 in the paper preset
+        levels = []
+        for f, mlp in zip(features, self.linear_c):
+            y = mlp["proj"](f.flatten(2).transpose(1, 2))  # (B, H_s*W_s, D) tokens
+            y = y.transpose(1, 2).unflatten(2, f.shape[-2:])  # (B, D, H_s, W_s)
+            levels.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+        y = self.linear_fuse(torch.cat(levels[::-1], dim=1))  # Eq. (14)  ReLU(BN(conv(x_1~4, 3)))
+        logits = self.linear_pred(self.dropout(y))  # (B, K, H_1, W_1)
+        if logits.shape[-2:] != tuple(out_size):  # only presets with a strided stem
+            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        return logits
+
+
+# ==== 4. Model ====
+
+
+class DINet(nn.Module):
+    """I and E -> two encoders -> a fusion module per stage -> MLP decoder (Fig. 2a)."""
+
+    def __init__(self, cfg, num_classes):
+        super().__init__()
+        self.cfg = cfg
+        single = cfg.inputs in ("i", "e") or cfg.fusion == "input"
+        self.enc_i = ConvNeXtEncoder(cfg, in_channels=6 if cfg.fusion == "input" else 3)
+        self.enc_e = None if single else ConvNeXtEncoder(cfg)
+        self.difm = nn.ModuleList(ConcatFusion(c) if cfg.fusion == "concat" and not single
+                                  else DIFM(c, cfg, single_image=single) for c in cfg.dims)
+        self.decoder = MLPDecoder(cfg.dims, cfg.decoder_dim, num_classes, cfg.fuse_kernel,
+                                  cfg.decoder_dropout)
+
+    def forward(self, image, enhanced):
+        """image, enhanced: (B, 3, H, W) -> logits (B, K, H, W)."""
+        first, second = {"ie": (image, enhanced), "ii": (image, image), "i": (image, None),
+                         "e": (enhanced, None)}[self.cfg.inputs]
+        if self.cfg.fusion == "input":  # Ours_IF: I and E stacked on the channels (Tab. 5)
+            first, second = torch.cat([image, enhanced], dim=1), None
+        lows_i, highs_i = self.enc_i(first)
+        lows_e, highs_e = self.enc_e(second) if second is not None else (lows_i, highs_i)
+        fused = [module(*maps) for module, maps in zip(self.difm,
+                                                       zip(lows_i, highs_i, lows_e, highs_e))]
+        return self.decoder(fused, image.shape[-2:])
+
+
+def build_model(preset="paper", num_classes=9, **overrides):
+    """DINet of a preset ('paper', 'small', 'tiny'); `overrides` replace DINConfig fields."""
+    if preset not in PRESETS:
+        common.fail(f"unknown preset '{preset}' (paper, small or tiny)")
+    return DINet(replace(PRESETS[preset], **overrides), num_classes)
+
+
+def parameter_split(model):
+    """Parameters (millions) of the encoders, the four fusion modules and the decoder (Sec. 4.5)."""
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6 if m else 0.0  # noqa: E731
+    split = {"encoders": count(model.enc_i) + count(model.enc_e), "difm": count(model.difm),
+             "decoder": count(model.decoder)}
+    split["total"] = count(model)
+    return {k: round(v, 3) for k, v in split.items()}
+
+
+# ==== 5. Backbone (not this paper's contribution): modified ConvNeXt-B (Sec. 9.1, Tab. 14) ====
+# Parameter names follow timm's ConvNeXt, so ImageNet weights load by name (spec 3, 12).
+
+
+def drop_path(x, rate, training):
+    """Stochastic depth: drop the whole residual branch of a sample with probability `rate`."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Conv-block of Eq. (13): 7x7 depthwise conv, LN, 1x1 (4C), GELU, 1x1 (C), layer scale."""
+
+    def __init__(self, dim, drop_rate=0.0):
+        super().__init__()
+        self.drop_rate = drop_rate
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(dim, 4 * dim), "fc2": nn.Linear(4 * dim, dim)})
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-6))  # ConvNeXt's layer scale
+
+    def forward(self, x):
+        y = self.norm(self.conv_dw(x).permute(0, 2, 3, 1))  # (B, H, W, C) channels-last
+        y = self.gamma * self.mlp["fc2"](F.gelu(self.mlp["fc1"](y)))  # 1x1 convs as Linear
+        # Eq. (13)  y = conv(GELU(conv(LN(dconv(x, 7)), 1)), 1) + x
+        return x + drop_path(y.permute(0, 3, 1, 2), self.drop_rate, self.training)
+
+
+class ConvNeXtStage(nn.Module):
+    """2x2 stride-2 pooling (LN, conv; not in stage 1), then the conv-blocks (f_shape)."""
+
+    def __init__(self, c_in, c_out, depth, drop_rate=0.0, downsample=True):
+        super().__init__()
+        self.downsample = (nn.Sequential(LayerNorm2d(c_in, eps=1e-6), nn.Conv2d(c_in, c_out, 2, 2))
+                           if downsample else nn.Identity())
+        self.blocks = nn.Sequential(*[ConvNeXtBlock(c_out, drop_rate) for _ in range(depth)])
+
+    def forward(self, x):
+        return self.blocks(self.downsample(x))
+
+
+class ConvNeXtEncoder(nn.Module):
+    """Tab. 14: 3x3 stride-1 stem (f_edge of stage 1), 4 stages (f_shape), edge pools (f_edge).
+
+    x (B, 3, H, W) -> (lows, highs): lists of four (B, C_s, H_s, W_s) maps, H_s = H / 2^(s-1).
+    """
+
+    def __init__(self, cfg, in_channels=3):
+        super().__init__()
+        dims, k, s = cfg.dims, cfg.stem_kernel, cfg.stem_stride
+        self.edge_from = cfg.edge_from
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, dims[0], k, s, padding=(k - s) // 2),
+                                  LayerNorm2d(dims[0], eps=1e-6))
+        self.stages = nn.ModuleList(
+            ConvNeXtStage(dims[max(i - 1, 0)], dims[i], depth, cfg.drop_path, downsample=i > 0)
+            for i, depth in enumerate(cfg.depths))
+        # Sec. 9.1: "two types of pooling layers": the second one extracts f_edge (spec 3)
+        self.edge = nn.ModuleList(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6),
+                                                nn.Conv2d(dims[i], dims[i + 1], 2, 2))
+                                  for i in range(len(dims) - 1))
+
+    def forward(self, x):
+        x = low = self.stem(x)  # f_edge of stage 1 (B, C_1, H/stride, W/stride)
+        lows, highs = [], []
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                low = self.edge[i - 1](low if self.edge_from == "chain" else x)  # (B, C_s, ...)
+            x = stage(x)  # f_shape (B, C_s, H_s, W_s)
+            lows.append(low)
+            highs.append(x)
+        return lows, highs
+
+
+def convnext_key(name):
+    """A key of Meta's ConvNeXt checkpoint (or timm's) -> this encoder's name for it (spec 3)."""
+    for pattern, new in ((r"^module\.", ""), ("dwconv", "conv_dw"), (r"pwconv(\d)", r"mlp.fc\1"),
+                         (r"^downsample_layers\.0\.", "stem."),
+                         (r"^downsample_layers\.(\d)\.", r"stages.\1.downsample."),
+                         (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.")):
+        name = re.sub(pattern, new, name)
+    return name
+
+
+def load_convnext_weights(encoder, state):
+    """Copy ImageNet ConvNeXt weights into an encoder where names and shapes match (spec 3).
+
+    The edge pools start as copies of the main pooling layers of the same stage; the 3x3 stem
+    conv has no counterpart (the checkpoint's is 4x4) and stays random. Returns (loaded, random).
+    """
+    source = {convnext_key(k): v for k, v in state.get("model", state).items()}
+    for key in list(source):
+        match = re.match(r"stages\.([1-3])\.downsample\.(.*)", key)
+        if match:
+            source[f"edge.{int(match[1]) - 1}.{match[2]}"] = source[key]
+    own = encoder.state_dict()
+    loaded = {k: source[k] for k, v in own.items() if k in source and source[k].shape == v.shape}
+    encoder.load_state_dict({**own, **loaded})
+    return list(loaded), [k for k in own if k not in loaded]
+
+
+def load_pretrained(model, spec, log):
+    """--pretrained auto|none|PATH: ImageNet ConvNeXt-B weights into every encoder."""
+    if spec in (None, "", "none"):
+        return
+    if spec != "auto" and not Path(spec).is_file():
+        common.fail(f"--pretrained {spec}: no such file (auto, none or a checkpoint path)")
+    try:
+        state = (torch.hub.load_state_dict_from_url(CONVNEXT_B_URL, map_location="cpu")
+                 if spec == "auto" else torch.load(spec, map_location="cpu", weights_only=False))
+    except Exception as error:  # offline machine, blocked URL, not a PyTorch file
+        if spec != "auto":
+            common.fail(f"--pretrained {spec}: cannot read it ({type(error).__name__})")
+        log(f"pretrained: cannot download {CONVNEXT_B_URL} ({type(error).__name__}); "
+            "training from scratch")
+        return
+    for encoder in [e for e in (model.enc_i, model.enc_e) if e is not None]:
+        loaded, random_init = load_convnext_weights(encoder, state if isinstance(state, dict)
+                                                    else {})
+        if not loaded:
+            common.fail(f"--pretrained {spec}: no tensor matches a ConvNeXt encoder")
+        log(f"pretrained: {len(loaded)} tensors loaded; random: {', '.join(random_init)}")
+
+
+# ==== 6. Losses (Sec. 3.2, Eqs. 7-10, 15) ====
+
+SOBEL_H = torch.tensor([[-1.0, -2.0, -1.0], [0.0, 0.0, 0.0], [1.0, 2.0, 1.0]])  # Eq. (15) G_H
+SOBEL_V = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])  # Eq. (15) G_V
+
+
+def one_hot(target, num_classes):
+    """(B, H, W) int64 labels -> (B, K, H, W) float."""
+    return F.one_hot(target, num_classes).permute(0, 3, 1, 2).float()
+
+
+def loss_ce(logits, target):
+    """Cross-entropy on logits (B, K, H, W) against labels (B, H, W), mean over pixels."""
+    return F.cross_entropy(logits, target)  # Eq. (7)  L_CE = -1/N sum_i sum_c y_ic log x_ic
+
+
+def loss_dice(logits, target, squared=True, smooth=1e-5):
+    """Soft Dice over all K classes (background too), sums over batch and pixels (spec 6).
+
+    squared=True is the base code's form (sum x^2 + sum y^2); False is Eq. (8) as printed.
+    """
+    x, y = logits.softmax(dim=1), one_hot(target, logits.shape[1])  # (B, K, H, W)
+    intersection = (x * y).sum(dim=(0, 2, 3))  # (K,)
+    denominator = ((x * x) if squared else x).sum(dim=(0, 2, 3)) + y.sum(dim=(0, 2, 3))
+    # Eq. (8)  L_Dice = 1 - 1/C sum_c 2 sum_i x_ic y_ic / (sum_i x_ic + sum_i y_ic)
+    return 1 - ((2 * intersection + smooth) / (denominator + smooth)).mean()
+
+
+def sobel(x):
+    """Eq. (15) on every channel: (B, K, H, W) -> (B, K, 2, H, W) responses (G_H, G_V)."""
+    kernels = torch.stack([SOBEL_H, SOBEL_V]).to(x)[:, None].repeat(x.shape[1], 1, 1, 1)
+    return F.conv2d(x, kernels, padding=1, groups=x.shape[1]).unflatten(1, (x.shape[1], 2))
+
+
+def boundary_l1(prob, y, scales=BOUNDARY_SCALES):
+    """Multi-scale gradient difference of probabilities and one-hot labels (B, K, H, W)."""
+    loss = 0.0
+    for i in scales:  # average pooling with an i x i kernel: 1, 1/2, 1/4 of the size
+        diff = (sobel(F.avg_pool2d(prob, i)) - sobel(F.avg_pool2d(y, i))).abs()
+        loss = loss + diff.mean(dim=(0, 1, 3, 4)).sum()  # mean |.| of G_H plus that of G_V
+    return loss
+
+
+def loss_boundary(logits, target, scales=BOUNDARY_SCALES):
+    """Multi-scale boundary loss (Sec. 3.2.1, supplement Sec. 10) on softmax vs one-hot."""
+    x, y = logits.softmax(dim=1), one_hot(target, logits.shape[1])
+    # Eq. (9)  L_bnd = sum_{i in 1,2,4} |G(avg(x, i)) - G(avg(y, i))|_1
+    return boundary_l1(x, y, scales)
+
+
+def total_loss(logits, target, use_boundary=True, squared_dice=True):
+    """Eq. (10) with alpha = 0.3, beta = 0.7; returns (loss, dict of the parts)."""
+    parts = {"ce": loss_ce(logits, target), "dice": loss_dice(logits, target, squared_dice),
+             "bnd": loss_boundary(logits, target) if use_boundary else logits.new_zeros(())}
+    alpha, beta = LOSS_WEIGHTS
+    loss = alpha * parts["ce"] + beta * parts["dice"] + parts["bnd"]  # Eq. (10)
+    return loss, parts
+
+
+# ==== 7. Data: image enhancement (Sec. 8, Tab. 4) and paired augmentation ====
+
+
+@functools.lru_cache(maxsize=8)
+def fuzzy_memberships(height, width, m=2, n=2, gamma=4.0, full_grid=False):
+    """Fuzzy windows W_ij as memberships w_ij (I, J, H, W) summing to 1 at every pixel (spec 2.3).
+
+    Bernstein polynomials of degree m (rows) and n (columns) raised to gamma and normalised; the
+    reference code keeps windows i < m, j < n, Patrascu all (m+1) x (n+1) (full_grid).
+    """
+    def bernstein(size, degree):
+        t = np.arange(size) / size
+        count = degree + 1 if full_grid else degree
+        return np.stack([math.comb(degree, i) * t ** i * (1 - t) ** (degree - i)
+                         for i in range(count)])  # (windows, size)
+    raw = bernstein(height, m)[:, None, :, None] * bernstein(width, n)[None, :, None, :]
+    raw = raw ** gamma
+    return raw / raw.sum(axis=(0, 1), keepdims=True)
+
+
+def fuzzy_enhance(image, m=2, n=2, gamma=4.0, sigma_u=math.sqrt(1 / 3), eps=1e-6,
+                  patrascu=False, rescale=True):
+    """Fuzzy image enhancement of ref. [36] (Patrascu), as reconstructed in spec 2.
+
+    image (H, W) or (H, W, 3) in [0, 1] -> enhanced image of the same shape in [0, 1]. Gray levels
+    live in (-1, 1) with the logarithmic model u (+) v = tanh(phi(u) + phi(v)), phi = atanh, so
+    everything is computed in phi-space. Colour: the window statistics come from the luminosity
+    (mean phi of r, g, b) and the same transform is applied to each channel (spec 2.6).
+    rescale=False returns E_raw before the linear map back to [0, 1].
+    """
+    image = np.asarray(image, np.float64)
+    phi = np.arctanh(np.clip(2 * image - 1, -1 + eps, 1 - eps))  # gray level -> log-model space
+    phi = phi[..., None] if phi.ndim == 2 else phi  # (H, W, C)
+    lum = phi.mean(axis=2)  # (H, W)
+    w = fuzzy_memberships(*lum.shape, m, n, gamma, patrascu)  # (I, J, H, W)
+    card = w.sum(axis=(2, 3))
+    mu = (w * lum).sum(axis=(2, 3)) / card  # fuzzy mean per window (phi-space)
+    sigma = np.sqrt((w * (lum - mu[:, :, None, None]) ** 2).sum(axis=(2, 3)) / card)
+    lam, tau = sigma_u / np.maximum(sigma, 1e-12), -mu
+    # Eq. (11)  psi_ij(f) = lambda_ij (x) (f (+) tau_ij), in phi-space lambda * (phi + tau)
+    psi = lam[:, :, None, None, None] * (phi[None, None] + tau[:, :, None, None, None])
+    w = w[..., None]  # (I, J, H, W, 1)
+    if patrascu:  # the log-model sum of the memberships' products
+        e_raw = np.tanh((w * psi).sum(axis=(0, 1)))
+    else:
+        e_raw = np.tanh(w * psi).sum(axis=(0, 1))  # Eq. (12)  E = sum_ij w_ij (x) psi_ij(f)
+    e_raw = e_raw[..., 0] if image.ndim == 2 else e_raw
+    if not rescale:
+        return e_raw
+    if image.ndim == 2:  # gray: [-M, M] -> [0, 1] (symmetric, as the reference code)
+        return 0.5 + 0.5 * e_raw / max(np.abs(e_raw).max(), 1e-12)
+    return (e_raw - e_raw.min()) / max(e_raw.max() - e_raw.min(), 1e-12)
+
+
+def histogram_equalize(image):
+    """Histogram equalisation ('HE' of Tab. 4) of a (H, W) image in [0, 1], 256 levels."""
+    levels = np.round(np.clip(image, 0, 1) * 255).astype(np.int64)
+    cdf = np.bincount(levels.ravel(), minlength=256).cumsum()
+    first = cdf[cdf > 0][0]  # the darkest level present maps to 0, as OpenCV's equalizeHist
+    return (cdf[levels] - first) / max(cdf[-1] - first, 1)
+
+
+def clahe(image, tiles=8, clip_limit=2.0):
+    """Contrast-limited adaptive HE ('CLAHE' of Tab. 4) of a (H, W) image in [0, 1].
+
+    Per tile of a tiles x tiles grid, a 256-bin histogram is clipped at clip_limit x the mean
+    bin and the excess spread over all bins (OpenCV's defaults: 8 x 8 tiles, clip 2).
+    """
+    levels = np.round(np.clip(image, 0, 1) * 255).astype(np.int64)
+    h, w = levels.shape
+    th, tw = -(-h // tiles), -(-w // tiles)
+    padded = np.pad(levels, ((0, th * tiles - h), (0, tw * tiles - w)), mode="symmetric")
+    blocks = padded.reshape(tiles, th, tiles, tw).transpose(0, 2, 1, 3).reshape(tiles, tiles, -1)
+    hist = np.stack([[np.bincount(b, minlength=256) for b in row] for row in blocks]).astype(float)
+    limit = max(clip_limit * th * tw / 256, 1.0)
+    excess = np.clip(hist - limit, 0, None).sum(axis=-1, keepdims=True)
+    lut = (np.minimum(hist, limit) + excess / 256).cumsum(axis=-1) / (th * tw)  # (T, T, 256)
+
+    # each pixel interpolates the CDFs of its four nearest tile centres (clamped at the border)
+    rows = np.clip((np.arange(h) + 0.5) / th - 0.5, 0, tiles - 1)[:, None]
+    cols = np.clip((np.arange(w) + 0.5) / tw - 0.5, 0, tiles - 1)[None, :]
+    return ndimage.map_coordinates(lut, np.broadcast_arrays(rows, cols, levels), order=1)
+
+
+def enhance(image, method="fuzzy", patrascu=False):
+    """The enhanced image E of a (H, W) or (H, W, 3) image in [0, 1] (Tab. 4: fuzzy, HE, CLAHE)."""
+    if method == "fuzzy":
+        return fuzzy_enhance(image, patrascu=patrascu)
+    if method == "none":
+        return np.asarray(image, np.float64)
+    per_channel = histogram_equalize if method == "he" else clahe
+    if image.ndim == 2:
+        return per_channel(image)
+    return np.stack([per_channel(image[..., c]) for c in range(image.shape[2])], axis=2)
+
+
+def random_rotate_flip(arrays, rng):
+    """MERIT's augmentation (spec 7.2), one draw for image, enhanced image and label.
+
+    p = 0.5: rotate by k * 90 degrees and flip one axis; else p = 0.5: rotate by an integer
+    angle in [-20, 19] degrees, nearest-neighbour; else unchanged. Arrays (H, W[, C]).
+    """
+    draw = rng.random()
+    if draw < 0.5:
+        k, axis = rng.randrange(4), rng.randrange(2)
+        arrays = [np.flip(np.rot90(a, k), axis) for a in arrays]
+    elif draw < 0.75:
+        angle = rng.randint(-20, 19)
+        arrays = [ndimage.rotate(a, angle, order=0, reshape=False) for a in arrays]
+    return [np.ascontiguousarray(a) for a in arrays]
+
+
+def image_tensor(image, size, binary):
+    """(H, W) or (H, W, 3) float in [0, 1] -> (3, S, S): gray repeated (no normalisation, as
+    MERIT), colour normalised with ImageNet mean and std like the shared binary loaders."""
+    x = torch.from_numpy(np.ascontiguousarray(image, np.float32))
+    x = x[None].expand(3, -1, -1) if x.dim() == 2 else x.permute(2, 0, 1)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    if binary:
+        x = (x - torch.tensor(common.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
+            common.IMAGENET_STD).view(3, 1, 1)
+    return x.contiguous()
+
+
+class DualImageDataset(torch.utils.data.Dataset):
+    """A shared data set (toy, TransUNet slices, image/mask pairs) with its enhanced copies.
+
+    E is computed once per sample, before any augmentation, and kept in memory as 8 bits
+    (spec 2.7); gray slices at their native size, colour images at the model size. Items:
+    {'image', 'enhanced': (3, S, S), 'mask': (S, S) int64, 'index'}.
+    """
+
+    def __init__(self, base, size, method="fuzzy", augment=False, binary=False, patrascu=False):
+        self.base, self.size, self.method, self.augment = base, size, method, augment
+        self.binary, self.patrascu = binary, patrascu
+        self.reader = common.VolumeDataset(base.files) if hasattr(base, "files") else None
+        self.names, self.cache = base.names, {}
+
+    def __len__(self):
+        return len(self.base)
+
+    def raw(self, index):
+        """(image (H, W) or (H, W, 3) in [0, 1], label (H, W) int64) before augmentation."""
+        if self.binary:
+            image, mask = self.base.full(index, self.size)
+            image = common.resize_image(image, self.size) / 255.0
+            return image, common.resize_mask(mask, self.size).astype(np.int64)
+        image, label, _ = self.reader[index] if self.reader else self.base.volume(index)
+        return image[0], label[0]  # one-slice volume -> slice
+
+    def enhanced(self, index, image):
+        """E of sample `index` (cached as uint8, so an epoch does not recompute it)."""
+        if index not in self.cache:
+            e = enhance(image, self.method, self.patrascu)
+            self.cache[index] = np.round(np.clip(e, 0, 1) * 255).astype(np.uint8)
+        return self.cache[index] / 255.0
+
+    def __getitem__(self, index):
+        image, label = self.raw(index)
+        e = self.enhanced(index, image)
+        if self.augment:
+            image, e, label = random_rotate_flip([image, e, label], random)
+        label = common.resize_mask(label, self.size)
+        return {"image": image_tensor(image, self.size, self.binary),
+                "enhanced": image_tensor(e, self.size, self.binary),
+                "mask": torch.from_numpy(np.ascontiguousarray(label)).long(), "index": index}
+
+
+def class_names(args, task):
+    """(K, foreground class names, data set name) of the data in args.data."""
+    if task == "binary":
+        return 2, ["fg"], "binary"
+    if args.data == "toy":
+        return 9, [n.replace(" ", "_") for n in common.TOY_CLASS_NAMES], "toy"
+    if (Path(args.data) / "train_npz").is_dir():
+        return 9, SYNAPSE_ORGANS, "Synapse"
+    if (Path(args.data) / "train").is_dir() and (Path(args.data) / "valid").is_dir():
+        return 4, ACDC_ORGANS, "ACDC"
+    common.fail(f"--data {args.data}: neither Synapse (train_npz/) nor ACDC (train/, valid/) "
+                "layout; use --task binary for image/mask folders")
+
+
+# ==== 8. Train, evaluate, predict ====
+
+
+def train_one_epoch(model, loader, optimizer, args, device, show=True):
+    """One pass over the training slices; returns the mean of each loss term."""
+    model.train()
+    sums, count = dict.fromkeys(("loss", "ce", "dice", "bnd"), 0.0), 0
+    autocast_type = torch.float16 if device.type == "cuda" else torch.bfloat16
+    for step, batch in enumerate(common.progress(loader, "train", show)):
+        if args.limit_batches and step >= args.limit_batches:
+            break
+        image, enhanced = batch["image"].to(device), batch["enhanced"].to(device)
+        target = batch["mask"].to(device)  # (B, S, S) class indices
+        with torch.autocast(device.type, dtype=autocast_type, enabled=args.amp):
+            logits = model(image, enhanced)  # (B, K, S, S)
+        loss, parts = total_loss(logits.float(), target, not args.no_bnd, not args.dice_eq8)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for key, value in (("loss", loss), *parts.items()):
+            sums[key] += value.item()
+        count += 1
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def predict(model, images, args, device, binary=False):
+    """Softmax probabilities (n, K, S, S) at img_size for a list of images (H, W[, 3]) in [0, 1];
+    E is made from each image at its own size (spec 2.7), then both are resized."""
+    model.eval()
+    image = torch.stack([image_tensor(i, args.img_size, binary) for i in images]).to(device)
+    enhanced = torch.stack([image_tensor(enhance(i, args.enhance, args.fuzzy_patrascu),
+                                         args.img_size, binary) for i in images]).to(device)
+    return model(image, enhanced).softmax(dim=1).float().cpu()
+
+
+def predict_labels(model, volume, args, device):
+    """Label volume (D, H, W): slices predicted at img_size, argmax, back to H x W nearest
+    (TransUNet's test, spec 9; common.predict_volume cannot pass the second image E)."""
+    labels = [predict(model, list(volume[d:d + 8]), args, device).argmax(dim=1).numpy()
+              for d in range(0, len(volume), 8)]
+    return np.stack([common.resize_mask(p, 0, volume.shape[1:]) for p in np.concatenate(labels)])
+
+
+def evaluate(model, dataset, args, device, names, convention="transunet", out=None):
+    """The paper's columns on one test set, computed its way; PNGs into `out` if given.
+
+    Multi-class: per volume and organ, Dice and HD95 (TransUNet's protocol, Tabs. 1-2, via
+    common.VolumeMeter). Binary: Dice per image, at the original size (Tab. 13).
+    """
+    binary, overlays = args.task == "binary", 0
+    meter = (common.PerImageMeter(threshold=0.5) if binary else
+             common.VolumeMeter(len(names) + 1, names, convention=convention))
+    for i in range(len(dataset)):
+        if binary:  # (H, W, 3) uint8 and (H, W) bool; probabilities upsampled to H x W
+            image, label = dataset.full(i)
+            prob = predict(model, [common.resize_image(image, args.img_size) / 255.0], args,
+                           device, binary)
+            prob = F.interpolate(prob, size=label.shape, mode="bilinear")[:, 1]  # (1, H, W)
+            meter.update(prob[0], label)
+            pred, label, images, stems = prob.numpy() >= 0.5, label[None], image[None], \
+                [dataset.names[i]]
+        else:  # a volume (D, H, W) of slices in [0, 1]
+            volume, label, name = dataset.volume(i) if hasattr(dataset, "volume") else dataset[i]
+            pred = predict_labels(model, volume, args, device)
+            meter.update(pred, label)
+            stems = [name] if len(pred) == 1 else [f"{name}_{d:03d}" for d in range(len(pred))]
+            images = np.repeat((np.clip(volume, 0, 1)[..., None] * 255).astype(np.uint8), 3, -1)
+        for d, stem in enumerate(stems if out is not None else []):
+            save = common.save_mask_png if binary else common.save_label_png
+            save(out / f"{stem}.png", pred[d])
+            if overlays < 50:  # a few to look at
+                common.save_overlay(out / f"{stem}_overlay.png", images[d], pred[d], label[d])
+                overlays += 1
+    scores = meter.compute()
+    if binary:
+        return {"Dice": scores["dice"] * 100}
+    return {"Dice": scores["mean_dice"] * 100, "HD95": scores["mean_hd95"],
+            **{n: scores[f"dice_{n}"] * 100 for n in names}}
+
+
+def validate(model, loader, num_classes, device):
+    """Mean foreground Dice over validation slices (each scored alone, 'skip' convention)."""
+    model.eval()
+    meter = common.VolumeMeter(num_classes, convention="skip")
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(batch["image"].to(device), batch["enhanced"].to(device))
+            for pred, label in zip(logits.argmax(dim=1).cpu().numpy(), batch["mask"].numpy()):
+                meter.update(pred, label)
+    return meter.compute()["mean_dice"]
+
+
+def predict_folder(model, folder, out, args, device):
+    """--predict: one PNG per image file in `folder` (label map, or 0/255 mask for binary)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in common.IMAGE_EXTS) \
+        if folder.is_dir() else common.fail(f"--predict {folder}: no such folder")
+    if not files:
+        common.fail(f"--predict {folder}: no image files in it")
+    out.mkdir(parents=True, exist_ok=True)
+    binary = args.task == "binary"
+    for path in files:
+        rgb = common.load_image(path)  # (H, W, 3) uint8; gray models see the channel mean
+        image = common.resize_image(rgb, args.img_size) / 255.0 if binary else rgb.mean(2) / 255
+        prob = predict(model, [image], args, device, binary)  # (1, K, S, S)
+        if binary:
+            prob = F.interpolate(prob, size=rgb.shape[:2], mode="bilinear")
+            common.save_mask_png(out / f"{path.stem}.png", prob[0, 1].numpy() >= 0.5)
+        else:
+            labels = common.resize_mask(prob[0].argmax(0).numpy(), 0, rgb.shape[:2])
+            common.save_label_png(out / f"{path.stem}.png", labels)
+    return len(files)
+
+
+# ==== 9. Command line ====
+
+SWITCHES = ("inputs", "fusion", "attn", "cross_attn", "merge", "gsa", "gsa_axis", "attn_proj",
+            "edge_from")  # DINConfig fields that the command line sets (the ablations)
+
+
+def model_switches(args):
+    """The ablation switches of the command line as DINConfig fields."""
+    return {name: getattr(args, name) for name in SWITCHES}
+
+
+def bench(args, run, explicit):
+    """--bench: one training step and one inference on random input, at the paper preset and
+    size unless --preset / --img-size / --batch-size say otherwise."""
+    preset = args.preset if args.preset_reason == "--preset" else "paper"
+    size, batch = (args.img_size if "img_size" in explicit else PAPER_RECIPE["img_size"],
+                   args.batch_size if "batch_size" in explicit else PAPER_RECIPE["batch_size"])
+    model = build_model(preset, 9, **model_switches(args)).to(run.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    image = torch.rand(batch, 3, size, size, device=run.device)
+    target = torch.randint(0, 9, (batch, size, size), device=run.device)
+
+    def train_step():
+        model.train()
+        loss, _ = total_loss(model(image, image), target, not args.no_bnd)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def infer_step():
+        with torch.no_grad():
+            model.eval()(image, image)
+
+    return common.benchmark(model, train_step, infer_step, batch, run.device,
+                            repeats=3 if run.device.type == "cuda" else 1, preset=preset,
+                            img_size=size, split_M=parameter_split(model))
+
+
+def parse_args(argv):
+    """The shared flags plus DIN's switches; returns (args, recipe flags given explicitly)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(parser, PAPER_RECIPE, "Sec. 4.2")
+    group = parser.add_argument_group("DIN switches (Tabs. 3-5, 7, 8; spec 11)")
+    add = group.add_argument
+    add("--task", choices=["multiclass", "binary"], default="multiclass",
+        help="Synapse/ACDC slices, or image/mask pairs (ClinicDB, ISIC18; supplement Sec. 7.6)")
+    add("--enhance", choices=["fuzzy", "he", "clahe", "none"], default="fuzzy",
+        help="how E is made (paper: fuzzy [36]; Tab. 4: he, clahe; none: E = I)")
+    add("--fuzzy-patrascu", action="store_true",
+        help="Patrascu's (m+1)x(n+1) windows and log-model sum (spec 2.5)")
+    add("--inputs", choices=["ie", "i", "e", "ii"], default="ie",
+        help="encoder inputs (paper: ie; Tab. 4: only I, only E, I + I)")
+    add("--fusion", choices=["difm", "concat", "input"], default="difm",
+        help="fusion strategy (paper: difm; Tab. 5)")
+    add("--attn", choices=["dual", "ie", "ei"], default="dual",
+        help="cross-attention directions (paper: dual; Tab. 7)")
+    add("--no-cross-attn", dest="cross_attn", action="store_false", help="Tab. 3 without (a)")
+    add("--no-merge", dest="merge", action="store_false", help="Tab. 3 without (b)")
+    add("--no-gsa", dest="gsa", action="store_false", help="Tab. 3 without (c)")
+    add("--gsa", dest="gsa_axis", choices=["channel", "global"], default="channel",
+        help="Eq. (6) mean over channels or over H, W (paper: channel; spec 4.4)")
+    add("--attn-proj", choices=["budget", "lean"], default="budget",
+        help="q/k/v projections (paper budget: budget; spec 4.2)")
+    add("--edge-from", choices=["stage", "chain"], default="stage",
+        help="input of the edge pools (spec 3)")
+    add("--no-bnd", action="store_true", help="train without L_bnd (Tabs. 3, 8)")
+    add("--dice-eq8", action="store_true",
+        help="Dice loss as Eq. (8) prints it (default: squared denominator, as MERIT)")
+    add("--weight-decay", type=float, default=WEIGHT_DECAY,
+        help=f"AdamW weight decay (paper: not stated; MERIT: {WEIGHT_DECAY})")
+    args = parser.parse_args(argv)
+    explicit = {k for k in PAPER_RECIPE if getattr(args, k) is not None}
+    return common.finish_args(args, PAPER_RECIPE, TOY_RECIPE), explicit
+
+
+def main(argv=None):
+    args, explicit = parse_args(argv)
+    common.seed_everything(args.seed)
+    run = common.Run(args, "dinet")
+    if args.bench:
+        record = bench(args, run, explicit)
+        run.log(json.dumps(record))
+        run.close()
+        return record
+
+    checkpoint = None
+    if args.eval or args.resume or args.checkpoint:  # the weights bring their own settings
+        checkpoint = common.load_checkpoint(args.eval or args.resume or args.checkpoint, "dinet")
+        for key in ("task", "enhance", "fuzzy_patrascu", "img_size", "seed", *SWITCHES):
+            if key in checkpoint["config"] and key not in explicit:
+                setattr(args, key, checkpoint["config"][key])
+        args.preset, args.preset_reason = checkpoint["preset"], "the checkpoint's"
+    run.log(f"dinet: preset {args.preset} ({args.preset_reason}), device {run.device}, "
+            f"data {args.data}, task {args.task}, enhancement {args.enhance}")
+    num_classes, names, dataset_name = ((checkpoint["num_classes"], checkpoint["names"], "-")
+                                        if args.predict else class_names(args, args.task))
+    model = build_model(args.preset, num_classes, **model_switches(args))
+    split = parameter_split(model)
+    run.log(f"parameters (M): {split} (paper: 323.31 = 178 encoders + 119.94 DIFM + 25.27 "
+            "decoder, Sec. 4.5)")
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    else:
+        load_pretrained(model, args.pretrained, run.log)
+    model.to(run.device)
+    if args.predict:
+        out = Path(args.out) if args.out else run.out / "predictions"
+        count = predict_folder(model, args.predict, out, args, run.device)
+        run.log(f"wrote {count} masks to {out}")
+        run.close()
+        return {"predicted": count, "out": str(out)}
+
+    data = common.load_data(args, args.task, toy_sizes=TOY_SIZES)
+    if data["splits"] is not None:
+        run.save_json("splits.json", data["splits"])
+    if not data["test"]:
+        common.fail(f"--data {args.data}: no test files found")
+    run.log(f"data: {data['source']} ({dataset_name}); classes: {', '.join(names)}")
+    convention = "skip" if args.data == "toy" else "transunet"  # docstring point 9
+
+    def test(state):
+        """Test the weights `state` on every test group; print and save the paper's columns."""
+        common.unwrap(model).load_state_dict(state)
+        metrics = {}
+        for group, dataset in data["test"].items():
+            metrics[group] = evaluate(common.unwrap(model), dataset, args, run.device, names,
+                                      convention, run.out / "predictions")
+            run.log(f"test [{group}] " + "  ".join(f"{k} {v:.2f}"
+                                                    for k, v in metrics[group].items()))
+        run.save_json("test_metrics.json", metrics)
+        return metrics
+
+    if args.eval:
+        metrics = test(checkpoint["model"])
+        run.close()
+        return metrics
+    binary = args.task == "binary"
+    train_set = DualImageDataset(data["train"], args.img_size, args.enhance, True, binary,
+                                 args.fuzzy_patrascu)
+    if args.workers > 0:  # fill the E cache before the workers fork, so that they share it
+        for i in range(len(train_set)):
+            train_set.enhanced(i, train_set.raw(i)[0])
+    loader = common.make_loader(train_set, args.batch_size, True, args.workers, args.seed)
+    val_loader = None
+    if data["val"] is not None:
+        val_set = DualImageDataset(data["val"], args.img_size, args.enhance, False, binary,
+                                   args.fuzzy_patrascu)
+        val_loader = common.make_loader(val_set, args.batch_size, False, args.workers)
+    if run.distributed:  # ablations without merge leave the edge pools unused
+        model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start, best = 0, -1.0
+    if args.resume:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start, best = checkpoint["epoch"] + 1, checkpoint["best"]
+        run.log(f"resumed from {args.resume} at epoch {start}")
+        earlier_best = Path(args.resume).with_name("best.pt")
+        if run.is_main and earlier_best.is_file() and not (run.out / "best.pt").exists():
+            shutil.copy(earlier_best, run.out / "best.pt")  # a new run folder: keep the best
+    run.save_json("config.json", {**vars(args), "preset_values": asdict(common.unwrap(model).cfg),
+                                  "num_classes": num_classes, "names": names,
+                                  "data_source": data["source"], "device": str(run.device),
+                                  "parameters_M": split})
+    run.log(f"{len(train_set)} training slices, {args.epochs} epochs, batch {args.batch_size}, "
+            f"AdamW lr {args.lr} (constant), weight decay {args.weight_decay}")
+
+    for epoch in range(start, args.epochs):
+        started = time.perf_counter()
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        losses = train_one_epoch(model, loader, optimizer, args, run.device, run.is_main)
+        val_dice = (validate(common.unwrap(model), val_loader, num_classes, run.device)
+                    if val_loader is not None else math.nan)
+        improved = math.isnan(val_dice) or val_dice > best  # no validation set: keep the last
+        best = val_dice if improved else best
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": losses["loss"],
+               "ce": losses["ce"], "dice_loss": losses["dice"], "bnd": losses["bnd"],
+               "val_dice": val_dice, "seconds": time.perf_counter() - started}
+        run.log_epoch(row)
+        run.log(f"epoch {epoch}: loss {losses['loss']:.4f}  val Dice {val_dice:.4f}  "
+                f"({row['seconds']:.0f} s)")
+        state = {"model": common.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": None, "epoch": epoch, "best": best, "config": vars(args),
+                 "preset": args.preset, "num_classes": num_classes, "names": names}
+        run.checkpoint("last.pt", state)  # constant lr: no scheduler state
+        if improved:
+            run.checkpoint("best.pt", state)
+        run.barrier()
+    metrics = {}
+    if run.is_main:
+        metrics = test(common.load_checkpoint(run.out / "best.pt", "dinet")["model"])
+    run.close()
+    return metrics
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -1,0 +1,383 @@
+"""Tests of dinet.py: block shapes, one hand-checked case per equation, the paper's parameter
+budget, one optimisation step, and the command line (train, resume, eval, predict, errors)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dinet
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--img-size", "32", "--batch-size", "4", "--limit-batches", "2"]
+
+
+@pytest.fixture
+def small_toy(monkeypatch):
+    monkeypatch.setattr(dinet, "TOY_SIZES", (8, 4, 4))  # train / val / test slices
+
+
+# ---- shapes ----
+
+def test_encoder_and_decoder_shapes():
+    cfg = dinet.PRESETS["tiny"]
+    lows, highs = dinet.ConvNeXtEncoder(cfg)(torch.rand(2, 3, 32, 32))
+    expected = [(2, c, 32 // 2 ** s, 32 // 2 ** s) for s, c in enumerate(cfg.dims)]
+    assert [tuple(t.shape) for t in lows] == expected == [tuple(t.shape) for t in highs]
+    decoder = dinet.MLPDecoder(cfg.dims, 16, 5)
+    assert decoder(highs, (32, 32)).shape == (2, 5, 32, 32)
+
+
+def test_difm_keeps_shape_also_when_windows_need_padding():
+    cfg = dinet.PRESETS["tiny"]  # window 4 on a 6x6 map: padded to 8x8 and cropped back
+    maps = [torch.rand(2, 16, 6, 6) for _ in range(4)]
+    assert dinet.DIFM(16, cfg)(*maps).shape == (2, 16, 6, 6)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"inputs": "i"}, {"inputs": "e"}, {"inputs": "ii"}, {"fusion": "concat"},
+    {"fusion": "input"}, {"attn": "ie"}, {"attn": "ei"}, {"cross_attn": False},
+    {"merge": False}, {"gsa": False}, {"gsa_axis": "global"}, {"attn_proj": "lean"},
+    {"edge_from": "chain"}, {"rel_pos_bias": False}])
+def test_every_ablation_builds_and_runs(overrides):
+    model = dinet.build_model("tiny", 4, **overrides)
+    image = torch.rand(2, 3, 32, 32)
+    assert model(image, image).shape == (2, 4, 32, 32)
+
+
+def test_single_image_variants_have_one_encoder_and_one_direction():
+    model = dinet.build_model("tiny", 4, inputs="i")
+    assert model.enc_e is None and model.difm[0].directions == ["ie"]
+    assert model.difm[0].merge_e is None
+    assert dinet.build_model("tiny", 4, fusion="input").enc_i.stem[0].in_channels == 6
+
+
+# ---- one hand-checkable case per equation ----
+
+def test_eq1_merge_concatenates_low_first():
+    difm = dinet.DIFM(2, dinet.PRESETS["tiny"])
+    with torch.no_grad():  # 3x3 conv whose centre tap copies input channel c to output c
+        difm.merge_i.weight.zero_()
+        difm.merge_i.bias.zero_()
+        difm.merge_i.weight[0, 0, 1, 1] = difm.merge_i.weight[1, 1, 1, 1] = 1.0
+    captured = {}
+    difm.merge_i.register_forward_hook(lambda m, i, o: captured.update(out=o))
+    low, high = torch.rand(1, 2, 4, 4), torch.rand(1, 2, 4, 4)
+    difm(low, high, low, high)
+    assert torch.allclose(captured["out"], low)  # channels 0, 1 of concat(low, high) are low
+
+
+def test_eq2_window_attention_by_hand():
+    # d = 4, so sqrt(d) = 2: logits = (2 ln3 / 2, 0) = (ln 3, 0) -> weights (3/4, 1/4)
+    q = torch.tensor([[2.0, 0, 0, 0]]).view(1, 1, 1, 4)
+    k = torch.tensor([[math.log(3), 0, 0, 0], [0, 0, 0, 0]]).view(1, 1, 2, 4)
+    v = torch.tensor([[4.0], [0.0]]).view(1, 1, 2, 1)
+    out = dinet.window_attention(q, k, v)
+    assert out.shape == (1, 1, 1, 1) and out.item() == pytest.approx(3.0)  # 3/4 * 4 + 1/4 * 0
+
+
+def test_eq3_adds_the_projected_query():
+    attn = dinet.WindowCrossAttention(4, window=2, head_dim=2)
+    with torch.no_grad():  # Q = 1 and V = 2 everywhere: attention gives 2, plus Q = 3
+        for p in attn.parameters():
+            p.zero_()
+        attn.qkv_a.bias[:4] = 1.0
+        attn.qkv_b.bias[8:] = 2.0
+    out = attn(torch.rand(1, 4, 4, 4), torch.rand(1, 4, 4, 4))
+    assert out.shape == (1, 4, 4, 4) and torch.allclose(out, torch.full_like(out, 3.0))
+
+
+def test_eq4_eq5_gated_ffn_by_hand():
+    ffn = dinet.GatedFFN(2, kernel=3)
+    with torch.no_grad():  # f1 = 1, f2 = 2 (first half, second half), fc_out = identity
+        ffn.fc_in.weight.zero_()
+        ffn.fc_in.bias.copy_(torch.tensor([1.0, 1.0, 2.0, 2.0]))
+        ffn.fc_out.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+        ffn.fc_out.bias.zero_()
+    f = torch.rand(1, 2, 3, 3)
+    gelu_1 = 0.5 * (1 + math.erf(1 / math.sqrt(2)))  # GELU(1) = 0.8413
+    assert torch.allclose(ffn(f), f + 2 * gelu_1)  # F^ = conv(GELU(1) * 2) + f
+
+
+def test_eq6_global_spatial_attention_by_hand():
+    f = torch.tensor([[1.0, 2.0], [-1.0, 2.0]]).view(1, 2, 1, 2)  # pixels (1, -1) and (2, 2)
+    out = dinet.global_spatial_attention(f, "channel")  # channel means 0 and 2
+    gate_2 = torch.sigmoid(torch.tensor(2.0)).item()  # 0.8808
+    expected = torch.tensor([[0.5, 2 * gate_2], [-0.5, 2 * gate_2]]).view(1, 2, 1, 2)
+    assert torch.allclose(out, expected)
+    whole = dinet.global_spatial_attention(f, "global")  # channel 0 mean 1.5, channel 1 mean 0.5
+    assert whole.shape == f.shape
+    assert torch.allclose(whole[0, 0], torch.sigmoid(torch.tensor(1.5)) * f[0, 0])
+
+
+def test_eq7_uniform_logits_give_log_k():
+    logits, target = torch.zeros(2, 9, 4, 4), torch.randint(0, 9, (2, 4, 4))
+    assert dinet.loss_ce(logits, target).item() == pytest.approx(math.log(9))
+
+
+def test_eq8_dice_by_hand():
+    logits = torch.zeros(1, 2, 2, 2)  # x = 0.5 everywhere; two pixels of each class
+    target = torch.tensor([[[0, 0], [1, 1]]])
+    # squared (base code): d_c = 2 * 1 / (4 * 0.25 + 2) = 2/3 -> loss 1/3
+    assert dinet.loss_dice(logits, target).item() == pytest.approx(1 / 3, abs=1e-5)
+    # Eq. (8) as printed: d_c = 2 * 1 / (2 + 2) = 1/2 -> loss 1/2
+    assert dinet.loss_dice(logits, target, squared=False).item() == pytest.approx(0.5, abs=1e-5)
+    perfect = 50.0 * dinet.one_hot(target, 2)
+    assert dinet.loss_dice(perfect, target).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_eq15_sobel_kernels_and_a_step_edge():
+    assert dinet.SOBEL_H.tolist() == [[-1, -2, -1], [0, 0, 0], [1, 2, 1]]
+    assert dinet.SOBEL_V.tolist() == [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]
+    step = torch.zeros(1, 1, 5, 5)
+    step[..., 3:] = 1.0  # a vertical edge between columns 2 and 3
+    response = dinet.sobel(step)  # (B, K, 2, H, W)
+    assert response.shape == (1, 1, 2, 5, 5)
+    assert response[0, 0, 0, 1:4].abs().sum() == 0  # G_H: no response inside the image
+    assert response[0, 0, 1, 2, 2:4].tolist() == [4.0, 4.0]  # G_V: 1 + 2 + 1 next to the edge
+
+
+def test_eq9_boundary_loss_by_hand():
+    prob, y = torch.zeros(1, 1, 5, 5), torch.zeros(1, 1, 5, 5)
+    y[0, 0, 2, 2] = 1.0
+    # scale 1: the impulse spreads each kernel; sum |G_H| = sum |G_V| = 8 over 25 pixels
+    assert dinet.boundary_l1(prob, y, (1,)).item() == pytest.approx(16 / 25)
+    # scale 1/2: 2x2 map with 0.25 at (1, 1); |G_H| = 0.25 + 0.5, |G_V| = 0.25 + 0.5 over 4 pixels
+    assert dinet.boundary_l1(prob, y, (1, 2)).item() == pytest.approx(16 / 25 + 0.375)
+    target = torch.randint(0, 3, (2, 16, 16))
+    perfect = 50.0 * dinet.one_hot(target, 3)
+    assert dinet.loss_boundary(perfect, target).item() < 1e-6
+
+
+def test_eq10_total_loss_weights():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 4, 8, 8), torch.randint(0, 4, (2, 8, 8))
+    loss, parts = dinet.total_loss(logits, target)
+    assert loss.item() == pytest.approx(0.3 * parts["ce"].item() + 0.7 * parts["dice"].item()
+                                        + parts["bnd"].item(), rel=1e-6)
+    without, parts = dinet.total_loss(logits, target, use_boundary=False)
+    assert parts["bnd"].item() == 0 and without < loss
+
+
+def test_eq11_one_window_maps_mean_to_mid_gray_and_spread_to_sigma_u():
+    image = np.array([[0.25, 0.75], [0.25, 0.75]])  # u = -0.5, 0.5 -> phi = -+atanh(0.5)
+    # one window (m = n = 1, reference indexing): mu = 0, sigma = atanh(0.5), lambda = sqrt(1/3)
+    # / atanh(0.5), so psi = -+sqrt(1/3) and E_raw = tanh(-+sqrt(1/3)) = -+0.5206
+    raw = dinet.fuzzy_enhance(image, m=1, n=1, rescale=False)
+    assert raw[:, 0] == pytest.approx([-math.tanh(math.sqrt(1 / 3))] * 2, abs=1e-6)
+    assert raw[:, 1] == pytest.approx([math.tanh(math.sqrt(1 / 3))] * 2, abs=1e-6)
+    assert dinet.fuzzy_enhance(image, m=1, n=1).tolist() == [[0.0, 1.0], [0.0, 1.0]]
+
+
+def reference_fuzzy(image, m, n, gamma, patrascu, sigma_u=math.sqrt(1 / 3), eps=1e-6):
+    """Eqs. (11)-(12) pixel by pixel and window by window (slow, obviously correct)."""
+    h, w = image.shape
+    phi = np.arctanh(np.clip(2 * image - 1, -1 + eps, 1 - eps))
+    rows, cols = (m + 1, n + 1) if patrascu else (m, n)
+    raw = np.zeros((rows, cols, h, w))
+    for i in range(rows):
+        for j in range(cols):
+            for x in range(h):
+                for y in range(w):
+                    p = math.comb(m, i) * (x / h) ** i * (1 - x / h) ** (m - i)
+                    q = math.comb(n, j) * (y / w) ** j * (1 - y / w) ** (n - j)
+                    raw[i, j, x, y] = (p * q) ** gamma
+    weights = raw / raw.sum(axis=(0, 1))
+    out = np.zeros((h, w))
+    for i in range(rows):
+        for j in range(cols):
+            wij = weights[i, j]
+            mu = (wij * phi).sum() / wij.sum()
+            sigma = math.sqrt((wij * (phi - mu) ** 2).sum() / wij.sum())
+            psi = sigma_u / sigma * (phi - mu)  # Eq. (11) in phi-space
+            out += wij * psi if patrascu else np.tanh(wij * psi)  # Eq. (12)
+    return np.tanh(out) if patrascu else out
+
+
+@pytest.mark.parametrize("patrascu", [False, True])
+def test_eq12_matches_a_loop_over_windows(patrascu):
+    image = np.random.default_rng(0).uniform(0, 1, (6, 7))
+    fast = dinet.fuzzy_enhance(image, m=2, n=2, gamma=4.0, patrascu=patrascu, rescale=False)
+    assert fast == pytest.approx(reference_fuzzy(image, 2, 2, 4.0, patrascu), abs=1e-9)
+    weights = dinet.fuzzy_memberships(6, 7, 2, 2, 4.0, patrascu)
+    assert weights.sum(axis=(0, 1)) == pytest.approx(np.ones((6, 7)))  # a fuzzy partition
+
+
+def test_eq13_convnext_block_residual_by_hand():
+    block = dinet.ConvNeXtBlock(3)
+    with torch.no_grad():  # the 4C branch ends in fc2 with zero weights and bias 0.5
+        block.gamma.fill_(1.0)
+        block.mlp["fc2"].weight.zero_()
+        block.mlp["fc2"].bias.fill_(0.5)
+    x = torch.rand(1, 3, 5, 5)
+    assert torch.allclose(block(x), x + 0.5)  # y = conv(...) + x with conv(...) = 0.5
+
+
+def test_eq14_decoder_concatenates_level_4_first():
+    dims, dim = (2, 3, 4, 5), 2
+    decoder = dinet.MLPDecoder(dims, dim, 3).eval()
+    with torch.no_grad():  # level s maps to the constant s
+        for level, mlp in enumerate(decoder.linear_c, start=1):
+            mlp["proj"].weight.zero_()
+            mlp["proj"].bias.fill_(float(level))
+    captured = {}
+    decoder.linear_fuse[0].register_forward_hook(lambda m, i, o: captured.update(x=i[0]))
+    features = [torch.rand(1, c, 8 // 2 ** s, 8 // 2 ** s) for s, c in enumerate(dims)]
+    assert decoder(features, (8, 8)).shape == (1, 3, 8, 8)
+    assert captured["x"].shape == (1, 4 * dim, 8, 8)  # 4 levels at the level-1 size
+    assert [captured["x"][0, dim * i].mean().item() for i in range(4)] == [4.0, 3.0, 2.0, 1.0]
+    assert decoder.linear_fuse[0].kernel_size == (3, 3)
+
+
+# ---- enhancement alternatives, data, augmentation ----
+
+def test_histogram_equalisation_and_clahe_by_hand():
+    image = np.array([[0.2, 0.2], [0.6, 0.6]])
+    assert dinet.histogram_equalize(image).tolist() == [[0.0, 0.0], [1.0, 1.0]]
+    # one tile, no clipping: the CDF, 2/4 and 4/4
+    assert dinet.clahe(image, tiles=1, clip_limit=1e9) == pytest.approx(np.array(
+        [[0.5, 0.5], [1.0, 1.0]]))
+    big = np.random.default_rng(0).uniform(0, 1, (40, 50))
+    out = dinet.clahe(big)
+    assert out.shape == big.shape and 0 <= out.min() and out.max() <= 1
+    colour = dinet.enhance(np.random.default_rng(1).uniform(0, 1, (9, 9, 3)), "he")
+    assert colour.shape == (9, 9, 3)
+
+
+def test_enhanced_image_is_computed_once_per_sample(monkeypatch):
+    calls = []
+    original = dinet.enhance
+    monkeypatch.setattr(dinet, "enhance", lambda *a, **k: calls.append(1) or original(*a, **k))
+    import common
+    base = common.ToyMulticlass(3, 32, seed=1)
+    data = dinet.DualImageDataset(base, 32, "fuzzy", augment=True)
+    for _ in range(3):
+        for i in range(len(data)):
+            item = data[i]
+    assert len(calls) == 3
+    assert item["image"].shape == item["enhanced"].shape == (3, 32, 32)
+    assert item["mask"].shape == (32, 32) and item["mask"].dtype == torch.int64
+
+
+def test_augmentation_moves_image_enhanced_and_label_together():
+    import random
+    label = np.random.default_rng(0).integers(0, 4, (16, 16))
+    rng = random.Random(0)
+    for _ in range(12):
+        image, enhanced, moved = dinet.random_rotate_flip(
+            [label.astype(float), label.astype(float) * 2, label], rng)
+        assert np.array_equal(image, moved) and np.array_equal(enhanced, 2 * moved)
+
+
+def test_pretrained_meta_checkpoint_loads_by_name(tmp_path):
+    model = dinet.build_model("tiny", 4)
+    enc = model.enc_i
+    fake = {"downsample_layers.0.0.weight": torch.rand(8, 3, 4, 4),  # 4x4 stem: must be skipped
+            "downsample_layers.0.1.weight": torch.rand(8),
+            "downsample_layers.1.0.weight": torch.rand(8),
+            "downsample_layers.1.1.weight": torch.rand(16, 8, 2, 2),
+            "stages.0.0.dwconv.weight": torch.rand(8, 1, 7, 7),
+            "stages.0.0.pwconv1.weight": torch.rand(32, 8),
+            "stages.0.0.gamma": torch.rand(8), "head.weight": torch.rand(1000, 32)}
+    torch.save({"model": fake}, tmp_path / "convnext.pth")
+    stem_before = enc.stem[0].weight.clone()
+    dinet.load_pretrained(model, str(tmp_path / "convnext.pth"), lambda *a: None)
+    assert torch.equal(enc.stem[1].weight, fake["downsample_layers.0.1.weight"])
+    assert torch.equal(enc.stages[1].downsample[1].weight, fake["downsample_layers.1.1.weight"])
+    assert torch.equal(enc.edge[0][1].weight, fake["downsample_layers.1.1.weight"])
+    assert torch.equal(enc.stages[0].blocks[0].conv_dw.weight, fake["stages.0.0.dwconv.weight"])
+    assert torch.equal(enc.stages[0].blocks[0].mlp["fc1"].weight,
+                       fake["stages.0.0.pwconv1.weight"])
+    assert torch.equal(model.enc_e.stages[0].blocks[0].gamma, fake["stages.0.0.gamma"])
+    assert torch.equal(enc.stem[0].weight, stem_before)
+
+
+# ---- budget and optimisation ----
+
+def test_paper_preset_matches_the_parameter_budget():
+    with torch.device("meta"):  # counts shapes only: no 1.3 GB allocation, no initialisation
+        model = dinet.build_model("paper", 9)
+    split = dinet.parameter_split(model)
+    total = sum(p.numel() for p in model.parameters())
+    assert abs(total - 323.31e6) / 323.31e6 < 0.01  # Sec. 4.5
+    assert total == 323_204_161  # spec 10 (323,204,185 with its two 12-parameter 1->3 blocks)
+    assert sum(p.numel() for p in model.enc_i.parameters()) == 90_317_824  # spec 3
+    assert sum(p.numel() for p in model.difm.parameters()) == 119_848_760  # spec 4.6
+    assert sum(p.numel() for p in model.decoder.parameters()) == 22_719_753  # spec 5
+    assert split["total"] == pytest.approx(323.204)
+
+
+def test_one_optimisation_step_lowers_the_loss():
+    torch.manual_seed(0)
+    model = dinet.build_model("tiny", 4, decoder_dropout=0.0)
+    image, target = torch.rand(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before, _ = dinet.total_loss(model(image, image), target)
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    after, _ = dinet.total_loss(model(image, image), target)
+    assert after.item() < before.item()
+
+
+# ---- command line ----
+
+def test_cli_train_resume_eval_predict(tmp_path, small_toy):
+    out = tmp_path / "run"
+    metrics = dinet.main(TINY + ["--epochs", "1", "--out", str(out)])
+    for name in ("config.json", "log.csv", "last.pt", "best.pt", "test_metrics.json"):
+        assert (out / name).is_file(), name
+    assert any((out / "predictions").glob("*.png"))
+    assert set(metrics["toy"]) >= {"Dice", "HD95", "vessel"}
+    dinet.main(TINY + ["--epochs", "2", "--out", str(out), "--resume", str(out / "last.pt")])
+    rows = (out / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1"]  # continued at epoch 1
+    saved = json.loads((out / "test_metrics.json").read_text())
+    again = dinet.main(["--eval", str(out / "best.pt"), "--out", str(tmp_path / "eval")])
+    assert again["toy"] == pytest.approx(saved["toy"], nan_ok=True)
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+    for i in range(2):
+        Image.fromarray(np.full((40, 30, 3), 60 * i, np.uint8)).save(images / f"im{i}.png")
+    result = dinet.main(["--predict", str(images), "--checkpoint", str(out / "best.pt"),
+                         "--out", str(tmp_path / "pred")])
+    assert result["predicted"] == 2
+    assert sorted(p.name for p in (tmp_path / "pred").glob("*.png")) == ["im0.png", "im1.png"]
+    assert Image.open(tmp_path / "pred" / "im0.png").size == (30, 40)
+
+
+def test_cli_binary_task(tmp_path, small_toy):
+    metrics = dinet.main(TINY + ["--epochs", "1", "--task", "binary", "--enhance", "clahe",
+                                 "--out", str(tmp_path)])
+    assert 0 <= metrics["toy"]["Dice"] <= 100
+
+
+def test_bench_prints_one_record(tmp_path):
+    record = dinet.main(["--bench", "--preset", "tiny", "--img-size", "32", "--batch-size", "1",
+                         "--out", str(tmp_path)])
+    assert record["params_M"] > 0 and record["train_images_per_s"] > 0
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--data", "/no/such/folder"], "/no/such/folder"),
+    (["--eval", "/no/such/best.pt"], "best.pt"),
+    (["--pretrained", "/no/such/convnext.pth", "--preset", "tiny"], "convnext.pth")])
+def test_bad_input_exits_with_one_line(argv, culprit, tmp_path):
+    result = subprocess.run([sys.executable, "dinet.py", *argv, "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0]
+
+
+def test_notebook_executes():
+    import nbclient
+    import nbformat
+    notebook = nbformat.read(ROOT / "notebooks" / "dinet.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
