@@ -30,8 +30,8 @@ Glossary (paper | code | shape for a 352x352 input, C = 64):
 
 Paper (default) vs the released code, spec 13; `--as-released` (build_model(as_released=True))
 switches items 1-6 to the code, whose 690-key state_dict then loads with strict=True:
-  1. Filters: paper per-channel all-ones n x n sums, no parameters (1x1 = raw difference); code:
-     dense C->C ones (the window sum of the channel sum, same in every channel) + shared BN + ReLU.
+  1. Filters: per-channel all-ones n x n sums (our reading of "no extra parameters"; 1x1 = the
+     raw difference); code: dense C->C ones (window sum of the channel sum) + shared BN + ReLU.
   2. E^1: paper reduces every level by a 3x3 conv; code uses E^1 unreduced.
   3. Code adds a conv block (x5_dem_4) on the deeper input of the 5th-order MSU.
   4. CE^i: paper sums MS_1^i..MS_{6-i}^i and convolves every CE^i; code omits MS_1^i and has no
@@ -237,9 +237,8 @@ class M2SNet(nn.Module):
             if not (as_released and i == 4):
                 setattr(self, f"level{i}", conv_block(c, c))
         self.x5_dem_5 = conv_block(e_channels[4], c)  # CE^5: own 3x3 conv of E^5 (spec 4.1)
-        self.output4 = conv_block(c, c)  # D^4
-        self.output3 = conv_block(c, c)  # D^3
-        self.output2 = conv_block(c, c)  # D^2
+        for i in (4, 3, 2):
+            setattr(self, f"output{i}", conv_block(c, c))  # decoder block D^i
         self.output1 = nn.Sequential(nn.Conv2d(c, num_classes, 3, padding=1))  # D^1 / head
 
     def subtraction_pyramid(self, e):
@@ -437,10 +436,9 @@ def read_weights(source, url, what):
         state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:
         common.fail(f"cannot read {what} weights {source}: {type(error).__name__}")
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         common.fail(f"{source} holds no state_dict")
-    return state
+    return state.get("state_dict", state)
 
 
 def load_weights(module, state, source, what, rename=lambda key: key):
@@ -509,15 +507,14 @@ class LossNet(nn.Module):
         self.register_buffer("std", torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1),
                              persistent=False)
         self.requires_grad_(False)  # training-free: never given to the optimiser
-        self.pretrained = False
 
     def load_vgg(self, state, source):
         """Load torchvision's `vgg16-397923af.pth` (`features.N.*`; the classifier is unused)."""
         state = {k: v for k, v in state.items() if k.startswith("features.")
                  and int(k.split(".")[1]) < 23}
+        block = lambda n: sum(int(n) > end for end in (3, 8, 15))  # noqa: E731  0-3, 4-8, ...
         load_weights(self.blocks, state, source, "LossNet VGG-16",
-                     lambda key: f"{_vgg_block(int(key.split('.')[1]))}.{key.split('.', 1)[1]}")
-        self.pretrained = True
+                     lambda key: f"{block(key.split('.')[1])}.{key.split('.', 1)[1]}")
 
     def prepare(self, x):
         x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std  # (B, 3, H, W)
@@ -535,11 +532,6 @@ class LossNet(nn.Module):
                 f_g = block(f_g)
             terms.append(feature_distance(f_p, f_g, self.mean_squared))  # l_f^i
         return sum(terms)  # Eq. (5)  L_f = l_f^1 + l_f^2 + l_f^3 + l_f^4
-
-
-def _vgg_block(index):
-    """Which LossNet block holds torchvision's features[index] (0-3, 4-8, 9-15, 16-22)."""
-    return sum(index > end for end in (3, 8, 15))
 
 
 def total_loss(logits, mask, lossnet=None, released=False):
@@ -733,7 +725,7 @@ def lossnet_from_args(args, run):
 
 def run_bench(args, explicit, run):
     """One train step (with LossNet) and one inference on random input: one JSON line."""
-    args.preset = args.preset if "preset" in explicit else "paper"
+    args.preset = args.preset if args.preset_reason == "--preset" else "paper"
     size = args.img_size if "img_size" in explicit else PAPER_RECIPE["img_size"]
     batch = args.batch_size if "batch_size" in explicit else (16 if run.device.type == "cuda"
                                                               else 2)
@@ -826,7 +818,7 @@ def main(argv=None):
     group.add_argument("--toy-sizes", default=",".join(map(str, TOY_SIZES)),
                        help="toy data: train,val,test image counts")
     raw = parser.parse_args(argv)
-    explicit = {k for k in ("preset", "img_size", "batch_size") if getattr(raw, k) is not None}
+    explicit = {k for k in ("img_size", "batch_size") if getattr(raw, k) is not None}
     args = common.finish_args(raw, PAPER_RECIPE, TOY_RECIPE)
     if args.multi_scale is None:
         args.multi_scale = ("released" if args.as_released else

@@ -314,6 +314,14 @@ def test_res2net_and_vgg_files_load(tmp_path, monkeypatch, capsys):
     assert torch.equal(own["blocks.2.10.weight"], vgg["features.10.weight"])
     assert torch.equal(own["blocks.3.21.bias"], vgg["features.21.bias"])
 
+    vgg_path = tmp_path / "vgg16-397923af.pth"
+    torch.save(vgg, vgg_path)
+    capsys.readouterr()
+    m.main([*TINY, "--epochs", "1", "--limit-batches", "1", "--pretrained", str(path),
+            "--vgg-weights", str(vgg_path), "--out", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    assert "backbone: ImageNet Res2Net-50 weights" in printed and "random" not in printed
+
     def offline(*args, **kwargs):
         raise OSError("no network")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
@@ -458,6 +466,21 @@ def test_resume_continues_and_eval_reproduces(cli_run, tmp_path):
     busi = m.main([*TINY, "--epochs", "1", "--metrics", "busi", "--no-lossnet", "--as-released",
                    "--out", str(tmp_path / "busi")])
     assert list(busi["toy"]) == ["Jaccard", "Precision", "Recall", "Specificity", "Dice"]
+
+
+def test_pranet_package_reports_each_test_set_at_its_original_size(tmp_path):
+    root = tmp_path / "polyp"  # TrainDataset/{images,masks}, TestDataset/<set>/{images,masks}
+    common.write_toy(root / "TrainDataset", n=6, size=40, seed=1)
+    common.write_toy(root / "TestDataset" / "CVC-300", n=2, size=36, seed=2)
+    common.write_toy(root / "TestDataset" / "Kvasir", n=2, size=44, seed=3)
+    out = tmp_path / "run"
+    metrics = m.main(["--data", str(root), "--preset", "tiny", "--img-size", "64",
+                      "--batch-size", "4", "--epochs", "1", "--out", str(out)])
+    assert sorted(metrics) == ["CVC-300", "Kvasir"]  # the paper's table, one row per set
+    config = json.loads((out / "config.json").read_text())
+    assert config["multi_scale"] == "pranet" and config["preset"] == "tiny"
+    mask = Image.open(out / "predictions" / "Kvasir" / "toy_0000.png")
+    assert mask.size == (44, 44)  # scored and written at the original size
 
 
 def test_predict_writes_one_png_per_image(cli_run, tmp_path):
