@@ -652,14 +652,14 @@ def load_isic(args, augment):
     1505/645, ISIC 2018: 2694 -> 1886/808); --split official never re-splits."""
     unit = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # [0, 1]; vmunet_normalise follows
     if args.data == "toy" or args.split == "official":
-        return common.load_data(args, "binary", augment, TOY_SIZES, **unit)
+        return common.load_data(args, "binary", augment, args.toy_sizes, **unit)
     root = Path(args.data)
     if not root.is_dir():
         common.fail(f"--data {args.data}: no such folder (give a data folder, or 'toy')")
     split = common.discover_splits(root, args.seed, 0.0)
     own_split = not split["source"].startswith("seeded")
     if args.split == "auto" and own_split:
-        return common.load_data(args, "binary", augment, TOY_SIZES, **unit)
+        return common.load_data(args, "binary", augment, **unit)
     pool = split["train"] + split["val"]
     if not own_split:  # a flat folder: every pair goes into the 70/30 split
         pool += [p for pairs in split["test"].values() for p in pairs]
@@ -872,6 +872,8 @@ def main(argv=None):
                        help="score at each image's own size (paper: at --img-size, spec 9)")
     group.add_argument("--vmunet-rotation", action="store_true",
                        help="one rotation angle for the whole run, as VM-UNet's code")
+    group.add_argument("--toy-sizes", default=",".join(map(str, TOY_SIZES)),
+                       help="toy train,val,test image counts (default %(default)s)")
     parser.set_defaults(pretrained=None)
     args = common.finish_args(parser.parse_args(argv), PAPER_RECIPE, TOY_RECIPE)
     real = args.data != "toy"
@@ -883,6 +885,11 @@ def main(argv=None):
         args.out = str(Path(args.resume).parent)
     if args.t_max < 1 or not 0 <= args.val_fraction < 1:
         common.fail("--t-max must be >= 1 and --val-fraction in [0, 1)")
+    try:
+        args.toy_sizes = tuple(int(n) for n in args.toy_sizes.split(","))
+        assert len(args.toy_sizes) == 3 and min(args.toy_sizes) >= 1
+    except (ValueError, AssertionError):
+        common.fail(f"--toy-sizes {args.toy_sizes}: give three positive counts, e.g. 160,20,40")
     if args.img_size % 32:
         common.fail(f"--img-size {args.img_size}: must be a multiple of 32 (4x patches, 3 merges)")
     common.seed_everything(args.seed)

@@ -3,7 +3,7 @@ compatibility, losses, and the command line (tiny preset, 32x32 images)."""
 import csv
 import json
 import math
-import random
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +17,24 @@ import cmssm_unet as m
 import common
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "tiny", "--img-size", "32", "--batch-size", "4", "--limit-batches", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin against other jobs and
+    the small tensors here run many times slower. Subprocesses and the notebook kernel inherit
+    OMP_NUM_THREADS."""
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
+TINY = ["--preset", "tiny", "--img-size", "32", "--batch-size", "4", "--limit-batches", "1",
+        "--toy-sizes", "8,4,4"]
 
 
 # ---- blocks and shapes ----
@@ -340,7 +357,7 @@ def test_vmunet_normalise_and_augment():
 def test_flat_folder_gets_the_papers_70_30_split(tmp_path):
     common.write_toy(tmp_path / "flat", n=10, size=32)
     args = m.argparse.Namespace(data=str(tmp_path / "flat"), split="auto", seed=0,
-                                val_fraction=0.2, img_size=32)
+                                val_fraction=0.2, img_size=32, toy_sizes=m.TOY_SIZES)
     data = m.load_isic(args, None)
     assert (len(data["train"]), len(data["val"]), len(data["test"]["test"])) == (6, 1, 3)
     assert "70/30" in data["source"]
@@ -371,12 +388,7 @@ def test_one_optimisation_step_lowers_the_loss():
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    sizes, m.TOY_SIZES = m.TOY_SIZES, (8, 4, 4)
-    try:
-        metrics = m.main(TINY + ["--epochs", "1", "--out", str(out)])
-    finally:
-        m.TOY_SIZES = sizes
-    return out, metrics
+    return out, m.main(TINY + ["--epochs", "1", "--out", str(out)])
 
 
 def test_cli_run_writes_every_file(cli_run):
@@ -391,15 +403,11 @@ def test_cli_run_writes_every_file(cli_run):
 
 def test_resume_continues_and_eval_reproduces(cli_run, tmp_path):
     out, metrics = cli_run
-    sizes, m.TOY_SIZES = m.TOY_SIZES, (8, 4, 4)
-    try:
-        resumed = tmp_path / "resumed"
-        m.main(TINY + ["--epochs", "2", "--out", str(resumed), "--resume", str(out / "last.pt")])
-        rows = list(csv.DictReader(open(resumed / "log.csv")))
-        assert [r["epoch"] for r in rows] == ["1"]
-        evaluated = m.main(TINY + ["--out", str(tmp_path / "eval"), "--eval", str(out / "best.pt")])
-    finally:
-        m.TOY_SIZES = sizes
+    resumed = tmp_path / "resumed"
+    m.main(TINY + ["--epochs", "2", "--out", str(resumed), "--resume", str(out / "last.pt")])
+    rows = list(csv.DictReader(open(resumed / "log.csv")))
+    assert [r["epoch"] for r in rows] == ["1"]
+    evaluated = m.main(TINY + ["--out", str(tmp_path / "eval"), "--eval", str(out / "best.pt")])
     saved = json.loads((out / "test_metrics.json").read_text())
     assert evaluated["toy"] == pytest.approx(saved["toy"])
     assert evaluated["toy"] == pytest.approx(metrics["toy"])
@@ -455,3 +463,16 @@ def test_notebook_executes():
             cell.source += "\nFAST = True"
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               "--master_port=29537", "cmssm_unet.py", "--preset", "tiny", "--epochs", "1",
+               "--img-size", "32", "--batch-size", "2", "--toy-sizes", "8,2,2", "--device", "cpu",
+               "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "NO_PROGRESS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len((out / "log.csv").read_text().splitlines()) == 2  # rank 0 writes one row
+    assert 0 <= json.loads((out / "test_metrics.json").read_text())["toy"]["DSC"] <= 1
