@@ -44,6 +44,8 @@ Deviations and gap decisions (switch in brackets):
 - Evaluation pools one confusion matrix over the test set at 256x256 against the resized masks,
   as VM-UNet does [--eval-original-size scores at each image's own size; --per-image averages
   per-image scores].
+- Masks are resized nearest-neighbour by common.py (VM-UNet: bilinear, so soft training targets
+  and test masks thresholded at 0.5; no switch).
 - VM-UNet draws ONE rotation angle for the whole run (a bug); we draw one per sample
   [--vmunet-rotation restores the fixed angle]. Flips and rotation run after resizing.
 - VM-UNet keeps the checkpoint with the lowest loss on its test folder; we hold out
@@ -120,7 +122,7 @@ PRESETS = {
                    cra_min_width=4),
 }
 PAPER_RECIPE = {"epochs": 300, "batch_size": 32, "lr": 1e-3, "img_size": 256}  # Sec. 4.3
-TOY_RECIPE = {"epochs": 12, "batch_size": 8, "lr": 3e-3, "img_size": 64}
+TOY_RECIPE = {"epochs": 10, "batch_size": 8, "lr": 3e-3, "img_size": 64}
 TOY_SIZES = (160, 20, 40)   # toy train / val / test images
 WEIGHT_DECAY = 1e-2         # spec 7 (VM-UNet config; the paper names AdamW only)
 T_MAX, ETA_MIN = 50, 1e-5   # Sec. 4.3: cosine annealing, cap 50, floor 1e-5

@@ -365,6 +365,30 @@ def test_flat_folder_gets_the_papers_70_30_split(tmp_path):
     assert len(m.load_isic(args, None)["test"]["test"]) == 1
 
 
+def test_official_isic2017_layout_and_the_70_30_resplit(tmp_path):
+    root = tmp_path / "isic2017"
+    counts = {"Training": 6, "Validation": 2, "Test_v2": 3}
+    index = 0
+    for part, n in counts.items():
+        (root / f"ISIC-2017_{part}_Data").mkdir(parents=True)
+        (root / f"ISIC-2017_{part}_Part1_GroundTruth").mkdir()
+        for _ in range(n):
+            image, mask = common.make_toy_binary(index, 32)
+            common.Image.fromarray(image).save(root / f"ISIC-2017_{part}_Data" /
+                                               f"ISIC_{index:07d}.jpg")
+            common.save_mask_png(root / f"ISIC-2017_{part}_Part1_GroundTruth" /
+                                 f"ISIC_{index:07d}_segmentation.png", mask)
+            index += 1
+    args = m.argparse.Namespace(data=str(root), split="auto", seed=0, val_fraction=0.2,
+                                img_size=32, toy_sizes=m.TOY_SIZES)
+    data = m.load_isic(args, None)  # the official split is kept
+    assert (len(data["train"]), len(data["val"]), len(data["test"]["test"])) == (6, 2, 3)
+    args.split = "70-30"  # train + val (8) re-split as VM-UNet's package: test 2, val 1
+    data = m.load_isic(args, None)
+    assert (len(data["train"]), len(data["val"]), len(data["test"]["test"])) == (5, 1, 2)
+    assert not any("Test_v2" in path for path in data["splits"]["train"])
+
+
 # ---- training and the command line ----
 
 def test_one_optimisation_step_lowers_the_loss():
