@@ -117,7 +117,7 @@ PAPER_RECIPE = {"epochs": 150, "batch_size": 4, "lr": 1e-3,  # Sec. 4.1.3
 GLAS_IMG_SIZE = 128  # Sec. 4.1.1: GlaS at 128x128
 MIN_LR = 1e-5  # Sec. 4.1.3: "decays to 1e-5"
 WARMUP_EPOCHS = 10  # spec 5: the paper gives no warm-up length
-TOY_RECIPE = {"epochs": 5, "batch_size": 8, "lr": 2e-3, "img_size": 64, "warmup_epochs": 1,
+TOY_RECIPE = {"epochs": 4, "batch_size": 8, "lr": 2e-3, "img_size": 64, "warmup_epochs": 1,
               "toy_sizes": (128, 16, 40)}  # toy CPU demo: <= 5 min on 2 cores
 
 

@@ -348,7 +348,8 @@ def test_bad_inputs_exit_with_one_line(argv, culprit, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0]
 
 
-def test_notebook_executes(tmp_path):
+def test_notebook_executes(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it; see small_toy_sets
     import nbformat
     from nbclient import NotebookClient
     path = ROOT / "notebooks" / "mfel.ipynb"
