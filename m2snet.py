@@ -801,14 +801,16 @@ def main(argv=None):
     common.add_common_args(parser, PAPER_RECIPE, "Sec. 4.3")
     group = parser.add_argument_group("M2SNet switches")
     group.add_argument("--as-released", action="store_true",
-                       help="the authors' released network, loss weighting and recipe quirks")
+                       help="the authors' released network, loss weighting and recipe quirks "
+                            "(paper: off; the docstring lists each difference)")
     group.add_argument("--msu-kernels", default=None,
                        help="sizes of the all-ones filters (paper: 1,3,5, Sec. 3.1, Tab. 13)")
     group.add_argument("--unit", choices=["sub", "add"], default="sub",
                        help="subtraction or Tab. 10's addition unit (paper: sub)")
     group.add_argument("--orders", type=int, default=None,
                        help="highest subtraction order used, Tab. 10 rows (paper: 5, Fig. 2)")
-    group.add_argument("--no-lossnet", action="store_true", help="drop L_f (Tab. 11)")
+    group.add_argument("--no-lossnet", action="store_true",
+                       help="train without L_f, Tab. 11's 'w/o LossNet' (paper: with, Sec. 3.2)")
     group.add_argument("--vgg-weights", default=None, metavar="PATH",
                        help="torchvision's vgg16-397923af.pth for LossNet (Sec. 3.2)")
     group.add_argument("--multi-scale", choices=["pranet", "released", "off"], default=None,
@@ -817,7 +819,8 @@ def main(argv=None):
     group.add_argument("--metrics", choices=["polyp", "busi"], default="polyp",
                        help="polyp: Tab. 1 columns; busi: Tab. 4 columns")
     group.add_argument("--toy-sizes", default=",".join(map(str, TOY_SIZES)),
-                       help="toy data: train,val,test image counts")
+                       help=f"toy data: train,val,test image counts (default: "
+                            f"{','.join(map(str, TOY_SIZES))})")
     raw = parser.parse_args(argv)
     explicit = {k for k in ("img_size", "batch_size") if getattr(raw, k) is not None}
     args = common.finish_args(raw, PAPER_RECIPE, TOY_RECIPE)
