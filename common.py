@@ -900,7 +900,7 @@ def find_slice_files(root):
 
 def _to_tensor(image, mean, std):
     """uint8 (H, W, 3) -> normalised float (3, H, W)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0  # writable copy
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
