@@ -69,19 +69,22 @@ Run:
 import argparse
 import json
 import math
+import os
 import random
 import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: idle threads
+# that spin made a training step ~8x slower on our shared 2-core machine
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
 
-import common
+import common  # noqa: E402
 
 # ==== 2. Presets and recipe ====
 
