@@ -127,6 +127,10 @@ CLASS_NAMES = {  # label ids 1 .. K-1 (Synapse: TransUNet's order, spec 6.1)
 }
 
 # ==== 3. Building blocks (the authors' U-Net parts, spec 1.1) ====
+# The paper only says "U-Net" (Sec. 3.2). The released one is milesial/Pytorch-UNet with
+# bias-free 3x3 convs; the module and attribute names below are chosen so that its state_dict
+# keys come out identical. Every block ends in BN + ReLU, so the features that stage 2 aligns
+# are non-negative activations, compared raw (no projection, no normalisation; spec 3.2).
 
 
 class DoubleConv(nn.Module):
@@ -205,6 +209,10 @@ class ReSegUNet(nn.Module):
     role "seg" takes the image (B, 1 or 3, H, W); role "recon" takes the label map (B, H, W),
     whose raw ids 0 .. K-1 become the pixel intensities (spec 1.3). Returns a UNetOutput whose
     features are the DoubleConv outputs that Eqs. (4)-(6) align; `mid_feature` picks F_in.
+
+    Both roles share one layout ("keeping the model architecture unchanged", Sec. 2.2), which is
+    what makes the cross pairs possible: the encoder of one and the decoder of the other meet
+    at equal shapes because the U-Net is symmetric.
     """
 
     def __init__(self, num_classes, widths=(64, 128, 256, 512, 1024), in_channels=3,
@@ -274,6 +282,9 @@ def load_released_weights(model, path):
 
 
 # ==== 5. Losses ====
+# Stage 1 minimises Eq. (3); stage 2 minimises Eq. (8). Every reduction is a mean (over batch,
+# channels and pixels), as in the authors' F.mse_loss / nn.L1Loss calls, so the loss scale does
+# not depend on the image size, and lambda = 0.035 keeps its meaning at any preset.
 
 
 def mse_loss(x, x_hat):
@@ -319,6 +330,10 @@ def alignment_loss(seg, rec, groups=ALIGN_GROUPS):
     Level l = 1 is the deepest (spec 3.2): Recon-E^1 is x4 and Seg-D^1 is u1, both (B, C_4,
     H/8, W/8). The frozen net's features are constants (computed without gradient).
     Returns (L_align, dict of the per-term values).
+
+    Why crosswise: the seg decoder is pulled towards the reconstruction *encoder*'s view of the
+    label map (clean anatomy, no image noise), and the seg encoder towards the reconstruction
+    decoder's, so both halves of the segmentation U-Net get a target (Sec. 2.3, Fig. 1(b)).
     """
     terms = {}
     for level in (1, 2, 3):
@@ -365,6 +380,9 @@ def total_loss(seg, labels, rec=None, lam=0.035, groups=ALIGN_GROUPS, ce_weight=
 
 
 # ==== 6. Data handling: TransUNet's augmentation, class names, test cases ====
+# common.load_data reads every layout (TransUNet npz / h5, MT-UNet's ACDC npz, PNG pairs, toy);
+# what is ReSeg's own is the baseline's augmentation (Sec. 3.2: "identical to the baseline") and
+# the names of the organs in the paper's tables.
 
 
 def transunet_augment(image, label, rng):
@@ -436,8 +454,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, args, stage="se
                     recon_net=None, scaler=None, show=True):
     """One epoch of stage 1 (`stage="recon"`, model = recon net) or stage 2 (model = seg net).
 
-    In stage 2 `recon_net` is the frozen reconstruction net, fed the same batch's label maps.
-    The poly schedule steps every iteration. Returns {'loss', 'align'} averaged over batches.
+    In stage 2 `recon_net` is the frozen reconstruction net, fed the same batch's label maps
+    (after the same augmentation, spec 3.1): it needs the ground truth, so it runs only while
+    training and inference is the plain U-Net. The poly schedule steps every iteration.
+    Returns {'loss', 'align'} averaged over batches.
     """
     model.train()
     if recon_net is not None:  # eval BN (paper: frozen) or batch statistics (code, spec 2.4)
@@ -674,8 +694,11 @@ def load_recon_net(args, path):
 def run_stage(stage, model, data, args, run, recon_net=None, resume=None):
     """The training loop of one stage; checkpoints recon_last/recon_best.pt or last/best.pt.
 
-    Validation keeps the best epoch (lowest stage-1 loss, highest stage-2 Dice); without a
-    validation set the last epoch is the best. Returns the best score.
+    Both stages use the same recipe (spec 2.3, 3.5): SGD with momentum, poly decay, the
+    baseline's batch size. Validation keeps the best epoch (lowest stage-1 loss, highest
+    stage-2 Dice); without a validation set (Synapse) the last epoch is the best. Each stage
+    keeps its own checkpoints, so `--resume` of either file continues that stage.
+    Returns the best score (stage 1: minus the loss).
     """
     prefix, epochs = ("recon_", args.recon_epochs) if stage == "recon" else ("", args.epochs)
     device = run.device
@@ -739,6 +762,7 @@ def run_bench(args, given, run):
     batch = args.batch_size if "batch_size" in given else (PAPER_RECIPE["batch_size"] if cuda
                                                           else 2)
     k = 4 if args.dataset == "acdc" else 9
+    run.log(f"bench: preset {preset}, {size} x {size}, batch {batch}, {k} classes")
     seg = build_model(preset, k, mid_feature=args.mid_feature).to(run.device)
     rec = build_model(preset, k, role="recon", mid_feature=args.mid_feature).to(run.device)
     rec.requires_grad_(False).train(args.recon_bn == "batch")
@@ -774,8 +798,11 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
+    # --resume / --eval / --predict start from the settings saved in the checkpoint (preset, image
+    # size, classes, switches), so a bare `--eval best.pt` rebuilds the same network and data;
+    # a flag typed on this command line still wins.
     saved = None
-    if args.resume or args.eval or args.predict:  # the checkpoint's settings, unless typed
+    if args.resume or args.eval or args.predict:
         saved = common.load_checkpoint(args.resume or args.eval or args.checkpoint, SCRIPT)
         keep = {"resume", "eval", "predict", "checkpoint", "out", "bench", "device", "workers"}
         for key, value in saved["config"].items():
@@ -826,7 +853,8 @@ def main(argv=None):
                                       "preset_values": asdict(PRESETS[args.preset])})
     resume_stage = saved.get("stage") if args.resume else None
 
-    if stage in ("recon", "both") and args.aligned and resume_stage != "seg":  # stage 1
+    # Stage 1 (Sec. 2.2): skipped for the plain baseline, and when resuming inside stage 2.
+    if stage in ("recon", "both") and args.aligned and resume_stage != "seg":
         recon = build_model(args.preset, args.num_classes, role="recon",
                             mid_feature=args.mid_feature).to(run.device)
         best = run_stage("recon", recon, data, args, run,
@@ -841,7 +869,8 @@ def main(argv=None):
     elif stage == "recon":
         common.fail("--stage recon with --lam 0 (or no --align-groups): nothing to train")
 
-    if stage in ("seg", "both"):  # stage 2
+    # Stage 2 (Sec. 2.3): a fresh segmentation U-Net, guided by the frozen stage-1 net.
+    if stage in ("seg", "both"):
         recon_net = None
         if args.aligned:
             if not args.recon_ckpt:
@@ -860,6 +889,7 @@ def main(argv=None):
                   resume=saved if resume_stage == "seg" else None)
         saved = common.load_checkpoint(run.out / "best.pt", SCRIPT)
 
+    # Test with the best stage-2 weights (or the --eval checkpoint), per volume as Tab. 1-2.
     model = build_model(args.preset, args.num_classes, mid_feature=args.mid_feature)
     model.load_state_dict(saved["model"])
     model.to(run.device)
