@@ -70,17 +70,20 @@ Run:
 import argparse
 import json
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: on a shared
+# 2-core CPU, spinning idle OpenMP threads made a training step about 8x slower (measured)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-import common
+import common  # noqa: E402
 
 # ==== 2. Presets and recipe ====
 
@@ -146,6 +149,8 @@ class Encoder(nn.Module):
     """E_s, E_f, E_b and E_r (spec G3, G4): three levels of ConvBlock + 2x2 max-pool.
 
     (B, 3, H, W) -> [(B, C_1, H/2, W/2), (B, C_2, H/4, W/4), (B, C_3, H/8, W/8)].
+    Strides 2-4-8 rather than U-Net's 1-2-4: a full-resolution level 1 would make the level-1
+    BFM attend over all H*W tokens. The four encoders share this design, not their weights.
     """
 
     def __init__(self, widths):
@@ -268,6 +273,8 @@ class BidirectionalFusion(nn.Module):
             return f_s + f_r_hat
         if self.mode == "concat":
             return self.fuse(torch.cat([f_r_hat, f_s], dim=1))
+        # queries keep every token of the level; keys/values may be pooled (same grid for both
+        # streams, which is what makes the printed Eq. 6 pairing shape-valid)
         b, c, h, w = f_s.shape
         q_s = self._heads(self.q_s(self.norm_q_s(self._tokens(f_s))))  # (B, heads, hw, d)
         k_r, v_r = map(self._heads, self.kv_r(self.norm_kv_r(self._pooled(f_r_hat))).chunk(2, -1))
@@ -282,6 +289,7 @@ class BidirectionalFusion(nn.Module):
 
         def to_map(x):
             return x.transpose(1, 2).reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)
+        # the residuals add the un-normalised streams (the LayerNorms only feed Q, K, V)
         f_s_tilde = self.c11_s(to_map(out_s)) + f_s  # Eq. (6)  F~_s = C11(Attn_r x V_r) + F_s
         f_r_tilde = self.c11_r(to_map(out_r)) + f_r_hat  # Eq. (6)  F~_r = C11(Attn_s V_s) + F^_r
         return self.fuse(torch.cat([f_r_tilde, f_s_tilde], dim=1))  # F-_s (B, C, h, w)
@@ -320,7 +328,9 @@ class MambaMixer(nn.Module):
         x = F.silu(self.conv1d(x)[..., :length])  # causal: keep the first L outputs
         dt, B, C = self.x_proj(x.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, r), (B, L, N) x 2
-        delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # (B, d_inner, L), bias in the scan
+        # as mamba_simple.py: the dt_proj bias goes into the scan as delta_bias, where
+        # delta = softplus(W dt + bias) is taken in fp32
+        delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # (B, d_inner, L)
         y = common.selective_scan(x, delta, -torch.exp(self.A_log.float()),
                                   B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z,
                                   delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
@@ -350,7 +360,8 @@ class MultiBranchVisionMamba(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             n_s = self.norm_in(x.float().flatten(2).transpose(1, 2))  # N_s (B, L, C)
             n_s_j = n_s.chunk(self.groups, dim=2)  # Eq. (7)  [N_s^1..N_s^4] = Split(N_s)
-            # shared weights: the groups ride along the batch axis, one mixer call (4B, L, C/4)
+            # shared weights: the groups ride along the batch axis, one mixer call (4B, L, C/4);
+            # the mixer treats batch entries independently, so this equals four separate calls
             stacked = torch.cat(n_s_j, dim=0)
             stacked = self.mamba(stacked) + self.gamma * stacked  # Eq. (8)  M(N^j) + gamma N^j
             n_s_tilde = torch.cat(stacked.chunk(self.groups, dim=0), dim=2)  # Eq. (9)  (B, L, C)
@@ -393,10 +404,12 @@ class MFEL(nn.Module):
         if self.fiir:
             coarse = F.interpolate(self.coarse_head(f_s[2]), size=image.shape[-2:],
                                    mode="bilinear", align_corners=False)  # (B, 1, H, W)
+            # the threshold passes no gradient; the coarse head learns from L_coarse alone
             mask_split = (torch.sigmoid(coarse) > 0.5).float().detach() if mask is None else mask
             image_fg, image_bg = split_foreground_background(image, mask_split)
             f_f, f_b = self.encoder_fg(image_fg), self.encoder_bg(image_bg)
             f_r = self.encoder_rec(image)  # the "initial pixel-level feature" (spec G4)
+            # the streams run in parallel: AFM and BFM outputs feed decoders, not deeper encoders
             f_r_hat = [afm(*fs) for afm, fs in zip(self.afm, zip(f_r, f_f, f_b))]
             f_s_bar = [bfm(s, r) for bfm, s, r in zip(self.bfm, f_s, f_r_hat)]
             out.update(coarse_logits=coarse, mask_split=mask_split, image_fg=image_fg,
@@ -464,6 +477,8 @@ def loss_mask(logits, target):
 
 def total_loss(out, image, target, coarse_weight=1.0):
     """L_total of Sec. 3.3.2 plus the spec's coarse-mask term; returns (loss, parts dict)."""
+    # every L1 term is a mean: a sum over 3 x 256^2 values would dwarf BCE + Dice at the
+    # paper's unit weights (spec G11)
     out = {k: v.float() for k, v in out.items()}
     l_mask = loss_mask(out["logits"], target)
     if "recon_image" not in out:  # w/o FIIR: L_total = L_mask (spec G12)
@@ -544,7 +559,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, mask_source="co
         else:
             loss.backward()
             optimizer.step()
-        scheduler.step()
+        scheduler.step()  # per iteration, so the warm-up is smooth even with 21 GlaS batches
         for key, value in dict(parts, loss=loss.item()).items():
             sums[key] = sums.get(key, 0.0) + value
         count += 1
@@ -768,6 +783,11 @@ def test_all(model, tests, args, run):
 
 
 def main(argv=None):
+    """Train, validate and test MFEL (or --bench / --predict / --eval); returns the metrics.
+
+    The flow reads top to bottom like nanoGPT's train.py: flags, data, model, optimiser and
+    schedule, the epoch loop (train, validate, checkpoint), then the test with best.pt.
+    """
     args = parse_args(argv)
     common.seed_everything(args.seed)
     run = common.Run(args, "mfel")
@@ -814,7 +834,7 @@ def main(argv=None):
     run.save_json("config.json", {**vars(args), "model_config": config, "params": params,
                                   "preset_values": asdict(PRESETS[config["preset"]]),
                                   "data_source": data["source"], "device": str(run.device)})
-    net = model
+    net = model  # what trains; `model` (unwrapped) is what validates, tests and is saved
     if run.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
@@ -847,7 +867,7 @@ def main(argv=None):
                "train_loss": losses.get("loss", math.nan),
                **{f"loss_{k}": v for k, v in losses.items() if k != "loss"}}
         score = float(epoch)  # no validation: the last epoch is the best
-        if data["val"] is not None and run.is_main:
+        if data["val"] is not None and run.is_main:  # rank 0 validates, the others wait below
             val = evaluate(model, data["val"], run.device, args.metric_mode, "network",
                            False, args.batch_size, args.amp)
             row["val_dice"] = score = val["F1"]
