@@ -244,31 +244,17 @@ class CrossRegionAttention(nn.Module):
 
 # ==== 4. Model ====
 
-class EncoderStage(nn.Module):
-    """Blocks, then patch merging (stages 1-3). Returns the output and every block's output."""
+class Stage(nn.Module):
+    """One U-Net stage (VM-UNet's VSSLayer / VSSLayer_up): [patch expanding], CM-SSM blocks,
+    [patch merging]. Returns the output and every block's output (the maps of FDLoss)."""
 
-    def __init__(self, dim, depth, rates, preset, downsample):
-        super().__init__()
-        self.blocks = nn.ModuleList(_blocks(dim, depth, rates, preset))
-        self.downsample = PatchMerging2D(dim) if downsample else None
-
-    def forward(self, x):
-        outputs = []
-        for block in self.blocks:
-            x = block(x)
-            outputs.append(x)
-        if self.downsample is not None:
-            x = self.downsample(x)  # (B, H/2, W/2, 2C)
-        return x, outputs
-
-
-class DecoderStage(nn.Module):
-    """Patch expanding (stages 2-4), then blocks. Returns the output and every block's output."""
-
-    def __init__(self, dim, depth, rates, preset, upsample):
+    def __init__(self, dim, rates, preset, downsample=False, upsample=False):
         super().__init__()
         self.upsample = PatchExpand2D(dim) if upsample else None
-        self.blocks = nn.ModuleList(_blocks(dim, depth, rates, preset))
+        self.blocks = nn.ModuleList(
+            CMSSMBlock(dim, rate, preset.d_state, preset.se_reduction if preset.se else 0,
+                       preset.cmn_expansion if preset.cmn else 0) for rate in rates)
+        self.downsample = PatchMerging2D(dim) if downsample else None
 
     def forward(self, x):
         if self.upsample is not None:
@@ -277,12 +263,9 @@ class DecoderStage(nn.Module):
         for block in self.blocks:
             x = block(x)
             outputs.append(x)
+        if self.downsample is not None:
+            x = self.downsample(x)  # (B, H/2, W/2, 2C)
         return x, outputs
-
-
-def _blocks(dim, depth, rates, preset):
-    return [CMSSMBlock(dim, rate, preset.d_state, preset.se_reduction if preset.se else 0,
-                       preset.cmn_expansion if preset.cmn else 0) for rate in rates[:depth]]
 
 
 class CMSSMUNet(nn.Module):
@@ -305,12 +288,12 @@ class CMSSMUNet(nn.Module):
         rates_decoder = rates_decoder[::-1]  # spec 1.6: largest rate at the bottleneck
         self.layers, self.layers_up = nn.ModuleList(), nn.ModuleList()
         for i in range(4):
-            start = sum(preset.depths[:i])
-            self.layers.append(EncoderStage(dims[i], preset.depths[i], rates[start:], preset,
-                                            downsample=i < 3))
-            start = sum(preset.depths_decoder[:i])
-            self.layers_up.append(DecoderStage(dims_decoder[i], preset.depths_decoder[i],
-                                               rates_decoder[start:], preset, upsample=i > 0))
+            start, depth = sum(preset.depths[:i]), preset.depths[i]
+            self.layers.append(Stage(dims[i], rates[start:start + depth], preset,
+                                     downsample=i < 3))
+            start, depth = sum(preset.depths_decoder[:i]), preset.depths_decoder[i]
+            self.layers_up.append(Stage(dims_decoder[i], rates_decoder[start:start + depth],
+                                        preset, upsample=i > 0))
         self.final_up = FinalPatchExpand2D(c)
         self.final_conv = nn.Conv2d(c // 4, num_classes, 1)
         self.skip_attention = None

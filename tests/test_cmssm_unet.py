@@ -80,6 +80,8 @@ def test_parameter_counts_match_spec():
         1, 24, 1, 1)
     block = sum(p.numel() for p in vmunet.layers[0].blocks[0].parameters())
     assert block == 105_408
+    rates = [round(b.drop_path.p, 4) for stage in vmunet.layers_up for b in stage.blocks]
+    assert rates == [0.2, 0.1667, 0.1333, 0.1, 0.0667, 0.0333, 0.0]  # spec 1.6, reversed
     assert sum(p.numel() for p in full.parameters()) == 43_266_829  # spec 4.4
     cra = sum(p.numel() for p in full.skip_attention.parameters())
     assert cra == 56_904 + 14_628 + 5_016  # spec 5.3
