@@ -57,7 +57,8 @@ Deviations and the paper's gaps (spec 11), each with its switch:
   7. PyTorch's default initialisation, not ConvNeXt's trunc-normal(0.02): from scratch the
      latter stalls on small models; with --pretrained the encoders are ImageNet's anyway.
   8. Recipe gaps filled from MERIT (spec 7): constant lr, weight decay 1e-4 (--weight-decay),
-     its rotation/flip draw; best epoch on validation, else the last (not MERIT's test set).
+     its rotation/flip draw, no stochastic depth; best epoch on validation, else the last
+     (MERIT selects on the Synapse test set).
   9. Toy slices are scored with VolumeMeter's "skip" convention (a class absent from a slice
      and its prediction does not count); real volumes with TransUNet's (spec 9).
 
@@ -99,7 +100,6 @@ class DINConfig:
     depths: tuple = (3, 3, 27, 3)  # Tab. 14 says x9 for stage 3; the totals need 27 (spec 3)
     stem_kernel: int = 3  # Tab. 14, Sec. 9.1: 3x3 stem ...
     stem_stride: int = 1  # Sec. 9.1: ... with stride 1, "to preserve full-size features"
-    drop_path: float = 0.0  # not stated (spec 3)
     merge_kernel: int = 3  # Eq. (1) conv, 3x3 from the parameter budget (spec 4.1)
     window: int = 7  # Sec. 3.1.3 window attention; size from spec 4.2
     head_dim: int = 32  # Sec. 3.1.2 multi-head; 32 channels per head (spec 4.2)
@@ -363,7 +363,7 @@ def build_model(preset="paper", num_classes=9, **overrides):
 
 def parameter_split(model):
     """Parameters (millions) of the encoders, the four fusion modules and the decoder (Sec. 4.5)."""
-    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6 if m else 0.0  # noqa: E731
+    count = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters()) / 1e6  # noqa
     split = {"encoders": count(model.enc_i) + count(model.enc_e), "difm": count(model.difm),
              "decoder": count(model.decoder)}
     split["total"] = count(model)
@@ -374,20 +374,11 @@ def parameter_split(model):
 # Parameter names follow timm's ConvNeXt, so ImageNet weights load by name (spec 3, 12).
 
 
-def drop_path(x, rate, training):
-    """Stochastic depth: drop the whole residual branch of a sample with probability `rate`."""
-    if rate == 0.0 or not training:
-        return x
-    keep = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1 - rate)
-    return x * keep / (1 - rate)
-
-
 class ConvNeXtBlock(nn.Module):
     """Conv-block of Eq. (13): 7x7 depthwise conv, LN, 1x1 (4C), GELU, 1x1 (C), layer scale."""
 
-    def __init__(self, dim, drop_rate=0.0):
+    def __init__(self, dim):
         super().__init__()
-        self.drop_rate = drop_rate
         self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.ModuleDict({"fc1": nn.Linear(dim, 4 * dim), "fc2": nn.Linear(4 * dim, dim)})
@@ -396,18 +387,17 @@ class ConvNeXtBlock(nn.Module):
     def forward(self, x):
         y = self.norm(self.conv_dw(x).permute(0, 2, 3, 1))  # (B, H, W, C) channels-last
         y = self.gamma * self.mlp["fc2"](F.gelu(self.mlp["fc1"](y)))  # 1x1 convs as Linear
-        # Eq. (13)  y = conv(GELU(conv(LN(dconv(x, 7)), 1)), 1) + x
-        return x + drop_path(y.permute(0, 3, 1, 2), self.drop_rate, self.training)
+        return x + y.permute(0, 3, 1, 2)  # Eq. (13)  y = conv(GELU(conv(LN(dconv(x))))) + x
 
 
 class ConvNeXtStage(nn.Module):
     """2x2 stride-2 pooling (LN, conv; not in stage 1), then the conv-blocks (f_shape)."""
 
-    def __init__(self, c_in, c_out, depth, drop_rate=0.0, downsample=True):
+    def __init__(self, c_in, c_out, depth, downsample=True):
         super().__init__()
         self.downsample = (nn.Sequential(LayerNorm2d(c_in, eps=1e-6), nn.Conv2d(c_in, c_out, 2, 2))
                            if downsample else nn.Identity())
-        self.blocks = nn.Sequential(*[ConvNeXtBlock(c_out, drop_rate) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[ConvNeXtBlock(c_out) for _ in range(depth)])
 
     def forward(self, x):
         return self.blocks(self.downsample(x))
@@ -426,7 +416,7 @@ class ConvNeXtEncoder(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(in_channels, dims[0], k, s, padding=(k - s) // 2),
                                   LayerNorm2d(dims[0], eps=1e-6))
         self.stages = nn.ModuleList(
-            ConvNeXtStage(dims[max(i - 1, 0)], dims[i], depth, cfg.drop_path, downsample=i > 0)
+            ConvNeXtStage(dims[max(i - 1, 0)], dims[i], depth, downsample=i > 0)
             for i, depth in enumerate(cfg.depths))
         # Sec. 9.1: "two types of pooling layers": the second one extracts f_edge (spec 3)
         self.edge = nn.ModuleList(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6),
@@ -833,8 +823,9 @@ def validate(model, loader, num_classes, device):
 def predict_folder(model, folder, out, args, device):
     """--predict: one PNG per image file in `folder` (label map, or 0/255 mask for binary)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in common.IMAGE_EXTS) \
-        if folder.is_dir() else common.fail(f"--predict {folder}: no such folder")
+    if not folder.is_dir():
+        common.fail(f"--predict {folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in common.IMAGE_EXTS)
     if not files:
         common.fail(f"--predict {folder}: no image files in it")
     out.mkdir(parents=True, exist_ok=True)
