@@ -68,17 +68,20 @@ Run:
 """
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: threads that
+# spin while waiting made a toy training step 15x slower on our shared 2-core machine
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-import common
+import common  # noqa: E402
 
 SCRIPT = "reseg_unet"
 
