@@ -663,6 +663,8 @@ def parse_args(argv):
         raw.img_size = raw.img_size or PAPER_RECIPE["img_size"]
         raw.batch_size = raw.batch_size or PAPER_RECIPE["batch_size"]
     args = common.finish_args(raw, PAPER_RECIPE, TOY_RECIPE)
+    if args.bench and "preset" not in args.given:
+        args.preset_reason = "--bench default"
     args.oracle = args.oracle or args.mask_source_eval == "oracle"
     args.instance = args.glas if args.instance_masks == "auto" else args.instance_masks == "on"
     if args.warmup_epochs is None:

@@ -282,8 +282,12 @@ def test_one_step_lowers_the_loss():
 def test_glas_layout_detection(tmp_path):
     (tmp_path / "train_1.bmp").write_bytes(b"")
     assert not mfel.is_glas(tmp_path)
+    assert mfel.parse_args(["--data", str(tmp_path)]).img_size == 256  # Sec. 4.1.1, ISIC/PH2
     (tmp_path / "train_1_anno.bmp").write_bytes(b"")
     assert mfel.is_glas(tmp_path)
+    args = mfel.parse_args(["--data", str(tmp_path)])
+    assert args.img_size == 128 and args.instance  # Sec. 4.1.1: GlaS at 128x128
+    assert mfel.parse_args(["--data", str(tmp_path), "--img-size", "64"]).img_size == 64
 
 
 # ---- command line ----
