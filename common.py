@@ -1484,41 +1484,495 @@ def benchmark(model, train_step, infer_step, batch_size, device, repeats=3, **ex
 
 
 # ==== 7. Selective scan (Mamba's S6), used by cmssm_unet.py and mfel.py ====
-# SCAN-BLOCK (placeholder: the plain loop until the fast path lands)
+#
+# Public: selective_scan, selective_scan_reference, scan_backend, MAMBA_SSM_AVAILABLE, bench_scan.
+# Shape letters: b batch, D channels (mamba-ssm's `dim`; the argument D is the skip vector),
+# L sequence length, N state size, G groups of channels sharing one B (or C), H = D / G,
+# T chunk length, K = ceil(L / T) chunks, k chunks handled together in one group.
+
+try:  # the authors' fused CUDA kernel (pip install mamba-ssm), used for CUDA tensors
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
+    MAMBA_SSM_AVAILABLE = True
+except (ImportError, OSError):  # not installed, or built for another torch / CUDA
+    _mamba_selective_scan_fn = None
+    MAMBA_SSM_AVAILABLE = False
+
+SCAN_CHUNK_LEN = 32  # T of the pure-PyTorch path (16..128 time alike on 2 CPU cores)
+SCAN_GROUP_ELEMENTS = 2 ** 23  # states (T b k N D) per group of k chunks; see _ChunkedScan
+
+
+def scan_backend(u):
+    """Name the path selective_scan takes for input u: "mamba_ssm" (CUDA kernel) or "torch"."""
+    return "mamba_ssm" if MAMBA_SSM_AVAILABLE and u.is_cuda else "torch"
+
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False):
-    """mamba-ssm's selective_scan_fn semantics, computed by the plain loop (placeholder)."""
+    """Selective scan with mamba-ssm's selective_scan_fn interface; see selective_scan_reference.
+
+    Runs the authors' CUDA kernel when mamba-ssm is installed and u is on a GPU, otherwise the
+    chunked pure-PyTorch scan (any device, float32 inside; float64 stays float64 for gradcheck).
+    The torch path also back-propagates through the returned last state; the kernel does not.
+    """
+    if scan_backend(u) == "mamba_ssm":
+        return _mamba_selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                        delta_softplus=delta_softplus,
+                                        return_last_state=return_last_state)
+    return _selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                   return_last_state)
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                             delta_softplus=False, return_last_state=False):
+    """The selective scan as a plain loop over time: the tests' oracle and the version to read.
+
+    Mamba (Gu & Dao, 2023), Sec. 2 and 3.2, Alg. 2. For every batch item, channel d and step t:
+        delta_t = softplus(delta_t + delta_bias)          (bias and softplus each optional)
+        A_bar_t = exp(delta_t A)                          Eq. (4), zero-order hold (ZOH)
+        B_bar_t = delta_t B_t                             Euler step: Mamba's simplification of
+                                                          Eq. (4)'s ZOH B_bar (mamba issue #114)
+        h_t = A_bar_t * h_{t-1} + B_bar_t u_t, h_{-1} = 0  Eq. (2a), elementwise over N (diagonal A)
+        y_t = <C_t, h_t> + D u_t                          Eq. (2b) plus the skip term D
+        out_t = y_t * silu(z_t)                           optional gate
+    Args: u, delta, z (b, D, L); A (D, N); B, C (D, N) fixed, (b, N, L) or (b, G, N, L) varying,
+    channel d using group d // (D / G); D, delta_bias (D,).
+    Returns out (b, D, L) in u's dtype and, if return_last_state, h_{L-1} (b, D, N) in the
+    compute dtype: float32 (float64 for float64 inputs, so that gradcheck works).
+    """
     dtype = u.dtype
-    u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    u, delta, A = u.to(compute), delta.to(compute), A.to(compute)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[None, :, None]
+        delta = delta + delta_bias.to(compute)[:, None]
     if delta_softplus:
-        delta = F.softplus(delta)
+        delta = torch.nn.functional.softplus(delta)
     batch, dim, length = u.shape
-    def expand(M):
-        """B or C as (batch, dim, N, L)."""
-        if M.dim() == 2:
-            return M[None, :, :, None].expand(batch, dim, M.shape[1], length)
-        if M.dim() == 3:
-            M = M[:, None]
-        return M.repeat_interleave(dim // M.shape[1], dim=1)
-    B, C = expand(B), expand(C)
-    h = u.new_zeros(batch, dim, A.shape[1])
+    B = _bc_per_channel(B, dim, length).to(compute)  # (b|1, D, N, L)
+    C = _bc_per_channel(C, dim, length).to(compute)  # (b|1, D, N, L)
+    h = u.new_zeros(batch, dim, A.shape[1])  # (b, D, N)
     ys = []
-    for t in range(length):
-        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[..., t] * u[:, :, t, None]
-        ys.append((h * C[..., t]).sum(-1))
-    y = torch.stack(ys, dim=-1)
+    for delta_t, u_t, B_t, C_t in zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        A_bar = torch.exp(delta_t[..., None] * A)  # Eq. (4)  (b, D, N)
+        B_bar = delta_t[..., None] * B_t  # Euler B_bar  (b, D, N)
+        h = A_bar * h + B_bar * u_t[..., None]  # Eq. (2a)
+        ys.append((C_t * h).sum(-1))  # Eq. (2b), C_t h_t  (b, D)
+    y = torch.stack(ys, dim=-1)  # (b, D, L)
     if D is not None:
-        y = y + D.float()[None, :, None] * u
+        y = y + D.to(compute)[:, None] * u
     if z is not None:
-        y = y * F.silu(z.float())
-    y = y.to(dtype)
-    return (y, h) if return_last_state else y
+        y = y * torch.nn.functional.silu(z.to(compute))
+    out = y.to(dtype)
+    return (out, h) if return_last_state else out
 
 
-selective_scan_reference = selective_scan
+def _bc_per_channel(x, dim, length):
+    """B or C of any accepted shape as one (b|1, D, N, L) tensor, for the reference loop."""
+    if x.dim() == 2:  # (D, N): the same for every step
+        return x[None, :, :, None].expand(1, dim, x.shape[1], length)
+    if x.dim() == 3:  # (b, N, L): one group shared by all channels
+        return x[:, None].expand(x.shape[0], dim, *x.shape[1:])
+    return x.repeat_interleave(dim // x.shape[1], dim=1)  # (b, G, N, L): group d // (D / G)
+
+
+def _scan_with(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """Run core(u, delta, A, B, C) -> (C_t h_t, h_{L-1}) inside the steps all paths share."""
+    dtype = u.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)[:, None]
+    if delta_softplus:
+        delta = torch.nn.functional.softplus(delta)
+    y, last_state = core(u, delta, A, B, C)  # (b, D, L), (b, D, N)
+    if D is not None:
+        y = y + D.to(compute)[:, None] * u
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.to(compute))
+    return (y.to(dtype), last_state) if return_last_state else y.to(dtype)
+
+
+# ---- Fast path: chunks of the sequence scanned side by side ----
+#
+# Cut the sequence into K chunks of T steps and treat the chunks like an extra batch axis:
+# 1. scan every chunk from a zero state, all K chunks at once (a loop of T steps);
+# 2. carry the true state from chunk to chunk: start_{k+1} = (prod_t A_bar_t) start_k + end_k,
+#    where end_k is the chunk's own end from step 1 (a loop of K cheap steps);
+# 3. rescan every chunk from its true start, reading out y_t = C_t h_t (T steps).
+# Only the K chunk-start states are kept for the backward pass, which runs the adjoint
+# recurrence theta_t = A_bar_t (theta_{t+1} + C_t dLoss/dy_t) the same way in reverse and
+# recomputes the states of a group of k chunks at a time. All loops visit the chunks in such
+# groups, so that the per-step tensors (b, k, N, D) stay in the CPU cache. Every factor is an
+# A_bar_t = exp(delta_t A) (<= 1, as delta >= 0 and A < 0 in Mamba) or a product of them, so
+# nothing overflows however long the sequence (no division by a cumulative decay, unlike
+# cumsum tricks). Loops update preallocated buffers in place: on a CPU, allocating a fresh
+# multi-MB tensor per step costs more than the arithmetic.
+
+
+def _selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                            delta_softplus=False, return_last_state=False,
+                            chunk_len=SCAN_CHUNK_LEN, group_chunks=None):
+    """Pure-PyTorch selective scan over chunks of length chunk_len (same results as the reference).
+
+    group_chunks: how many chunks each loop handles at once (default: as many as have
+    SCAN_GROUP_ELEMENTS states in all), which bounds the backward's buffer of recomputed states.
+    """
+    def core(u, delta, A, B, C):
+        """Chunked scan core with its hand-written backward."""
+        return _ChunkedScan.apply(u, delta, A, B, C, chunk_len, group_chunks)
+    return _scan_with(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                      return_last_state)
+
+
+def _to_chunks(x, chunk_len):
+    """(b, D, L) -> (T, b, K, 1, D): step within the chunk first, chunks side by side, 0-padded."""
+    batch, dim, length = x.shape
+    n_chunks = -(-length // chunk_len)
+    # Transpose to (b, L, D) first: one 2-D transpose, then moves of whole D-rows (fast copies).
+    padded = x.new_zeros(batch, n_chunks * chunk_len, dim)  # (b, K T, D)
+    padded[:, :length] = x.transpose(1, 2)
+    x = padded.view(batch, n_chunks, chunk_len, dim).permute(2, 0, 1, 3)
+    return x.unsqueeze(3).contiguous()
+
+
+def _from_chunks(x, length):
+    """(T, b, K, 1, D) -> (b, D, L): undo _to_chunks, dropping the padding."""
+    chunk_len, batch, n_chunks, _, dim = x.shape
+    x = x.permute(1, 2, 0, 3, 4).reshape(batch, n_chunks * chunk_len, dim)  # (b, L, D)
+    return x[:, :length].transpose(1, 2).contiguous()
+
+
+def _operand_to_chunks(x, dim, chunk_len, n_chunks):
+    """B or C -> (T, b|1, K, N, G, 1), to broadcast against a state viewed as (b, K, N, G, H)."""
+    if x.dim() == 2:  # (D, N): fixed, one group per channel
+        return x.t()[None, None, None, :, :, None].expand(chunk_len, 1, n_chunks, *x.t().shape, 1)
+    if x.dim() == 3:  # (b, N, L): one group
+        x = x[:, None]
+    batch, groups, state, length = x.shape
+    x = torch.nn.functional.pad(x, (0, n_chunks * chunk_len - length))
+    x = x.reshape(batch, groups, state, n_chunks, chunk_len).permute(4, 0, 3, 2, 1)
+    return x.unsqueeze(-1).contiguous()
+
+
+def _operand_from_chunks(grad, shape):
+    """Gradient (T|1, b, K, N, G, 1) of a chunked B or C -> the operand's own shape."""
+    if len(shape) == 2:  # fixed (D, N): sum over steps, batch and chunks
+        return grad.sum((0, 1, 2))[..., 0].t()
+    batch, state, groups = grad.shape[1], grad.shape[3], grad.shape[4]
+    grad = grad[..., 0].permute(1, 4, 3, 2, 0).reshape(batch, groups, state, -1)
+    return grad[..., :shape[-1]].reshape(shape)
+
+
+def _grouped(x, groups):
+    """View the channel axis (last) as (G, H) so x meets a B or C chunk of G groups."""
+    return x.unflatten(-1, (groups, -1))
+
+
+def _chunk_inputs(u, delta, B, C, chunk_len):
+    """The scan's inputs cut into chunks: u, delta, du = delta u (T, b, K, 1, D); B, C chunked."""
+    delta_c, u_c = _to_chunks(delta, chunk_len), _to_chunks(u, chunk_len)
+    dim, n_chunks = u.shape[1], u_c.shape[2]
+    return dict(u=u_c, delta=delta_c, du=delta_c * u_c,
+                B=_operand_to_chunks(B, dim, chunk_len, n_chunks),  # (T, b|1, K, N, G, 1)
+                C=_operand_to_chunks(C, dim, chunk_len, n_chunks))
+
+
+def _take_chunks(chunks, ks):
+    """The chunked tensors of chunks[name] restricted to the chunks in slice ks (axis 2)."""
+    return {name: x[:, :, ks] for name, x in chunks.items()}
+
+
+def _scan_chunks(group, h, A_t, y=None):
+    """Run the recurrence through chunks side by side, in place on their states h (b, k, N, D).
+
+    group: the chunks' inputs from _take_chunks; y (T, b, k, 1, D), if given, gets C_t h_t.
+    """
+    groups_b, groups_c = group["B"].shape[-2], group["C"].shape[-2]
+    decay, product = torch.empty_like(h), torch.empty_like(h)
+    for t in range(group["u"].shape[0]):
+        torch.mul(group["delta"][t], A_t, out=decay).exp_()  # Eq. (4)  A_bar_t = exp(delta_t A)
+        h.mul_(decay)  # Eq. (2a), A_bar_t h_{t-1} + B_bar_t u_t with B_bar_t u_t = delta_t u_t B_t
+        _grouped(h, groups_b).addcmul_(_grouped(group["du"][t], groups_b), group["B"][t])
+        if y is not None:
+            torch.mul(_grouped(h, groups_c), group["C"][t], out=_grouped(product, groups_c))
+            torch.sum(product, 2, keepdim=True, out=y[t])  # Eq. (2b)  C_t h_t
+    return h
+
+
+def _adjoint_chunks(group, grad_y, theta, A_t):
+    """Run theta_t = A_bar_t (theta_{t+1} + C_t dLoss/dy_t) backwards, in place on theta."""
+    groups_c = group["C"].shape[-2]
+    decay = torch.empty_like(theta)
+    for t in reversed(range(group["u"].shape[0])):
+        _grouped(theta, groups_c).addcmul_(_grouped(grad_y[t], groups_c), group["C"][t])
+        theta.mul_(torch.mul(group["delta"][t], A_t, out=decay).exp_())
+    return theta
+
+
+def _link_chunks(own, chunk_decay, entering, order):
+    """What enters each chunk, walking the chunks in order: next = own[k] + decay[k] * entering.
+
+    own: each chunk's result from a zero start (b, K, N, D); chunk_decay: prod_t A_bar_t over
+    each chunk. Returns the entering value of every chunk and what leaves the last one walked.
+    """
+    entering_all = torch.empty_like(own)
+    for k in order:
+        entering_all[:, k] = entering
+        entering = own[:, k] + chunk_decay[:, k] * entering
+    return entering_all, entering
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """y_t = C_t h_t and h_{L-1} of the recurrence h_t = A_bar_t h_{t-1} + delta_t B_t u_t."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, chunk_len, group_chunks):
+        """u, delta (b, D, L), A (D, N), B, C as in selective_scan -> y (b, D, L), h (b, D, N)."""
+        batch, length = len(u), u.shape[-1]
+        chunk_len = min(chunk_len, length)
+        chunks, A_t = _chunk_inputs(u, delta, B, C, chunk_len), A.t().contiguous()  # A_t (N, D)
+        n_chunks = chunks["u"].shape[2]
+        group_chunks = group_chunks or SCAN_GROUP_ELEMENTS // (chunk_len * batch * A.numel())
+        group_chunks = max(group_chunks, 1)
+        groups = [slice(k, k + group_chunks) for k in range(0, n_chunks, group_chunks)]
+        own_ends = u.new_empty(batch, n_chunks, *A_t.shape)  # (b, K, N, D)
+        for ks in groups:  # 1. every chunk from a zero state
+            _scan_chunks(_take_chunks(chunks, ks), own_ends[:, ks].zero_(), A_t)  # in place
+        chunk_decay = torch.exp(chunks["delta"].sum(0) * A_t)  # prod_t A_bar_t  (b, K, N, D)
+        starts, last_state = _link_chunks(own_ends, chunk_decay, u.new_zeros(batch, *A_t.shape),
+                                          range(n_chunks))  # 2. carry the state across chunks
+        y_c = torch.empty_like(chunks["u"])  # (T, b, K, 1, D)
+        for ks in groups:  # 3. rescan from the true starts, reading out y_t
+            _scan_chunks(_take_chunks(chunks, ks), starts[:, ks].clone(), A_t, y=y_c[:, :, ks])
+        ctx.save_for_backward(u, delta, A, B, C, starts)
+        ctx.chunk_len, ctx.groups = chunk_len, groups
+        return _from_chunks(y_c, length), last_state.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_last):
+        """Gradients of u, delta, A, B, C by the adjoint recurrence, chunk-parallel too.
+
+        With lambda_t = dLoss/dh_t and theta_t = dLoss/dh_{t-1} = A_bar_t lambda_t:
+        lambda_t = theta_{t+1} + C_t dLoss/dy_t, backwards from theta_L = dLoss/dh_{L-1}.
+        As forward: 1. every chunk from theta = 0 at its end; 2. carry theta right to left;
+        3. per group of chunks, recompute the states from the chunk starts and run lambda_t
+        backwards, collecting the gradients.
+        """
+        u, delta, A, B, C, starts = ctx.saved_tensors
+        length, chunk_len = u.shape[-1], ctx.chunk_len
+        chunks, A_t = _chunk_inputs(u, delta, B, C, chunk_len), A.t().contiguous()
+        gy_c = _to_chunks(grad_y, chunk_len)  # (T, b, K, 1, D)
+        own_theta = torch.zeros_like(starts)  # (b, K, N, D)
+        for ks in ctx.groups:  # 1. every chunk from theta = 0 after its end
+            _adjoint_chunks(_take_chunks(chunks, ks), gy_c[:, :, ks], own_theta[:, ks], A_t)
+        chunk_decay = torch.exp(chunks["delta"].sum(0) * A_t)
+        theta_in, _ = _link_chunks(own_theta, chunk_decay, grad_last.transpose(1, 2),
+                                   reversed(range(starts.shape[1])))  # 2. right to left
+        grads = dict(  # filled group by group; a fixed B or C sums over steps in one slot
+            u=torch.empty_like(gy_c), delta=torch.empty_like(gy_c),  # (T, b, K, 1, D)
+            A=torch.zeros_like(starts)[None],  # sum_t dLoss/da_t delta_t  (1, b, K, N, D)
+            B=u.new_zeros(chunk_len if B.dim() > 2 else 1, len(u), *chunks["B"].shape[2:]),
+            C=u.new_zeros(chunk_len if C.dim() > 2 else 1, len(u), *chunks["C"].shape[2:]))
+        groups_b = chunks["B"].shape[-2]
+        for ks in ctx.groups:  # 3. gradients
+            group = _take_chunks(chunks, ks)
+            h = starts.new_empty(chunk_len + 1, *starts[:, ks].shape)  # h[t] = h_{t-1}
+            decays = torch.empty_like(h[1:])  # A_bar_t  (T, b, k, N, D)
+            h[0] = starts[:, ks]
+            for t in range(chunk_len):  # recompute the states, as in _scan_chunks
+                torch.mul(group["delta"][t], A_t, out=decays[t]).exp_()
+                torch.mul(h[t], decays[t], out=h[t + 1])
+                _grouped(h[t + 1], groups_b).addcmul_(_grouped(group["du"][t], groups_b),
+                                                   group["B"][t])
+            _group_gradients(group, gy_c[:, :, ks], h, decays, A_t, theta_in[:, ks].clone(),
+                             _take_chunks(grads, ks))
+        return (_from_chunks(grads["u"], length), _from_chunks(grads["delta"], length),
+                grads["A"].sum((0, 1, 2)).t(), _operand_from_chunks(grads["B"], B.shape),
+                _operand_from_chunks(grads["C"], C.shape), None, None)
+
+
+def _group_gradients(group, grad_y, h, decays, A_t, lam, grads):
+    """Run lambda_t backwards through a group of chunks, adding each step's gradients to grads.
+
+    group: the chunks' inputs; grad_y (T, b, k, 1, D); h[t] = h_{t-1} (T+1, b, k, N, D);
+    decays[t] = A_bar_t; lam: theta entering each chunk from the right (b, k, N, D);
+    grads: views of the gradient buffers for these chunks.
+    """
+    groups_b, groups_c = group["B"].shape[-2], group["C"].shape[-2]
+    product = torch.empty_like(lam)  # (b, k, N, D)
+    for t in reversed(range(decays.shape[0])):
+        gy_t, du_t, B_t, C_t = grad_y[t], group["du"][t], group["B"][t], group["C"][t]
+        _grouped(lam, groups_c).addcmul_(_grouped(gy_t, groups_c), C_t)  # lambda_t
+        # dLoss/dC_t = sum over the channels of C_t's group of dLoss/dy_t h_t
+        torch.mul(_grouped(h[t + 1], groups_c), _grouped(gy_t, groups_c),
+                  out=_grouped(product, groups_c))
+        grads["C"][t if len(grads["C"]) > 1 else 0] += _grouped(product, groups_c).sum(-1, True)
+        # dLoss/dB_t = sum over the channels of B_t's group of lambda_t delta_t u_t
+        torch.mul(_grouped(lam, groups_b), _grouped(du_t, groups_b),
+                  out=_grouped(product, groups_b))
+        grads["B"][t if len(grads["B"]) > 1 else 0] += _grouped(product, groups_b).sum(-1, True)
+        # <lambda_t, B_t> reaches u_t and delta_t through B_bar_t u_t = delta_t B_t u_t
+        torch.mul(_grouped(lam, groups_b), B_t, out=_grouped(product, groups_b))
+        lam_B = product.sum(2, keepdim=True)  # (b, k, 1, D)
+        torch.mul(lam_B, group["delta"][t], out=grads["u"][t])
+        # dLoss/da_t = lambda_t A_bar_t h_{t-1} for a_t = delta_t A, since A_bar_t = exp(a_t)
+        torch.mul(lam, decays[t], out=product).mul_(h[t])
+        grads["A"][0].addcmul_(product, group["delta"][t])
+        torch.sum(product.mul_(A_t), 2, keepdim=True, out=grads["delta"][t])
+        grads["delta"][t].addcmul_(lam_B, group["u"][t])
+        lam.mul_(decays[t])  # theta_t = A_bar_t lambda_t, for step t - 1
+
+
+# ---- Baseline: a parallel scan over materialised (b, L, D, N) tensors ----
+
+
+def _selective_scan_materialised(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                                 delta_softplus=False, return_last_state=False):
+    """Textbook parallel scan over materialised (b, L, D, N) tensors: oracle and bench baseline."""
+    return _scan_with(_materialised_core, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                      return_last_state)
+
+
+def _operand_per_step(x):
+    """B or C -> (b|1, L|1, G, 1, N), to broadcast against a (b, L, G, H, N) tensor."""
+    if x.dim() == 2:  # (D, N): one group per channel
+        return x[None, None, :, None, :]
+    if x.dim() == 3:  # (b, N, L): one group
+        x = x[:, None]
+    return x.permute(0, 3, 1, 2)[:, :, :, None, :]
+
+
+def _materialised_core(u, delta, A, B, C):
+    """C_t h_t (b, D, L) and h_{L-1} (b, D, N), autograd through plain tensor operations."""
+    B_s, C_s = _operand_per_step(B), _operand_per_step(C)
+    delta_s = delta.transpose(1, 2)[..., None]  # (b, L, D, 1)
+    A_bar = torch.exp(delta_s * A)  # Eq. (4)  (b, L, D, N)
+    du = (delta_s * u.transpose(1, 2)[..., None]).unflatten(2, (B_s.shape[2], -1))
+    B_bar_u = (du * B_s).flatten(2, 3)  # (b, L, D, N)
+    h = _odd_even_scan(A_bar, B_bar_u)  # Eq. (2a) for all t  (b, L, D, N)
+    y = (h.unflatten(2, (C_s.shape[2], -1)) * C_s).sum(-1).flatten(2, 3)  # Eq. (2b)  (b, L, D)
+    return y.transpose(1, 2), h[:, -1]
+
+
+def _odd_even_scan(a, x):
+    """h_t = a_t h_{t-1} + x_t along dim 1 (h_{-1} = 0) in O(log L) rounds (Blelloch-style).
+
+    Fuse each pair of steps (2i, 2i+1) into one step, scan the half-length sequence recursively
+    for the odd states, then fill in each even state from the odd state before it.
+    """
+    length = a.shape[1]
+    if length == 1:
+        return x
+    if length % 2:  # pad with an identity step (a = 1, x = 0)
+        pad = (0, 0, 0, 0, 0, 1)
+        h = _odd_even_scan(torch.nn.functional.pad(a, pad, value=1.0),
+                           torch.nn.functional.pad(x, pad))
+        return h[:, :length]
+    a_even, a_odd, x_even, x_odd = a[:, 0::2], a[:, 1::2], x[:, 0::2], x[:, 1::2]
+    h_odd = _odd_even_scan(a_odd * a_even, a_odd * x_even + x_odd)  # h_1, h_3, ...
+    h_before = torch.cat([torch.zeros_like(h_odd[:, :1]), h_odd[:, :-1]], dim=1)
+    h_even = a_even * h_before + x_even  # h_0, h_2, ...
+    return torch.stack([h_even, h_odd], dim=2).flatten(1, 2)
+
+
+# ---- Benchmark: python common.py bench-scan ----
+
+
+def _scan_bench_inputs(batch, dim, length, state, groups):
+    """Random scan inputs with Mamba's statistics (S4D-real A, dt bias of 0.001..0.1, softplus)."""
+    generator = torch.Generator().manual_seed(0)
+    dt = torch.exp(torch.rand(dim, generator=generator) * math.log(100) + math.log(1e-3))
+    return dict(
+        u=torch.randn(batch, dim, length, generator=generator),
+        delta=0.1 * torch.randn(batch, dim, length, generator=generator),
+        A=-torch.arange(1, state + 1.0).repeat(dim, 1),  # A = -exp(A_log), A_log = log(1..N)
+        B=torch.randn(batch, groups, state, length, generator=generator),
+        C=torch.randn(batch, groups, state, length, generator=generator),
+        D=torch.ones(dim),
+        delta_bias=dt + torch.log(-torch.expm1(-dt)),  # inverse softplus of dt
+        delta_softplus=True)
+
+
+def _median_seconds_of(fn, repeats):
+    """Median wall time of fn() over repeats runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _peak_tensor_mib(fn):
+    """Peak of live torch CPU allocations while fn() runs, in MiB, from the profiler's events."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+        fn()
+    events = profiler.profiler.kineto_results.events()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2 ** 20
+
+
+def _bench_one_scan(scan, inputs, repeats):
+    """Forward and forward+backward median seconds and the fwd+bwd peak memory of one scan."""
+    leaves = {k: v.clone().requires_grad_() if torch.is_tensor(v) else v
+              for k, v in inputs.items()}
+    grad_out = torch.randn_like(inputs["u"])
+
+    def forward():
+        """Inference: no graph kept."""
+        with torch.no_grad():
+            scan(**inputs)
+
+    def forward_backward():
+        """Training step: forward then backward into every input."""
+        scan(**leaves).backward(grad_out)
+        for value in leaves.values():
+            if torch.is_tensor(value):
+                value.grad = None
+    return dict(fwd_s=round(_median_seconds_of(forward, repeats), 4),
+                fwd_bwd_s=round(_median_seconds_of(forward_backward, repeats), 4),
+                peak_mib=round(_peak_tensor_mib(forward_backward), 2))
+
+
+def bench_scan(sizes=None):
+    """Time and measure the scans on the CPU; print one JSON line per size.
+
+    sizes: dicts with batch, dim, length, state, groups (default: VM-UNet's first stage, four
+    directions of 192 channels, at 128 and 256 input). For the fast path ("torch"), the
+    materialised baseline and (at L <= 1024 only) the reference loop: median seconds of the
+    forward (no_grad) and of forward+backward into every input, and "peak_mib", the peak of
+    live tensor memory during forward+backward above what was live before. It is counted from
+    the allocation events of torch.profiler(profile_memory=True): exact for tensors (inputs'
+    gradients and everything autograd saves included), blind to Python objects and to memory
+    the C allocator keeps cached. Ratios: speed-up = baseline time / fast time, and
+    memory_ratio = fast peak / baseline peak.
+    """
+    sizes = sizes or [dict(batch=1, dim=768, length=length, state=16, groups=4)
+                      for length in (1024, 4096)]
+    for size in sizes:
+        inputs = _scan_bench_inputs(**size)
+        result = dict(bench="selective_scan", **size, chunk_len=SCAN_CHUNK_LEN,
+                      threads=torch.get_num_threads())
+        scans = dict(torch=_selective_scan_chunked, materialised=_selective_scan_materialised)
+        if size["length"] <= 1024:
+            scans["reference"] = selective_scan_reference
+        for name, scan in scans.items():
+            repeats = dict(torch=5, materialised=3, reference=1)[name]
+            for key, value in _bench_one_scan(scan, inputs, repeats).items():
+                result[f"{name}_{key}"] = value
+        for name in scans:
+            if name != "torch":
+                for key in ("fwd_s", "fwd_bwd_s"):
+                    ratio = result[f"{name}_{key}"] / result[f"torch_{key}"]
+                    result[f"speedup_{key[:-2]}_vs_{name}"] = round(ratio, 2)
+                ratio = result["torch_peak_mib"] / result[f"{name}_peak_mib"]
+                result[f"memory_ratio_vs_{name}"] = round(ratio, 3)
+        print(json.dumps(result), flush=True)
 
 
 # ==== 8. Command line of this file ====

@@ -1,0 +1,220 @@
+"""Selective scan: the fast paths agree with the reference loop (Mamba's S6 recurrence)."""
+import json
+import math
+
+import pytest
+import torch
+
+import common
+
+def make_inputs(batch=2, dim=6, length=37, state=4, b_form="groups", c_form="groups",
+                seed=0, strong_decay=False):
+    """Random float32 scan inputs as a dict of leaves, every one requiring grad."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        """Standard normal float32 tensor from this case's generator."""
+        return torch.randn(*shape, generator=generator)
+
+    def operand(form):
+        """B or C as (D, N), (b, N, L), (b, G=2, N, L) or (b, G=D, N, L)."""
+        shapes = dict(fixed=(dim, state), shared=(batch, state, length),
+                      groups=(batch, 2, state, length), per_channel=(batch, dim, state, length))
+        return randn(*shapes[form])
+
+    if strong_decay:  # delta = softplus(...) up to 5, A = -exp(log(1..16)) down to -16
+        delta = torch.log(torch.expm1(0.01 + 4.99 * torch.rand(batch, dim, length,
+                                                                generator=generator)))
+        A = -torch.exp(torch.log(torch.arange(1.0, state + 1))).repeat(dim, 1)
+    else:
+        delta, A = randn(batch, dim, length), -torch.exp(randn(dim, state))
+    inputs = dict(u=randn(batch, dim, length), delta=delta, A=A, B=operand(b_form),
+                  C=operand(c_form), D=randn(dim), z=randn(batch, dim, length),
+                  delta_bias=0.5 * randn(dim))
+    return {k: v.requires_grad_() for k, v in inputs.items()}
+
+
+def run(scan, inputs, dtype=None, **flags):
+    """Out, last state and the gradients of a fixed random loss w.r.t. every tensor input."""
+    leaves = {k: v.detach().to(dtype or v.dtype).requires_grad_() for k, v in inputs.items()}
+    out, last = scan(**leaves, return_last_state=True, **flags)
+    generator = torch.Generator().manual_seed(1)
+    w_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    w_last = torch.randn(last.shape, generator=generator, dtype=torch.float64)
+    loss = (out.double() * w_out).sum() + (last.double() * w_last).sum()
+    grads = torch.autograd.grad(loss, [v for v in leaves.values() if v.requires_grad],
+                                materialize_grads=True)  # zeros, e.g. for A when L = 1
+    return out, last, dict(zip([k for k, v in leaves.items() if v.requires_grad], grads))
+
+
+def rel_err(a, b):
+    """Relative error ||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_agree(result, expected, tol=1e-4):
+    """Outputs, last states and every gradient agree to tol (relative, norm-based)."""
+    (out, last, grads), (out_ref, last_ref, grads_ref) = result, expected
+    assert out.shape == out_ref.shape and last.shape == last_ref.shape
+    assert rel_err(out, out_ref) < tol
+    assert rel_err(last, last_ref) < tol
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        assert grads[name].shape == grads_ref[name].shape, name
+        assert rel_err(grads[name], grads_ref[name]) < tol, name
+
+
+def drop(inputs, *names):
+    """The inputs with the optional arguments in names left out."""
+    return {k: v for k, v in inputs.items() if k not in names}
+
+
+def chunked(chunk_len, group_chunks=None):
+    """The fast path with a given chunk length and backward group size."""
+    def scan(**kwargs):
+        """Fast path with these settings."""
+        return common._selective_scan_chunked(**kwargs, chunk_len=chunk_len,
+                                              group_chunks=group_chunks)
+    return scan
+
+
+CASES = [  # b_form, c_form, batch, length, optional inputs left out, softplus
+    ("fixed", "fixed", 2, 37, (), True),
+    ("shared", "shared", 1, 37, (), True),
+    ("groups", "groups", 3, 37, (), True),
+    ("per_channel", "groups", 2, 37, ("z",), False),
+    ("fixed", "groups", 2, 29, ("D", "delta_bias"), True),
+    ("groups", "shared", 2, 37, ("D", "z", "delta_bias"), False),
+    ("groups", "fixed", 1, 1, (), True),
+    ("shared", "groups", 2, 64, ("delta_bias",), True),
+]
+
+
+@pytest.mark.parametrize("b_form, c_form, batch, length, left_out, softplus", CASES)
+def test_fast_path_matches_reference(b_form, c_form, batch, length, left_out, softplus):
+    """Fast path (default, small chunks, grouped backward) = float64 reference, grads too."""
+    inputs = drop(make_inputs(batch=batch, length=length, b_form=b_form, c_form=c_form),
+                  *left_out)
+    expected = run(common.selective_scan_reference, inputs, torch.float64,
+                   delta_softplus=softplus)
+    for scan in (common.selective_scan, chunked(8, group_chunks=2), chunked(5)):
+        assert_agree(run(scan, inputs, delta_softplus=softplus), expected)
+
+
+@pytest.mark.parametrize("b_form, c_form, batch, length, left_out, softplus", CASES[::2])
+def test_materialised_baseline_matches_reference(b_form, c_form, batch, length, left_out,
+                                                  softplus):
+    """The materialised parallel-scan baseline is a second oracle."""
+    inputs = drop(make_inputs(batch=batch, length=length, b_form=b_form, c_form=c_form),
+                  *left_out)
+    expected = run(common.selective_scan_reference, inputs, torch.float64,
+                   delta_softplus=softplus)
+    result = run(common._selective_scan_materialised, inputs, delta_softplus=softplus)
+    assert_agree(result, expected)
+
+
+def test_default_path_spans_several_chunks():
+    """selective_scan itself over several default-length chunks plus padding."""
+    length = 3 * common.SCAN_CHUNK_LEN + 5  # several chunks plus padding in the default path
+    inputs = make_inputs(batch=1, dim=4, length=length)
+    expected = run(common.selective_scan_reference, inputs, torch.float64, delta_softplus=True)
+    assert_agree(run(common.selective_scan, inputs, delta_softplus=True), expected)
+
+
+def test_long_sequence_with_strong_decay_stays_finite():
+    """L = 2000, delta up to 5, A down to -16: no overflow, same values as the reference."""
+    inputs = make_inputs(batch=1, dim=4, length=2000, state=16, strong_decay=True)
+    flags = dict(delta_softplus=True)
+    assert float(torch.nn.functional.softplus(inputs["delta"].detach()).max()) > 4.9
+    expected = run(common.selective_scan_reference, drop(inputs, "delta_bias"), torch.float64,
+                   **flags)
+    for scan in (common.selective_scan, common._selective_scan_materialised):
+        out, last, grads = result = run(scan, drop(inputs, "delta_bias"), **flags)
+        assert torch.isfinite(out).all() and torch.isfinite(last).all()
+        assert all(torch.isfinite(g).all() for g in grads.values())
+        assert_agree(result, expected)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
+def test_half_precision_inputs(dtype, tol):
+    """bfloat16/float16 in: output and gradients in that dtype, close to float64 on them."""
+    inputs = make_inputs(batch=2, length=40)
+    halves = {k: v.detach().to(dtype) for k, v in inputs.items()}
+    expected = run(common.selective_scan_reference, halves, torch.float64, delta_softplus=True)
+    for scan in (common.selective_scan, common._selective_scan_materialised,
+                 common.selective_scan_reference):
+        out, last, grads = run(scan, halves, delta_softplus=True)
+        assert out.dtype == dtype and last.dtype == torch.float32
+        assert rel_err(out, expected[0]) < tol
+        assert rel_err(last, expected[1]) < 1e-4  # the state stays float32
+        for name, grad in grads.items():
+            assert grad.dtype == dtype and rel_err(grad, expected[2][name]) < tol, name
+
+
+def test_reference_on_a_hand_checkable_case():
+    """The oracle itself on a case worked out by hand."""
+    # One channel, N = 1, A_bar = exp(log(1/2)) = 1/2, B_bar u = 1: h = 1, 1.5, 1.75, 1.875.
+    ones = torch.ones(1, 1, 4)
+    A = torch.tensor([[math.log(0.5)]])
+    out, last = common.selective_scan_reference(ones, ones, A, torch.ones(1, 1),
+                                                torch.ones(1, 1), return_last_state=True)
+    torch.testing.assert_close(out[0, 0], torch.tensor([1.0, 1.5, 1.75, 1.875]))
+    torch.testing.assert_close(last, torch.tensor([[[1.875]]]))
+
+
+def test_channel_uses_group_d_over_channels_per_group():
+    """Channel d reads B group d // (D / G), as mamba-ssm does."""
+    # D = 4 channels, G = 2 groups: channels 0, 1 read group 0 (B = 0), channels 2, 3 group 1.
+    u, delta = torch.ones(1, 4, 5), torch.ones(1, 4, 5)
+    B = torch.stack([torch.zeros(1, 3, 5), torch.ones(1, 3, 5)], dim=1)  # (b, G, N, L)
+    for scan in (common.selective_scan_reference, common.selective_scan,
+                 common._selective_scan_materialised):
+        out = scan(u, delta, -torch.ones(4, 3), B, torch.ones(1, 2, 3, 5))
+        assert (out[0, :2] == 0).all() and (out[0, 2:] > 0.5).all()
+
+
+@pytest.mark.parametrize("b_form, c_form", [("groups", "groups"), ("fixed", "shared")])
+def test_gradcheck_fast_path_float64(b_form, c_form):
+    """Finite differences agree with the hand-written backward, every input, float64."""
+    inputs = make_inputs(batch=2, dim=4, length=7, state=3, b_form=b_form, c_form=c_form)
+    leaves = [v.detach().double().requires_grad_() for v in inputs.values()]
+
+    def scan(*tensors):
+        """Fast path with three chunks and backward groups of two chunks."""
+        return common._selective_scan_chunked(*tensors[:5], D=tensors[5], z=tensors[6],
+                                              delta_bias=tensors[7], delta_softplus=True,
+                                              return_last_state=True, chunk_len=3,
+                                              group_chunks=2)
+    assert scan(*leaves)[0].dtype == torch.float64
+    assert torch.autograd.gradcheck(scan, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_backend_dispatch(monkeypatch):
+    """CPU tensors take the torch path; the kernel path passes the arguments through."""
+    inputs = {k: v.detach() for k, v in make_inputs(length=9).items()}
+    assert isinstance(common.MAMBA_SSM_AVAILABLE, bool)
+    assert common.scan_backend(inputs["u"]) == "torch"
+    torch.testing.assert_close(common.selective_scan(**inputs),
+                               common._selective_scan_chunked(**inputs), rtol=0, atol=0)
+    calls = []
+    monkeypatch.setattr(common, "scan_backend", lambda u: "mamba_ssm")
+    monkeypatch.setattr(common, "_mamba_selective_scan_fn",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or "kernel")
+    assert common.selective_scan(**inputs, delta_softplus=True) == "kernel"
+    (args, kwargs), = calls
+    assert args[0] is inputs["u"] and kwargs["delta_softplus"] is True
+    assert kwargs["z"] is inputs["z"] and kwargs["return_last_state"] is False
+
+
+def test_bench_prints_one_json_line_per_size(capsys):
+    """bench_scan prints one parseable JSON line per size with the promised fields."""
+    common.bench_scan([dict(batch=1, dim=8, length=48, state=4, groups=2)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["length"] == 48 and result["torch_fwd_bwd_s"] > 0
+    assert result["materialised_peak_mib"] > 0 and result["torch_peak_mib"] > 0
+    for key in ("speedup_fwd_bwd_vs_materialised", "speedup_fwd_vs_reference",
+                "memory_ratio_vs_materialised"):
+        assert result[key] > 0
