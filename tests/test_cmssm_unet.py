@@ -145,6 +145,16 @@ def test_ss2d_matches_vmunet_code():
         assert torch.allclose(module(x), _official_ss2d(module, x), atol=1e-5)
 
 
+def test_model_with_fast_scan_matches_the_reference_loop(monkeypatch):
+    torch.manual_seed(0)
+    model = m.build_model("tiny", se=False, cmn=False, cra=False).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = model(x)
+        monkeypatch.setattr(common, "selective_scan", common.selective_scan_reference)
+        assert torch.allclose(fast, model(x), atol=1e-5)  # spec 12
+
+
 def test_patch_merging_and_expanding_channel_order():
     x = torch.arange(16.0).view(1, 4, 4, 1)  # value = 4 h + w
     merge = m.PatchMerging2D(1)
