@@ -516,7 +516,7 @@ def external_test_set(path, size, instance=False):
 
 def image_tensor(image, size):
     """uint8 (H, W, 3) -> (1, 3, size, size) float in [0, 1], as the datasets give it."""
-    x = torch.from_numpy(np.ascontiguousarray(common.resize_image(image, size)))
+    x = torch.from_numpy(np.array(common.resize_image(image, size)))  # a writable copy
     return x.permute(2, 0, 1).float()[None] / 255.0
 
 
@@ -740,7 +740,7 @@ def bench(args, run):
     record = common.benchmark(model, train_step, infer_step, args.batch_size, run.device,
                               script="mfel", preset=args.preset, img_size=args.img_size,
                               no_em=args.no_em, no_fiir=args.no_fiir,
-                              scan=getattr(common, "scan_backend", lambda: "loop")())
+                              scan=common.scan_backend(image))
     print(json.dumps(record), flush=True)
     return record
 

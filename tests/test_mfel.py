@@ -179,6 +179,17 @@ def test_mamba_mixer_is_causal():
     assert not torch.allclose(y[:, 6:], y_changed[:, 6:])
 
 
+def test_mamba_mixer_fast_scan_matches_the_reference_loop(monkeypatch):
+    mixer = mfel.MambaMixer(8, d_state=4)
+    x = torch.randn(2, 40, 8, requires_grad=True)  # 40 steps: more than one scan chunk
+    y = mixer(x)
+    (grad,) = torch.autograd.grad(y.square().sum(), x)
+    monkeypatch.setattr(common, "selective_scan", common.selective_scan_reference)
+    y_ref = mixer(x)
+    (grad_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(grad, grad_ref, atol=1e-4)
+
+
 def test_eq11_sum():
     assert mfel.loss_reconstruction(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)) == 6
 
