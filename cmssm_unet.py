@@ -794,7 +794,7 @@ def run_bench(args, run):
 
     record = common.benchmark(model, train_step, infer_step, args.batch_size, run.device,
                               repeats=1, script="cmssm_unet", preset=preset,
-                              img_size=args.img_size)
+                              img_size=args.img_size, scan=common.scan_backend(x))
     print(json.dumps(record), flush=True)
     return record
 
