@@ -1352,7 +1352,7 @@ def load_checkpoint(path, script=None):
     return state
 
 
-def make_loader(dataset, batch_size, train, workers=0, seed=0):
+def make_loader(dataset, batch_size, train, workers=0, seed=0, drop_last=False):
     """A DataLoader; in a torchrun job the training loader shards the data across processes."""
     sampler = None
     if train and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -1360,7 +1360,7 @@ def make_loader(dataset, batch_size, train, workers=0, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        num_workers=workers, drop_last=False, generator=generator,
+        num_workers=workers, drop_last=drop_last and train, generator=generator,
         worker_init_fn=lambda w: seed_everything(seed * 100 + w),
         persistent_workers=workers > 0)
 
