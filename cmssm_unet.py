@@ -645,7 +645,7 @@ def load_isic(args, augment):
     if not root.is_dir():
         common.fail(f"--data {args.data}: no such folder (give a data folder, or 'toy')")
     split = common.discover_splits(root, args.seed, 0.0)
-    own_split = not split["source"].startswith("seeded")
+    own_split = split["official"]
     if args.split == "auto" and own_split:
         return common.load_data(args, "binary", augment, **unit)
     pool = split["train"] + split["val"]

@@ -833,7 +833,7 @@ def _split_of(pair, root):
 
 
 def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1)):
-    """Split pairs into {'train', 'val', 'test': {group: pairs}} and say where the split came from.
+    """Split pairs into {'train', 'val', 'test': {group: pairs}, 'source', 'official'}.
 
     Official splits come from the layout (ISIC Training/Validation/Test folders, VM-UNet's
     train/val where 'val' is the test set, the PraNet TrainDataset/TestDataset/<set> package,
@@ -853,6 +853,7 @@ def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1)):
         result = {"train": order[:n_train], "val": order[n_train:n_train + n_val],
                   "test": {"test": order[n_train + n_val:]}}
         source = f"seeded {fractions[0]:.0%}/{fractions[1]:.0%}/{fractions[2]:.0%} split, seed {seed}"
+        official = False
     else:
         train = [p for (s, _), p in tagged if s == "train"]
         val = [p for (s, _), p in tagged if s == "val"]
@@ -871,9 +872,10 @@ def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1)):
             val, train = order[:n_val], order[n_val:]
             source += f"; {val_fraction:.0%} of train held out for validation (seed {seed})"
         result = {"train": train, "val": val, "test": tests}
+        official = True
     if not result["train"]:
         fail(f"no training pairs found under {root}")
-    result["source"] = source
+    result["source"], result["official"] = source, official
     return result
 
 
