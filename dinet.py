@@ -128,8 +128,8 @@ PRESETS = {
                       decoder_dim=16),
 }
 PAPER_RECIPE = {"epochs": 300, "batch_size": 3, "lr": 1e-4, "img_size": 224}  # Sec. 4.2
-TOY_RECIPE = {"epochs": 14, "batch_size": 8, "lr": 2e-3, "img_size": 64}
-TOY_SIZES = (192, 24, 40)  # toy train / val / test slices
+TOY_RECIPE = {"epochs": 12, "batch_size": 4, "lr": 2e-3, "img_size": 64}
+TOY_SIZES = (160, 24, 40)  # toy train / val / test slices
 WEIGHT_DECAY = 1e-4  # not in the paper; MERIT's AdamW setting (spec 7.1)
 LOSS_WEIGHTS = (0.3, 0.7)  # alpha, beta of Eq. (10), "like [41]" (MERIT)
 BOUNDARY_SCALES = (1, 2, 4)  # Eq. (9): original, 1/2 and 1/4
