@@ -77,7 +77,6 @@ import json
 import math
 import random
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -944,7 +943,11 @@ def main(argv=None):
     run.log(f"parameters (M): {split} (paper: 323.31 = 178 encoders + 119.94 DIFM + 25.27 "
             "decoder, Sec. 4.5)")
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as error:  # written by another version of the script
+            common.fail(f"checkpoint does not fit the '{args.preset}' model: "
+                        f"{str(error).splitlines()[-1].strip()}")
     else:
         load_pretrained(model, args.pretrained, run.log)
     model.to(run.device)
@@ -999,9 +1002,6 @@ def main(argv=None):
         optimizer.load_state_dict(checkpoint["optimizer"])
         start, best = checkpoint["epoch"] + 1, checkpoint["best"]
         run.log(f"resumed from {args.resume} at epoch {start}")
-        earlier_best = Path(args.resume).with_name("best.pt")
-        if run.is_main and earlier_best.is_file() and not (run.out / "best.pt").exists():
-            shutil.copy(earlier_best, run.out / "best.pt")  # a new run folder: keep the best
     run.save_json("config.json", {**vars(args), "preset_values": asdict(common.unwrap(model).cfg),
                                   "num_classes": num_classes, "names": names,
                                   "data_source": data["source"], "device": str(run.device),
@@ -1016,7 +1016,8 @@ def main(argv=None):
         losses = train_one_epoch(model, loader, optimizer, args, run.device, run.is_main)
         val_dice = (validate(common.unwrap(model), val_loader, num_classes, run.device)
                     if val_loader is not None else math.nan)
-        improved = math.isnan(val_dice) or val_dice > best  # no validation set: keep the last
+        improved = (math.isnan(val_dice) or val_dice > best  # no validation set: keep the last
+                    or not (run.out / "best.pt").exists())  # resumed into a new folder
         best = val_dice if improved else best
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": losses["loss"],
                "ce": losses["ce"], "dice_loss": losses["dice"], "bnd": losses["bnd"],
