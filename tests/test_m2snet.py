@@ -312,7 +312,7 @@ def test_res2net_and_vgg_files_load(tmp_path, monkeypatch, capsys):
                            published["layer2.0.convs.1.weight"])
     with pytest.raises(common.UserError, match="does not fit"):
         m.load_weights(m.build_model("small").resnet, published, path, "Res2Net backbone")
-    vgg = {f"features.{n}.{s}": torch.rand((out, inp, 3, 3) if s == "weight" else (out,))
+    vgg = {f"features.{n}.{s}": 0.1 * torch.randn((out, inp, 3, 3) if s == "weight" else (out,))
            for n, out, inp in [(0, 4, 3), (2, 4, 4), (5, 8, 4), (7, 8, 8), (10, 16, 8),
                                (12, 16, 16), (14, 16, 16), (17, 32, 16), (19, 32, 32),
                                (21, 32, 32), (24, 32, 32)]  # torchvision indices, width 4
