@@ -805,13 +805,7 @@ def run_predict(args, run):
     model = build_model(state["preset"], **state["overrides"]).to(run.device)
     model.load_state_dict(state["model"])
     model.eval()
-    folder = Path(args.predict)
-    if not folder.is_dir():
-        common.fail(f"--predict {folder}: no such folder")
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in common.IMAGE_EXTS
-                    and not p.name.startswith(".")), key=lambda p: common.natural_key(p.name))
-    if not files:
-        common.fail(f"--predict {folder}: no image files in it")
+    files = common.list_images(args.predict)
     size = state["config"]["img_size"]
     for path in files:
         image = common.load_image(path)

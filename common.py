@@ -11,7 +11,7 @@ Public API, by section:
                 PerImageMeter, GlobalMeter, VolumeMeter
   3. image I/O  load_image, load_mask, load_label_map, resize_image, resize_mask,
                 save_mask_png, save_label_png, save_overlay
-  4. discovery  find_pairs, discover_splits, find_slice_files
+  4. discovery  find_pairs, discover_splits, find_slice_files, list_images, natural_key
   5. datasets   PairDataset, SliceDataset, VolumeDataset, ToyBinary, ToyMulticlass,
                 write_toy, random_flip_rotate, load_data, predict_volume
   6. run        add_common_args, finish_args, Run, seed_everything, choose_device,
@@ -813,6 +813,18 @@ def find_pairs(root):
         pairs.append({"key": key, "image": str(image), "context": context,
                       "masks": [str(p) for p in masks[(context, key)]]})
     return pairs
+
+
+def list_images(folder, flag="--predict"):
+    """Image files directly in `folder`, naturally sorted; stop with one line if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        fail(f"{flag} {folder}: no such folder")
+    files = sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                    and p.suffix.lower() in IMAGE_EXTS), key=lambda p: natural_key(p.name))
+    if not files:
+        fail(f"{flag} {folder}: no image files in it")
+    return files
 
 
 def _split_of(pair, root):

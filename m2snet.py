@@ -764,13 +764,7 @@ def predict_folder(args, run):
         setattr(args, key, state["config"][key])
     model = model_from_args(args).to(run.device)
     model.load_state_dict(state["model"])
-    folder = Path(args.predict)
-    if not folder.is_dir():
-        common.fail(f"--predict {folder}: no such folder")
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in common.IMAGE_EXTS)
-    if not files:
-        common.fail(f"--predict {folder}: no image files in it")
+    files = common.list_images(args.predict)
     out = run.out / "predictions"
     for path in files:
         prob = predict(model, common.load_image(path), args.img_size, run.device)

@@ -747,13 +747,7 @@ def bench(args, run):
 
 def predict_folder(args, run):
     """--predict DIR --checkpoint CKPT: one mask PNG per image in DIR (no masks needed)."""
-    folder = Path(args.predict)
-    if not folder.is_dir():
-        common.fail(f"--predict {folder}: no such folder")
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in common.IMAGE_EXTS),
-                   key=lambda p: common.natural_key(p.name))
-    if not files:
-        common.fail(f"--predict {folder}: no image files")
+    files = common.list_images(args.predict)
     model, _ = from_checkpoint(args.checkpoint, args, run)
     out = run.out / "predictions"
     for path in files:

@@ -575,13 +575,7 @@ def predict_folder(args, saved, run):
     if saved.get("stage") != "seg":
         common.fail(f"{args.checkpoint} is a stage-1 (reconstruction) checkpoint: "
                     "--predict needs a segmentation checkpoint (best.pt / last.pt)")
-    folder = Path(args.predict)
-    if not folder.is_dir():
-        common.fail(f"--predict {args.predict}: no such folder")
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in common.IMAGE_EXTS),
-                   key=lambda p: common.natural_key(p.name))
-    if not files:
-        common.fail(f"--predict {args.predict}: no image files in the folder")
+    files = common.list_images(args.predict)
     model = build_model(args.preset, args.num_classes, mid_feature=args.mid_feature)
     model.load_state_dict(saved["model"])
     model.to(run.device)
