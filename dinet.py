@@ -63,7 +63,8 @@ Deviations and the paper's gaps (spec 11), each with its switch:
      and its prediction does not count); real volumes with TransUNet's (spec 9).
 
 Run:
-  python dinet.py                                        # toy data, small preset, CPU, minutes
+  python dinet.py                 # toy data, small preset: ~1.5 min on an idle 2-core CPU
+  OMP_NUM_THREADS=1 python dinet.py                      # the same on a busy machine
   python dinet.py --data PATH/Synapse --pretrained auto  # paper recipe (a 48 GB GPU)
   python dinet.py --data PATH/ACDC --inputs i            # an ablation row (Tabs. 3-5, 7, 8)
   python dinet.py --data PATH/ClinicDB --task binary     # supplement Tab. 13
