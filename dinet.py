@@ -822,12 +822,7 @@ def validate(model, loader, num_classes, device):
 
 def predict_folder(model, folder, out, args, device):
     """--predict: one PNG per image file in `folder` (label map, or 0/255 mask for binary)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        common.fail(f"--predict {folder}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in common.IMAGE_EXTS)
-    if not files:
-        common.fail(f"--predict {folder}: no image files in it")
+    files = common.list_images(folder)
     out.mkdir(parents=True, exist_ok=True)
     binary = args.task == "binary"
     for path in files:
