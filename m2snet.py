@@ -842,7 +842,8 @@ def main(argv=None):
     resume = common.load_checkpoint(args.resume or args.eval, "m2snet", flag) if (
         args.resume or args.eval) else None
     if resume is not None:  # the architecture and size the checkpoint was trained with
-        common.adopt_config(args, resume, ARCH_KEYS, explicit, flag)
+        common.adopt_config(args, resume, ARCH_KEYS + ("epochs",) * ("epochs" not in explicit),
+                            explicit, flag)
     data = load_task_data(args, explicit, run)
     if args.fold == "all":
         return cross_validate(argv, run)

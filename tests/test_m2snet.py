@@ -703,6 +703,16 @@ def test_busi_default_runs_the_four_folds_and_prints_mean_and_std(tmp_path, caps
     assert config["epochs"] == 1 and config["metrics"] == "busi"
 
 
+def test_task_epochs_and_table_follow_the_data_set(tmp_path):
+    write_busi(tmp_path / "BUSI")
+    for flags, epochs, metrics, fold in (([], 100, "busi", "all"), (["--epochs", "3"], 3, "busi",
+                                                                     "all"),
+                                         (["--metrics", "lung"], 200, "lung", "all")):
+        args, explicit = m.parse_args(["--data", str(tmp_path / "BUSI"), *flags])
+        m.load_task_data(args, explicit, argparse.Namespace(save_json=lambda *a: None))
+        assert (args.epochs, args.metrics, args.fold) == (epochs, metrics, fold)
+
+
 # ---- command line ----
 
 @pytest.fixture(scope="module")
