@@ -299,6 +299,12 @@ def test_e_measure_by_hand():
     np.testing.assert_allclose(curve[:255], expected)  # levels >= 255 .. >= 1: F as above
     # Adaptive threshold min(2 * mean(P), 1) = 0.5 gives the same binary map.
     assert common.adaptive_e_measure(prob, gt) == pytest.approx(expected)
+    # A pixel exactly at the adaptive threshold is foreground (the toolboxes binarise P >= T).
+    # P = [0.5, 0.25, 0.25, 0]: mean 1/4, T = 1/2, so F = [1, 0, 0, 0] = G: psi = 1 on all four
+    # pixels, E = 4 / 3. (With P > T, F would be empty: phi = 0, psi = 1/4, E = 1/3.)
+    row_gt = np.array([[1, 0, 0, 0]])
+    assert common.adaptive_e_measure(np.array([[0.5, 0.25, 0.25, 0.0]]), row_gt) == (
+        pytest.approx(4 / 3))
 
 
 def test_e_measure_of_perfect_and_empty_cases():
