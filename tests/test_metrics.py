@@ -356,6 +356,19 @@ def test_s_measure_by_hand():
     assert common.s_measure(prob, gt) == pytest.approx(0.815)
 
 
+def test_s_measure_with_the_centroid_on_the_last_row():
+    # gt = the bottom-right pixel of a 2x3, P = 0.5 there. Object: O_fg = 2 * 0.5 / (0.25 + 1)
+    # = 0.8, O_bg = 1 (1 - P = 1 on the five others): S_o = 1/6 * 0.8 + 5/6 = 29/30. Region: the
+    # centroid (1, 2) + 1 cuts at (2, 3), so the first block is the whole image and the other
+    # three are empty; P = G / 2 gives SSIM 0.8 * 0.8 = 0.64 (as in test_s_measure_by_hand).
+    # S = (29/30 + 0.64) / 2. PySODMetrics returns nan here (recorded): its SSIM of an empty
+    # block is nan, and nan * (weight 0) stays nan; common skips the empty blocks.
+    case = REFERENCE["deviations"]["s_measure_centroid_on_last_row"]
+    prob, gt = np.array(case["prob"], np.float64), np.array(case["gt"], bool)
+    assert math.isnan(case["pysodmetrics_s_measure"])
+    assert common.s_measure(prob, gt) == pytest.approx((29 / 30 + 0.64) / 2)
+
+
 def test_weighted_f_measure():
     gt = square((9, 9), slice(3, 6), slice(2, 7))
     assert common.weighted_f_measure(gt.astype(float), gt) == pytest.approx(1.0, abs=1e-6)
