@@ -591,3 +591,23 @@ def test_volume_meter_rejects_bad_arguments():
         common.VolumeMeter(3, convention="medpy")
     with pytest.raises(ValueError, match="foreground classes"):
         common.VolumeMeter(3, class_names=["background", "a", "b"])
+
+
+# ---- Ground-truth binarisation ----
+
+def test_load_mask_binarises_ground_truth_as_the_polyp_toolboxes_do(tmp_path):
+    # The toolboxes that produce the polyp papers' numbers binarise the ground truth at v > 128,
+    # so a value of exactly 128 is background: PraNet's MATLAB eval/main.m
+    # (`gt = gt(:,:,1) > 128` after rgb2gray), PySODMetrics 1.6.2 (utils.prepare_data:
+    # `gt > 128`) and the Python polyp eval scripts derived from it (`_prepare_data`).
+    # Row 0: 0, 127, 128 are background; 129, 255 foreground. Row 1: 1, 128, 64 background.
+    values = np.array([[0, 127, 128, 129, 255], [1, 128, 200, 130, 64]], np.uint8)
+    expected = np.array([[0, 0, 0, 1, 1], [0, 0, 1, 1, 0]], bool)
+    Image.fromarray(values, "L").save(tmp_path / "gray.png")
+    # A grey RGB mask (R = G = B): rgb2gray gives the same values, as does the channel maximum.
+    Image.fromarray(np.repeat(values[..., None], 3, axis=2), "RGB").save(tmp_path / "rgb.png")
+    for name in ("gray.png", "rgb.png"):
+        np.testing.assert_array_equal(common.load_mask(tmp_path / name), expected, err_msg=name)
+    # 0/1 masks (max <= 1) keep v > 0.
+    Image.fromarray(np.array([[0, 1, 1], [1, 0, 0]], np.uint8), "L").save(tmp_path / "01.png")
+    np.testing.assert_array_equal(common.load_mask(tmp_path / "01.png"), [[0, 1, 1], [1, 0, 0]])
