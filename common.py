@@ -682,11 +682,15 @@ def _mask_values(image):
 
 
 def load_mask(path, instance=False):
-    """A binary mask (H, W) bool: v >= 128 if max > 1 else v > 0; instance maps (GlaS): v > 0."""
+    """A binary mask (H, W) bool: v > 128 if max > 1 else v > 0; instance maps (GlaS): v > 0.
+
+    `> 128` is the polyp toolboxes' rule (PraNet's eval/main.m, PySODMetrics' prepare_data); JPEG
+    masks (Kvasir) carry compression noise around 0 and 255, which it removes.
+    """
     values = _mask_values(_open(path))
     if instance or values.max() <= 1:
         return values > 0
-    return values >= 128  # JPEG masks (Kvasir) carry compression noise around 0 and 255
+    return values > 128
 
 
 def load_label_map(path):
@@ -1646,9 +1650,11 @@ class Foreign(dict):
         self.state = state
 
     def append(self, item):
+        """Keep a list item the pickle appends."""
         self.items_list.append(item)
 
     def extend(self, items):
+        """Keep list items the pickle appends."""
         self.items_list.extend(items)
 
     def __repr__(self):
@@ -1664,6 +1670,7 @@ class _WeightsUnpickler(pickle.Unpickler):
     """Rebuilds tensors, numpy arrays and plain containers; every other class is a Foreign."""
 
     def find_class(self, module, name):
+        """The real class for tensors and plain containers, a Foreign stand-in for any other."""
         top = module.split(".")[0]
         if top == "torch" and (name.startswith("_rebuild") or name.endswith("Storage")
                                or name in ("Size", "device")
@@ -1683,6 +1690,7 @@ class _RestrictedPickle:
 
     @staticmethod
     def load(file, **kwargs):
+        """pickle.load with the restricted unpickler."""
         return _WeightsUnpickler(file, **kwargs).load()
 
 
@@ -1712,6 +1720,7 @@ def load_weights(path, flag="--pretrained"):
 def tensor_dict(obj, keys=("model", "state_dict", "model_state_dict", "net", "params")):
     """The name -> tensor mapping in a loaded weight file (itself, or under one of `keys`)."""
     def is_tensors(x):
+        """True for a non-empty dict of tensors."""
         return isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) for v in x.values())
     if is_tensors(obj):
         return obj
@@ -1869,6 +1878,7 @@ class Run:
 
     @property
     def log_path(self):
+        """<out>/log.csv."""
         return self.out / "log.csv"
 
     def folder(self):
