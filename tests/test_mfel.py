@@ -1,6 +1,8 @@
 """Tests of mfel.py: block shapes, one hand-checkable case per equation, the CLI run folder."""
+import argparse
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -56,14 +58,17 @@ def test_em_and_mixer_shapes():
 
 
 @pytest.mark.parametrize("switches", [{}, {"fiir": False}, {"em": False},
-                                      {"afm": "concat", "bfm": "sum"}])
+                                      {"afm": "concat", "bfm": "sum"},
+                                      {"fiir": False, "coarse_head": False}])
 def test_model_outputs(switches):
-    out = mfel.build_model("tiny", **switches)(torch.rand(2, 3, 32, 32))
-    assert out["logits"].shape == (2, 1, 32, 32)
+    out = mfel.build_model("tiny", **switches)(torch.rand(2, 3, 32, 24))
+    assert out["logits"].shape == (2, 1, 32, 24)
     if switches.get("fiir", True):
         for key in ("recon_fg", "recon_bg", "recon_image", "image_fg", "image_bg"):
-            assert out[key].shape == (2, 3, 32, 32)
+            assert out[key].shape == (2, 3, 32, 24)
         assert set(out["mask_split"].unique().tolist()) <= {0.0, 1.0}
+    elif switches.get("coarse_head", True):
+        assert set(out) == {"logits", "coarse_logits"}
     else:
         assert set(out) == {"logits"}
 
@@ -215,54 +220,17 @@ def test_eq13_total_with_coarse_term():
     assert loss.item() == pytest.approx(mask) and set(parts) == {"mask"}
 
 
-class FixedPrediction(nn.Module):
-    """A stand-in model whose logits are +10 on `pred` and -10 elsewhere."""
-
-    def __init__(self, pred):
-        super().__init__()
-        self.pred = pred
-
-    def forward(self, image, mask=None):
-        return {"logits": (self.pred * 20 - 10).expand(image.shape[0], 1, -1, -1)}
-
-
-class TinySet(torch.utils.data.Dataset):
-    """Two identical 4x4 images with one ground-truth mask."""
-
-    def __init__(self, gt):
-        self.gt, self.names = gt, ["a", "b"]
-
-    def __len__(self):
-        return 2
-
-    def full(self, index):
-        return np.zeros((4, 4, 3), np.uint8), self.gt.numpy().astype(bool)
-
-    def __getitem__(self, index):
-        return {"image": torch.zeros(3, 4, 4), "mask": self.gt[None].float(), "index": index}
-
-
-@pytest.mark.parametrize("mode", ["per-image", "global"])
-@pytest.mark.parametrize("resolution", ["network", "original"])
-def test_eq14_to_eq17_metrics(mode, resolution, tmp_path):
-    # prediction 2 pixels, ground truth 3, overlap 1: TP 1, FP 1, FN 2 ->
-    # precision 1/2, recall 1/3, F1 = 2 / (2 + 1 + 2) = 0.4, IoU = 1 / 4
-    pred, gt = torch.zeros(4, 4), torch.zeros(4, 4)
-    pred[0, :2] = 1
-    gt[0, 1:4] = 1
-    scores = mfel.evaluate(FixedPrediction(pred), TinySet(gt), torch.device("cpu"), mode,
-                           resolution, save_dir=tmp_path)
-    assert scores == pytest.approx({"F1": 40.0, "IoU": 25.0, "Precision": 50.0,
-                                    "Recall": 100 / 3})
-    assert sorted(p.name for p in tmp_path.glob("*.png"))[:2] == ["a.png", "a_overlay.png"]
-
-
 def test_warmup_cosine_schedule():
-    lr, low = 1e-3, 1e-5
-    f = [mfel.warmup_cosine(s, 110, 10, lr, low) for s in (0, 5, 10, 60, 110)]
-    assert f[0] * lr == pytest.approx(low) and f[2] == pytest.approx(1.0)
-    assert f[1] * lr == pytest.approx((low + lr) / 2)
-    assert f[3] * lr == pytest.approx((low + lr) / 2) and f[4] * lr == pytest.approx(low)
+    # 11 epochs of 10 iterations, 1 warm-up epoch: 1e-5 -> 1e-3 linearly over iterations 0-10,
+    # then cosine down to 1e-5 at iteration 110; halfway (60) the mean of the two
+    args = argparse.Namespace(lr=1e-3, min_lr=1e-5, epochs=11, warmup_epochs=1)
+    lr = [mfel.lr_at(step // 10, step % 10, 10, args) for step in (0, 5, 10, 60, 110)]
+    assert lr[0] == pytest.approx(1e-5) and lr[2] == pytest.approx(1e-3)
+    assert lr[1] == pytest.approx((1e-5 + 1e-3) / 2)
+    assert lr[3] == pytest.approx((1e-5 + 1e-3) / 2) and lr[4] == pytest.approx(1e-5)
+    args.epochs = 21  # --resume --epochs 21 at epoch 6: the new total's schedule from there on
+    assert mfel.lr_at(6, 0, 10, args) == pytest.approx(
+        1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 50 / 200)))
 
 
 def test_model_uses_the_given_mask_for_eq1():
@@ -297,66 +265,115 @@ def test_glas_layout_detection(tmp_path):
     (tmp_path / "train_1_anno.bmp").write_bytes(b"")
     assert mfel.is_glas(tmp_path)
     args = mfel.parse_args(["--data", str(tmp_path)])
-    assert args.img_size == 128 and args.instance  # Sec. 4.1.1: GlaS at 128x128
+    assert args.img_size == 128  # Sec. 4.1.1: GlaS at 128x128
     assert mfel.parse_args(["--data", str(tmp_path), "--img-size", "64"]).img_size == 64
 
 
 # ---- command line ----
 
-def test_cli_run_resume_eval_predict(tmp_path):
+def test_cli_run_resume_eval_predict(tmp_path, capsys):
     out = tmp_path / "run"
     external = common.write_toy(tmp_path / "ph2", n=3, size=40, seed=5)
     args = TINY + ["--epochs", "1", "--limit-batches", "2", "--test-data", str(external)]
     metrics = mfel.main(args + ["--out", str(out)])
+    log = capsys.readouterr().out
+    assert "protocol (mfel.py docstring):\n  all " in log and "\n  toy       ours" in log
+    assert "WARNING: 1 epochs end inside the 1-epoch warm-up" in log
+    assert "testing last.pt (epoch 0)" in log  # the paper's choice, though toy has a val set
     for name in ("config.json", "log.csv", "last.pt", "best.pt", "test_metrics.json"):
         assert (out / name).is_file(), name
-    assert set(metrics) == {"toy", "ph2"} and 0 <= metrics["toy"]["F1"] <= 100
+    assert set(metrics) == {"toy", "ph2"} and set(metrics["toy"]) == {"per-image", "global"}
+    assert 0 <= metrics["toy"]["global"]["F1"] <= 100
     assert len(list((out / "predictions" / "toy").glob("*_overlay.png"))) == 6
     assert len(list((out / "predictions" / "ph2").glob("toy_*[0-9].png"))) == 3
 
-    mfel.main(TINY + ["--epochs", "2", "--limit-batches", "2", "--resume", str(out / "last.pt"),
+    # resumed with a larger --epochs: epochs 1-2 follow the 3-epoch schedule (2 steps each)
+    mfel.main(TINY + ["--epochs", "3", "--limit-batches", "2", "--resume", str(out / "last.pt"),
                       "--out", str(out)])
-    assert [row.split(",")[0] for row in (out / "log.csv").read_text().splitlines()] == \
-        ["epoch", "0", "1"]
-    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 1
+    rows = (out / "log.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["epoch", "0", "1", "2"]
+    lr = float(rows[2].split(",")[rows[0].split(",").index("lr")])
+    recipe = argparse.Namespace(lr=2e-3, min_lr=1e-5, epochs=3, warmup_epochs=1)
+    assert lr == pytest.approx(mfel.lr_at(1, 1, 2, recipe), rel=1e-4)
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
 
     saved = json.loads((out / "test_metrics.json").read_text())
-    again = mfel.main(["--eval", str(out / "best.pt"), "--out", str(tmp_path / "eval")])
-    assert again["toy"] == pytest.approx(saved["toy"])
-    only_external = mfel.main(["--eval", str(out / "best.pt"), "--test-data", str(external),
-                               "--oracle", "--out", str(tmp_path / "ext")])
-    assert set(only_external) == {"ph2", "NOT_REPORTABLE"}
+    again = mfel.main(["--eval", str(out / "last.pt"), "--out", str(tmp_path / "eval")])
+    for mode in ("per-image", "global"):
+        assert again["toy"][mode] == pytest.approx(saved["toy"][mode])
+    only_external = mfel.main(["--eval", str(out / "last.pt"), "--data", str(external),
+                               "--mask-source-eval", "oracle", "--out", str(tmp_path / "ext")])
+    assert "NOT_REPORTABLE" in only_external and len(only_external) == 2
 
     result = mfel.main(["--predict", str(external / "images"), "--checkpoint",
-                        str(out / "best.pt"), "--out", str(tmp_path / "pred")])
+                        str(out / "last.pt"), "--out", str(tmp_path / "pred")])
     masks = sorted((tmp_path / "pred" / "predictions").glob("*.png"))
     assert result["predicted"] == 3 and len(masks) == 3
     assert np.asarray(common.Image.open(masks[0])).shape == (40, 40)
 
 
-def test_pretrained_path_and_bench(tmp_path):
+def test_select_best_tests_the_best_validation_epoch(tmp_path, capsys):
+    mfel.main(TINY + ["--epochs", "2", "--limit-batches", "1", "--select", "best",
+                      "--out", str(tmp_path / "run")])
+    log = capsys.readouterr().out
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"]
+    assert f"testing best.pt (epoch {best})" in log
+    external = common.write_toy(tmp_path / "data", n=4, size=32, seed=1)
+    with pytest.raises(common.UserError, match="--select best needs a validation set"):
+        mfel.main(TINY + ["--data", str(external), "--select", "best"])
+
+
+def test_pretrained_path_and_bench(tmp_path, capsys):
     model = mfel.build_model("tiny")
     common.save_checkpoint(tmp_path / "weights.pt", {"model": model.state_dict()})
     args = TINY + ["--epochs", "1", "--limit-batches", "1", "--out", str(tmp_path / "run"),
                    "--pretrained", str(tmp_path / "weights.pt"), "--no-em", "--afm", "sum"]
-    with pytest.raises(common.UserError, match="does not fit"):
-        mfel.main(args)  # --no-em and --afm sum drop parameters the file has
+    mfel.main(args)  # --no-em and --afm sum drop tensors the file has: the rest loads
+    ablated = mfel.build_model("tiny", em=False, afm="sum").state_dict()
+    assert f"MFEL: {len(ablated)} of " in capsys.readouterr().out
+    torch.save({"model": {"nothing.weight": torch.zeros(1)}}, tmp_path / "foreign.pt")
+    with pytest.raises(common.UserError):
+        mfel.main(args[:-5] + ["--pretrained", str(tmp_path / "foreign.pt")])
     record = mfel.main(TINY + ["--bench", "--out", str(tmp_path / "bench")])
     assert record["params_M"] == pytest.approx(0.676, abs=1e-3)
     assert record["train_images_per_s"] > 0 and record["img_size"] == 32
+
+
+def test_train_loader_drops_only_a_last_batch_of_one():
+    # spec 5: GlaS's 85 training images in batches of 4 give 21 full batches and one of 1
+    args = argparse.Namespace(batch_size=4, workers=0, seed=0)
+    assert len(mfel.train_loader(list(range(85)), args)) == 21
+    assert len(mfel.train_loader(list(range(86)), args)) == 22  # a last batch of 2 is kept
+
+
+def test_augment_same_for_image_and_mask_rot90_half_the_time():
+    rng = random.Random(0)
+    mask = np.zeros((4, 6), np.uint8)
+    mask[0, :3] = 1
+    mask[3, 5] = 1
+    image = np.stack([mask * 255, np.zeros_like(mask), np.ones_like(mask)], -1)
+    odd = 0
+    for _ in range(3000):
+        aug_image, aug_mask = mfel.augment(image, mask, rng)
+        assert np.array_equal(aug_image[..., 0], aug_mask * 255)
+        odd += aug_mask.shape == (6, 4)  # a 90 or 270 degree turn
+    # p = 0.5 of a turn by 90, 180 or 270 degrees: 1/3 of the draws are 90 or 270
+    assert abs(odd / 3000 - 1 / 3) < 0.04
 
 
 @pytest.mark.parametrize("argv,culprit", [
     (["--data", "/no/such/folder"], "/no/such/folder"),
     (["--eval", "README.md"], "README.md"),
     (["--img-size", "30"], "--img-size"),
-    (["--no-fiir", "--oracle"], "--no-fiir"),
+    (["--no-fiir", "--mask-source-eval", "oracle"], "--no-fiir"),
+    (["--no-coarse-head"], "--no-coarse-head needs --no-fiir"),
 ])
 def test_bad_inputs_exit_with_one_line(argv, culprit, tmp_path):
     if argv[0] == "--eval":
         (tmp_path / "README.md").write_text("not a checkpoint")
         argv = ["--eval", str(tmp_path / "README.md")]
-    result = subprocess.run([sys.executable, str(ROOT / "mfel.py"), *argv, "--out",
+    result = subprocess.run([sys.executable, str(ROOT / "mfel.py"), *argv, "--preset", "tiny",
+                             "--epochs", "1", "--limit-batches", "1", "--out",
                              str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
