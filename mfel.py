@@ -718,7 +718,7 @@ def from_checkpoint(path, args, run, flag):
 def initialise(model, args, data, run, fresh):
     """--pretrained (the paper names no pretrained weights: auto = none); log the size and
     write config.json. Returns the plain settings saved with every checkpoint."""
-    if fresh and args.pretrained == "auto":
+    if fresh and args.pretrained in ("auto", "none"):
         run.log("pretrained: none, the paper names no pretrained weights; training from scratch")
     elif fresh and args.pretrained != "none":  # a file of ours (checkpoint or bare state_dict)
         tensors = common.tensor_dict(common.load_weights(args.pretrained))

@@ -304,6 +304,17 @@ def test_cli_run_resume_eval_predict(tmp_path, capsys):
     only_external = mfel.main(["--eval", str(out / "last.pt"), "--data", str(external),
                                "--mask-source-eval", "oracle", "--out", str(tmp_path / "ext")])
     assert "NOT_REPORTABLE" in only_external and len(only_external) == 2
+    capsys.readouterr()
+    network = mfel.main(["--eval", str(out / "last.pt"), "--data", str(external),
+                         "--out", str(tmp_path / "net")])
+    original = mfel.main(["--eval", str(out / "last.pt"), "--data", str(external), "--out",
+                          str(tmp_path / "orig"), "--eval-resolution", "original",
+                          "--metric-mode", "global"])
+    log = capsys.readouterr().out
+    assert log.index("(%, global, original") < log.index("(%, per-image, original")
+    assert log.index("(%, per-image, network") < log.index("(%, global, network")
+    group = next(iter(network))  # 40 px originals, scored at 32 px or at 40 px
+    assert network[group]["per-image"] != original[group]["per-image"]
 
     result = mfel.main(["--predict", str(external / "images"), "--checkpoint",
                         str(out / "last.pt"), "--out", str(tmp_path / "pred")])

@@ -110,6 +110,11 @@ def test_coarse_head_learns_from_l_coarse_alone():
         head_moves = grad is not None and grad.abs().sum() > 0
         assert head_moves == (weight > 0), weight
         assert model.encoder_fg.blocks[0][0].weight.grad.abs().sum() > 0
+    # L_coarse alone is deep supervision of F_s^3: it reaches E_s, and nothing of FIIR
+    model.zero_grad(set_to_none=True)
+    mfel.loss_mask(model(image)["coarse_logits"], target).backward()
+    assert model.encoder_seg.blocks[2][0].weight.grad.abs().sum() > 0
+    assert model.encoder_fg.blocks[0][0].weight.grad is None
 
 
 # ---- Eq. (3): AFM with random weights ----
@@ -255,6 +260,16 @@ def test_mask_source_train(source):
                          torch.device("cpu"), source)
     assert (spy.masks[0] is None) == (source == "coarse")
     if source == "gt":
+        assert same(spy.masks[0], target)
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+def test_mask_source_eval(oracle):
+    spy, target = Spy(), halves_mask()[..., :4, :6]
+    dataset = [{"image": torch.rand(3, 4, 6), "mask": target[i], "index": i} for i in range(2)]
+    mfel.evaluate(spy, dataset, torch.device("cpu"), oracle=oracle, batch_size=2)
+    assert (spy.masks[0] is not None) == oracle
+    if oracle:
         assert same(spy.masks[0], target)
 
 
