@@ -720,7 +720,7 @@ def initialise(model, args, data, run, fresh):
     write config.json. Returns the plain settings saved with every checkpoint."""
     if fresh and args.pretrained in ("auto", "none"):
         run.log("pretrained: none, the paper names no pretrained weights; training from scratch")
-    elif fresh and args.pretrained != "none":  # a file of ours (checkpoint or bare state_dict)
+    elif fresh:  # a file of ours (a checkpoint or a bare state_dict)
         tensors = common.tensor_dict(common.load_weights(args.pretrained))
         if tensors is None:
             common.fail(f"--pretrained {args.pretrained}: no tensors in the file")
