@@ -73,7 +73,8 @@ Deviations (from the spec; the paper leaves these open):
   3. Widths, U-Net blocks, decoders, AFM internals (sigmoid on alpha), BFM norms, the heads: our
      choices (G2-G10). EM: two LayerNorms where UltraLight's PVM layer reuses one; Mamba keeps
      its own init; its scan runs in ONE direction over the H/8 x W/8 tokens (row-major,
-     causal), as in PVM, not VMamba's four-direction SS2D (G9). L1 terms are means (G11).
+     causal), as in PVM, not VMamba's four-direction SS2D (G9). L1 terms are means (G11);
+     the input is in [0, 1], no mean/std, so Eq. 1's background is black (G1).
   4. --resume: each iteration's LR is computed from (epoch, --epochs), so a run resumed with a
      larger --epochs follows the new total's schedule from its next epoch on.
 
