@@ -4,12 +4,11 @@ Li, Tang, Chu, Yang, Yu, "ReSeg-UNet: A Reconstruction-Guided Optimization Frame
 Medical Image Segmentation", MICCAI 2025. Code: https://github.com/Li-gzhu/ReSeg-UNet (UNet.zip;
 only the U-Net variant is released; its facts are in ../shared/specs/reseg_unet.md, "spec n").
 
-Idea. Stage 1 trains a plain U-Net to *reconstruct*: it is fed the ground-truth label map and
-regressed with 0.6 MSE + 0.4 L1. Its weights are then frozen. Stage 2 trains a second U-Net of the
-same shape to segment the image, and pulls its features towards the frozen network's features
-of the same slice's label map, crosswise: reconstruction encoder <-> segmentation decoder,
-reconstruction decoder <-> segmentation encoder, and the middle features. The alignment costs
-only a forward pass of the frozen net at training time; inference is the plain U-Net.
+Idea. Stage 1 trains a U-Net to reconstruct the image from the ground-truth label map (0.6
+MSE + 0.4 L1), then freezes it. Stage 2 trains a second U-Net of the same shape to segment, and
+pulls its features towards the frozen net's features of the same slice's label map, crosswise:
+recon encoder <-> seg decoder, recon decoder <-> seg encoder, and the bottlenecks. Inference is
+the plain U-Net.
 
 Equation map (paper number -> code):
     Eq. (1) -> mse_loss
@@ -56,35 +55,26 @@ Protocol, one row per data set (the row that applies is printed at start-up):
   other two defaults below already are the authors').
 
 Readings of the paper and departures, each with its switch:
-  - Stage-1 target (default: the image). Sec. 2.2 feeds the ground truth in and calls the task
-    "image reconstruction" of a "reconstructed image" against the "ground truth image", whose
-    L1 term preserves "edge and texture features"; a label map has no texture, and x_hat has
-    "the number of channels of the image". The authors' code maps the label map to the CT/MR
-    image, broadcast over the K output channels (spec 2.1): that is the default (RGB data: the
-    channel mean). `--recon-target gt` reads x_hat as the one-hot label map instead (GT -> GT).
-  - Eq. (6) feature (default: the bottleneck x5, (B, 16 C_1, H/16, W/16)): Sec. 2.3 says "the
-    bottleneck layer" and Sec. 2.1 names it beside encoder and decoder. The authors' code aligns
-    the first decoder output u1 instead, which Eq. (4) already pulls once (spec 3.2):
-    `--mid-feature up1` (the setting behind Tab. 1).
-  - Frozen reconstruction net's BatchNorm (default: batch statistics, the authors' code, spec
-    2.4). The paper defines frozen as "no parameter updates", which holds either way; it says
-    nothing of BN. `--recon-bn eval` uses the running statistics (features then do not depend
-    on the other slices of the batch).
-  - Fig. 4(a) ablations (`--align-groups`) keep Eq. (7)'s division by 3 (the paper says nothing).
+  - Stage-1 target: the image (default). Sec. 2.2 feeds the GT in for "image reconstruction",
+    comparing the "reconstructed image" with the "ground truth image" and keeping "edge and
+    texture features" (a label map has none); the authors' code regresses the CT/MR slice on
+    all K output channels (spec 2.1; RGB data: the channel mean). `--recon-target gt`: x_hat
+    read as the one-hot label map (GT -> GT).
+  - Eq. (6): the bottleneck x5 (default; Sec. 2.3 "the bottleneck layer"). The authors' code
+    aligns u1, which Eq. (4) already pulls (spec 3.2): `--mid-feature up1`, behind Tab. 1.
+  - Frozen net's BatchNorm: batch statistics (default, the authors' code, spec 2.4). The paper's
+    frozen is "no parameter updates", true either way. `--recon-bn eval`: running statistics.
+  - Fig. 4(a) ablations (`--align-groups`) keep Eq. (7)'s division by 3 (the paper is silent).
   - Stage 2 loads the *final* stage-1 weights (recon_last.pt), as the authors' code does.
-  - Slices are resized as TransUNet does (scipy zoom: cubic image, nearest labels) in training
-    and test; `--resize bilinear` for common.py's torch resize. The augmentation draws from the
-    dataset's `random.Random` (TransUNet: NumPy). Off on the toy data (flips swap its left /
-    right classes; `--augment on`).
-  - Paired baseline: stage 2 draws its initial weights and data order from seeds of its own, so
-    `--lam 0` (no stage 1) and the ReSeg run start stage 2 identically for one --seed; `--compare`
-    runs both and prints ReSeg - baseline (the paper's Delta rows).
-  - Schedules are not stored in checkpoints: every iteration's lr is computed from (iteration,
-    epochs), so `--resume --epochs LARGER` follows the new total from the next epoch on.
-  - Toy test "volumes" are single slices missing 0-4 organs, so they are scored with
-    VolumeMeter's "skip" convention (an organ absent from prediction and truth is left out);
-    TransUNet's (both empty -> Dice 0, spec 6.3) would cap the toy score near 0.75. Real data:
-    TransUNet's, as the paper.
+  - Slices are resized as TransUNet does (scipy zoom: cubic image, nearest labels), in training
+    and test; `--resize bilinear`: common.py's torch resize. Augmentation draws from the
+    dataset's `random.Random` (TransUNet: NumPy); off on toy data (flips swap its L/R classes).
+  - Paired baseline (ours): stage 2 draws its initial weights and data order from its own seed,
+    so `--lam 0` (no stage 1) starts stage 2 as the ReSeg run does; `--compare` runs both.
+  - No schedule in checkpoints: each iteration's lr comes from (iteration, epochs), so
+    `--resume --epochs LARGER` follows the new total from the next epoch on.
+  - Toy test "volumes" are one slice missing 0-4 organs: scored with VolumeMeter's "skip" rule
+    (absent from prediction and truth: left out); TransUNet's (Dice 0) on real data.
 
 Run:
     python reseg_unet.py                      # toy data, both stages: ~2 min on an idle 2-core CPU
@@ -98,17 +88,19 @@ Run:
     python reseg_unet.py --predict my_pngs/ --checkpoint best.pt
     python reseg_unet.py --bench                                      # paper preset, 224 x 224
 """
-import argparse
-import json
 import os
-import random
-import sys
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+# before torch loads OpenMP (common.py, "Threads")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: threads that
-# spin while waiting made a toy training step 15x slower on our shared 2-core machine
+import argparse  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections import namedtuple  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -227,16 +219,9 @@ class OutConv(nn.Module):
 # ==== 4. Model ====
 
 
-class UNetOutput(tuple):
-    """(logits, mid, encoder, decoder), a tuple like the authors' 4-tuple, with names."""
-
-    def __new__(cls, logits, mid, encoder, decoder):
-        return super().__new__(cls, (logits, mid, encoder, decoder))
-
-    logits = property(lambda self: self[0])
-    mid = property(lambda self: self[1])
-    encoder = property(lambda self: self[2])  # [x2, x3, x4, x5], shallow -> deep
-    decoder = property(lambda self: self[3])  # [u1, u2, u3], deep -> shallow
+# The authors' 4-tuple, with names: encoder [x2, x3, x4, x5] shallow -> deep, decoder [u1, u2,
+# u3] deep -> shallow, mid F_in of Eq. (6).
+UNetOutput = namedtuple("UNetOutput", "logits mid encoder decoder")
 
 
 class ReSegUNet(nn.Module):
