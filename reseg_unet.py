@@ -94,7 +94,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import namedtuple  # noqa: E402
@@ -290,20 +289,8 @@ def read_tensors(path, flag):
     Accepts the authors' plain state_dict (epoch_149.pth, also with DataParallel's 'module.'),
     or a dict holding one under 'model' / 'state_dict'. A pickled full model or a list fails.
     """
-    if hasattr(common, "load_weights"):  # API round 2
-        obj = common.load_weights(path, flag)
-        tensors = common.tensor_dict(obj)
-    else:
-        if not Path(path).is_file():
-            common.fail(f"{flag} {path}: file not found")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            common.fail(f"{flag} {path}: not a state_dict of tensors ({type(error).__name__} "
-                        "without running its code); save model.state_dict(), not the model")
-        tensors = obj.get("model", obj) if isinstance(obj, dict) else None
-        if not isinstance(tensors, dict) or not all(torch.is_tensor(v) for v in tensors.values()):
-            tensors = None
+    obj = common.load_weights(path, flag)
+    tensors = common.tensor_dict(obj)
     if not tensors:
         common.fail(f"{flag} {path}: holds a {type(obj).__name__}, not a state_dict of tensors "
                     "(save model.state_dict(), not the model or a list)")
@@ -563,12 +550,6 @@ def poly_lr(base_lr, iteration, total_iterations, power=0.9):
     return base_lr * max(0.0, 1 - iteration / total_iterations) ** power
 
 
-def set_lr(optimizer, lr):
-    """Every param group's lr (local twin of common.set_lr, API round 2)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
 def train_one_epoch(model, loader, optimizer, device, args, stage="seg", recon_net=None,
                     scaler=None, show=True, iteration=0, total_iterations=1):
     """One epoch of stage 1 (`stage="recon"`, model = recon net) or stage 2 (model = seg net).
@@ -587,7 +568,7 @@ def train_one_epoch(model, loader, optimizer, device, args, stage="seg", recon_n
     for step, batch in enumerate(common.progress(loader, f"{stage} train", show)):
         if args.limit_batches and step >= args.limit_batches:
             break
-        set_lr(optimizer, poly_lr(args.lr, iteration + step, total_iterations,
+        common.set_lr(optimizer, poly_lr(args.lr, iteration + step, total_iterations,
                                   PAPER_RECIPE["poly_power"]))
         images = batch["image"].to(device)  # (B, 3, H, W)
         labels = batch["mask"].to(device)  # (B, H, W) ids
@@ -778,14 +759,6 @@ def build_parser():
     return parser
 
 
-def explicit_flags(parser, argv):
-    """Destinations of the flags typed on the command line (they win over a checkpoint's)."""
-    if hasattr(common, "explicit_flags"):  # API round 2
-        return common.explicit_flags(parser, argv)
-    typed = {a.split("=")[0] for a in argv if a.startswith("--")}
-    return {action.dest for action in parser._actions if typed & set(action.option_strings)}
-
-
 def finish_method_args(args):
     """Resolve the paper switches after common.finish_args; stop on bad values."""
     variants = ("image", "up1", "batch") if args.as_released else ("image", "bottleneck", "batch")
@@ -820,23 +793,18 @@ def finish_method_args(args):
 
 
 def load_ours(path, flag, stage=None):
-    """One of our checkpoints, its stage checked: one line naming the flag if it is wrong."""
-    state = common.load_checkpoint(path, SCRIPT)
-    if stage is not None and state.get("stage") != stage:
-        common.fail(f"{flag} {path}: its stage is {state.get('stage')!r}, expected {stage!r} "
-                    f"({STAGE_FILES[stage]})")
-    return state
+    """One of our checkpoints, its stage checked (recon_*.pt: "recon"; best/last.pt: "seg")."""
+    expect = {"stage": stage} if stage else {}
+    return common.load_checkpoint(path, SCRIPT, flag, **expect)
 
 
-STAGE_FILES = {"recon": "stage 1 writes recon_last.pt / recon_best.pt",
-               "seg": "stage 2 writes last.pt / best.pt"}
-ARCHITECTURE = ("preset", "num_classes", "in_channels")  # what a checkpoint's net is built from
+ARCHITECTURE = ("num_classes", "class_names", "input_kind")  # with the preset: the network
 
 
 def check_architecture(args, state, flag, path):
     """Stop with one line when a checkpoint's network differs from the one this run builds."""
     saved = dict(state.get("config", {}), preset=state.get("preset"))
-    for key in ARCHITECTURE:
+    for key in ("preset", "num_classes"):
         mine = getattr(args, key, None)
         if key in saved and mine is not None and saved[key] != mine:
             common.fail(f"{flag} {path}: its {key} is {saved[key]!r}, this run's {mine!r} "
@@ -877,66 +845,64 @@ def new_model(args, role):
 
 
 def run_stage(stage, model, data, args, run, recon_net=None, resume=None):
-    """The training loop of one stage; checkpoints recon_last/recon_best.pt or last/best.pt.
+    """The training loop of one stage: recon_last / recon_best.pt, or last / best.pt.
 
-    Both stages use the same recipe (spec 2.3, 3.5): SGD with momentum, poly decay, the
-    baseline's batch size. Validation keeps the best epoch (lowest stage-1 loss, highest
-    stage-2 Dice); without a validation set (Synapse) the last epoch is the best. Each stage
-    keeps its own checkpoints, so `--resume` of either file continues that stage. The data
-    order and augmentation draw from the stage's own seed.
-    Returns the best score (stage 1: minus the loss).
+    Both stages use the same recipe (spec 2.3, 3.5): a fresh SGD with momentum, poly decay per
+    iteration, the baseline's batch size, data order and augmentation from the stage's own
+    seed. Validation keeps the best epoch (lowest stage-1 loss, highest stage-2 Dice); without
+    a validation set (Synapse) the last epoch is the best. Each stage keeps its own files, so
+    `--resume` of either continues that stage.
     """
-    prefix, epochs = ("recon_", args.recon_epochs) if stage == "recon" else ("", args.epochs)
-    device = run.device
+    recon = stage == "recon"
+    epochs = args.recon_epochs if recon else args.epochs
     if run.distributed:
         model = nn.parallel.DistributedDataParallel(model)
-    # a fresh SGD per stage (spec 3.5); the frozen net is not part of `model`, so it never moves
+    # the frozen net is not part of `model`, so it never moves
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr,
                                 momentum=PAPER_RECIPE["momentum"],
                                 weight_decay=PAPER_RECIPE["weight_decay"])
-    seed = stage_seed(args, stage)
-    data["train"].rng = random.Random(seed)
-    loader = common.make_loader(data["train"], args.batch_size, train=True,
-                                workers=args.workers, seed=seed)
+    loader = common.make_loader(data["train"], args.batch_size, train=True,  # reseeds the rng
+                                workers=args.workers, seed=stage_seed(args, stage))
     per_epoch = min(len(loader), args.limit_batches or len(loader))
-    scaler = torch.amp.GradScaler(enabled=args.amp and device.type == "cuda")
-    sign = -1 if stage == "recon" else 1  # higher is better after the sign
-    start, best = 0, -float("inf")
-    if resume is not None:
+    scaler = torch.amp.GradScaler(enabled=args.amp and run.device.type == "cuda")
+    start, best = 0, float("inf")  # stage 1's own best (Run.best belongs to stage 2)
+    if resume is not None and recon:  # Run.restore would write a stage-1 best.pt
         common.unwrap(model).load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         start, best = resume["epoch"] + 1, resume["best"]
-        run.log(f"resuming stage '{stage}' at epoch {start} of {epochs} "
-                f"(best so far {sign * best:.4f})")
+        run.log(f"resumed stage 1 from {args.resume} at epoch {start} of {epochs}")
+    elif resume is not None:
+        start = run.restore(resume, model, optimizer, scaler)
     run.log(f"stage '{stage}': {epochs} epochs x {per_epoch} iterations, lr {args.lr}")
     for epoch in range(start, epochs):
         if hasattr(loader.sampler, "set_epoch"):  # torchrun: a new shard order each epoch
             loader.sampler.set_epoch(epoch)
         tic = time.time()
         lr = poly_lr(args.lr, epoch * per_epoch, epochs * per_epoch, PAPER_RECIPE["poly_power"])
-        train = train_one_epoch(model, loader, optimizer, device, args, stage, recon_net,
+        train = train_one_epoch(model, loader, optimizer, run.device, args, stage, recon_net,
                                 scaler, run.is_main, epoch * per_epoch, epochs * per_epoch)
         score = None
         if data["val"] is not None and run.is_main:
-            score = sign * validate(common.unwrap(model), data["val"], args, device, stage)
-        improved = score is None or score > best
-        best = score if score is not None and improved else best
+            score = validate(common.unwrap(model), data["val"], args, run.device, stage)
         row = {"stage": stage, "epoch": epoch, "lr": lr, "train_loss": train["loss"],
                "train_align": train["align"], "val_recon_loss": "", "val_dice": "",
                "seconds": round(time.time() - tic, 1)}
-        if score is not None:
-            row["val_recon_loss" if stage == "recon" else "val_dice"] = sign * score
-        run.log_epoch(row)
-        run.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                         for k, v in row.items() if v != ""))
+        row["val_recon_loss" if recon else "val_dice"] = "" if score is None else score
         state = {"model": common.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch, "best": best, "config": vars(args), "preset": args.preset,
-                 "stage": stage}
-        run.checkpoint(prefix + "last.pt", state)  # atomic: an interrupted run keeps it
+                 "config": vars(args), "preset": args.preset, "stage": stage}
+        if not recon:
+            run.end_epoch(epoch, row, state, score)
+            continue
+        improved = score is None or score < best  # Run.end_epoch, with recon_ files
+        best = score if score is not None and improved else best
+        run.log_epoch(row)
+        run.log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in row.items()))
+        state.update(epoch=epoch, best=best)
+        run.checkpoint("recon_last.pt", state)
         if improved:
-            run.checkpoint(prefix + "best.pt", state)
+            run.checkpoint("recon_best.pt", state)
     run.barrier()
-    return best
 
 
 def run_comparison(argv, args):
@@ -1026,13 +992,12 @@ def adopt_saved(args, given):
                          ("--eval", args.eval, "seg") if args.eval else
                          ("--checkpoint", args.checkpoint, "seg"))
     saved = load_ours(path, flag, stage)
+    common.adopt_config(args, saved, ARCHITECTURE, given, flag)  # preset too; conflicts stop
     keep = {"resume", "eval", "predict", "checkpoint", "out", "bench", "device", "workers",
             "compare"}
-    for key, value in saved["config"].items():
+    for key, value in saved["config"].items():  # the switches, image size, recipe
         if key not in given and key not in keep:
             setattr(args, key, value)
-    if "preset" not in given:
-        args.preset = saved["preset"]
     if args.resume and args.out is None:
         args.out = str(Path(args.resume).parent)  # continue in the same run folder
     return saved
@@ -1081,7 +1046,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
     args = parser.parse_args(argv)
-    given = explicit_flags(parser, argv)
+    given = common.explicit_flags(parser, argv)
     if args.compare:
         return run_comparison(argv, args)
     saved = adopt_saved(args, given)
@@ -1135,7 +1100,7 @@ def main(argv=None):
         run.log("--pretrained auto: the paper trains the U-Net from scratch; no weights")
     run_stage("seg", model.to(run.device), data, args, run, recon_net,
               resume=saved if resume_stage == "seg" else None)
-    metrics = test_model(args, run, data, load_ours(run.out / "best.pt", "best.pt")["model"])
+    metrics = test_model(args, run, data, run.final_weights("best"))
     run.close()
     return metrics
 
