@@ -94,6 +94,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import namedtuple  # noqa: E402
@@ -283,24 +284,17 @@ def build_model(preset="paper", num_classes=9, role="seg", as_released=False, **
     return ReSegUNet(num_classes, role=role, **settings)
 
 
-def read_tensors(path, flag):
-    """The str -> Tensor mapping of a weights file, never running code from it; one line if none.
-
-    Accepts the authors' plain state_dict (epoch_149.pth, also with DataParallel's 'module.'),
-    or a dict holding one under 'model' / 'state_dict'. A pickled full model or a list fails.
-    """
+def load_released_weights(model, path, flag="--pretrained"):
+    """Load the authors' plain state_dict (epoch_149.pth; DataParallel's 'module.' dropped) or
+    one under 'model'; strict keys and shapes. Never runs code from the file: a pickled full
+    model or a list is refused in one line."""
     obj = common.load_weights(path, flag)
     tensors = common.tensor_dict(obj)
     if not tensors:
         common.fail(f"{flag} {path}: holds a {type(obj).__name__}, not a state_dict of tensors "
                     "(save model.state_dict(), not the model or a list)")
-    return {k.removeprefix("module."): v for k, v in tensors.items()}
-
-
-def load_released_weights(model, path, flag="--pretrained"):
-    """Load the authors' state_dict (e.g. epoch_149.pth) or our checkpoint's; strict keys."""
     try:
-        model.load_state_dict(read_tensors(path, flag), strict=True)
+        model.load_state_dict({k.removeprefix("module."): v for k, v in tensors.items()})
     except RuntimeError as error:
         common.fail(f"{flag} {path}: does not fit this U-Net: "
                     f"{str(error).splitlines()[1].strip()}")
@@ -457,17 +451,13 @@ class SlicePrep:
 
 
 def label_maps(dataset):
-    """Every label map of a data set at its stored size, without augmentation (for counting)."""
-    if hasattr(dataset, "files") and not isinstance(dataset, common.VolumeDataset):
-        for path in dataset.files:  # SliceDataset: read the file, skip the augment / resize
-            yield common._read_npz_or_h5(path)[1]
-    elif hasattr(dataset, "full"):
-        for index in range(len(dataset)):
-            yield dataset.full(index)[1]
-    else:
-        for index in range(len(dataset)):
-            item = dataset[index]
-            yield item[1] if isinstance(item, tuple) else item["mask"].numpy()
+    """Every label map of a data set as stored, without augmentation (for counting ids)."""
+    for index in range(len(dataset)):
+        if isinstance(dataset, common.SliceDataset):  # read the file: no augment, no resize
+            yield common._read_npz_or_h5(dataset.files[index])[1]
+        else:  # VolumeDataset (image, labels, name); PairDataset.full (image, labels)
+            yield (dataset[index] if isinstance(dataset, common.VolumeDataset)
+                   else dataset.full(index))[1]
 
 
 def dataset_kind(args):
@@ -505,14 +495,8 @@ def resolve_classes(args, data):
 
 def protocol_row(kind):
     """The docstring's protocol row for a data-set kind (synapse, acdc, other, toy), one line."""
-    text = __doc__.split("Protocol, one row per data set", 1)[1]
-    first, *rest = text.split(f"\n  [{kind}] ", 1)[1].split("\n")
-    lines = [first]
-    for line in rest:  # continuation lines are indented by four spaces
-        if not line.startswith("    "):
-            break
-        lines.append(line)
-    return f"protocol [{kind}] " + " ".join(" ".join(lines).split())
+    row = re.search(rf"\n  \[{kind}\] (.*?)\n(?!    )", __doc__, re.S).group(1)
+    return f"protocol [{kind}] " + " ".join(row.split())
 
 
 def test_cases(dataset):
@@ -587,7 +571,7 @@ def train_one_epoch(model, loader, optimizer, device, args, stage="seg", recon_n
                     with torch.no_grad():  # constant targets; the frozen net gets no gradient
                         rec = recon_net(labels)
                 loss, align = total_loss(seg, labels, rec, args.lam, args.align_groups,
-                                         args.ce_weight, args.dice_weight)
+                                         PAPER_RECIPE["ce_weight"], PAPER_RECIPE["dice_weight"])
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -736,10 +720,6 @@ def build_parser():
                        help="MSE weight of Eq. (3) (paper: 0.6)")
     group.add_argument("--beta", type=float, default=PAPER_RECIPE["beta"],
                        help="L1 weight of Eq. (3) (paper: 0.4)")
-    group.add_argument("--ce-weight", type=float, default=PAPER_RECIPE["ce_weight"],
-                       help="CE weight in L_Seg (paper: 0.5, TransUNet's)")
-    group.add_argument("--dice-weight", type=float, default=PAPER_RECIPE["dice_weight"],
-                       help="Dice weight in L_Seg (paper: 0.5, TransUNet's)")
     group.add_argument("--recon-target", choices=["image", "gt"], default=None,
                        help="stage-1 target: image (Sec. 2.2 + authors' code, default) or gt")
     group.add_argument("--mid-feature", choices=["bottleneck", "up1"], default=None,
@@ -801,35 +781,16 @@ def load_ours(path, flag, stage=None):
 ARCHITECTURE = ("num_classes", "class_names", "input_kind")  # with the preset: the network
 
 
-def check_architecture(args, state, flag, path):
-    """Stop with one line when a checkpoint's network differs from the one this run builds."""
-    saved = dict(state.get("config", {}), preset=state.get("preset"))
-    for key in ("preset", "num_classes"):
-        mine = getattr(args, key, None)
-        if key in saved and mine is not None and saved[key] != mine:
-            common.fail(f"{flag} {path}: its {key} is {saved[key]!r}, this run's {mine!r} "
-                        "(it changes the architecture)")
-
-
-def is_ours(path):
-    """True when `path` is one of our checkpoints (a dict with our 'script'), read safely."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return False
-    return isinstance(obj, dict) and obj.get("script") == SCRIPT
-
-
 def load_recon_net(args, path, flag="--recon-ckpt"):
     """The frozen stage-1 network: our recon checkpoint (stage and architecture checked) or
     the authors' plain state_dict (strict keys and shapes)."""
     net = build_model(args.preset, args.num_classes, role="recon", mid_feature=args.mid_feature)
-    if is_ours(path):
-        state = load_ours(path, flag, stage="recon")
-        check_architecture(args, state, flag, path)
-        net.load_state_dict(state["model"])
-    else:
-        load_released_weights(net, path, flag)
+    obj = common.load_weights(path, flag)
+    if not (isinstance(obj, dict) and "script" in obj):  # not ours: the authors' epoch_149.pth
+        return load_released_weights(net, path, flag).requires_grad_(False)
+    state = common.load_checkpoint(path, SCRIPT, flag, stage="recon")
+    common.adopt_config(args, state, ["num_classes"], {"num_classes", "preset"}, flag)  # = ours?
+    net.load_state_dict(state["model"])
     return net.requires_grad_(False)
 
 
@@ -918,14 +879,7 @@ def run_comparison(argv, args):
         common.fail("--compare needs the ReSeg run: no --lam 0, no --stage")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(args.out or Path("runs") / SCRIPT / f"{stamp}-{os.getpid()}-compare")
-    rest, skip = [], False
-    for item in argv:  # drop --compare and --out (each run gets a subfolder)
-        if skip or item == "--compare" or item.startswith("--out="):
-            skip = False
-            continue
-        skip = item == "--out"
-        if not skip:
-            rest.append(item)
+    rest = [item for item in argv if item != "--compare"]  # a later --out / --lam wins
     reseg = main(rest + ["--out", str(base / "reseg")])
     plain = main(rest + ["--lam", "0", "--out", str(base / "baseline")])
     delta = {group: {k: reseg[group][k] - plain[group][k] for k in reseg[group]}
@@ -943,38 +897,28 @@ def run_comparison(argv, args):
 
 
 def run_bench(args, given, run):
-    """--bench: one stage-2 training step (both nets) and one inference, on random input."""
+    """--bench: one stage-2 training step (both nets, train_one_epoch) and one inference."""
     preset = args.preset if "preset" in given else "paper"
     size = args.img_size if "img_size" in given else PAPER_RECIPE["img_size"]
-    cuda = run.device.type == "cuda"
-    batch = args.batch_size if "batch_size" in given else (PAPER_RECIPE["batch_size"] if cuda
-                                                          else 2)
-    k = 4 if args.dataset == "acdc" else 9
-    run.log(f"bench: preset {preset}, {size} x {size}, batch {batch}, {k} classes")
-    seg = build_model(preset, k, mid_feature=args.mid_feature).to(run.device)
-    rec = build_model(preset, k, role="recon", mid_feature=args.mid_feature).to(run.device)
-    rec.requires_grad_(False).train(args.recon_bn == "batch")
-    x = torch.rand(batch, 3, size, size, device=run.device)
-    y = torch.randint(0, k, (batch, size, size), device=run.device)
+    batch = args.batch_size if "batch_size" in given else (
+        PAPER_RECIPE["batch_size"] if run.device.type == "cuda" else 2)
+    args.num_classes = 4 if args.dataset == "acdc" else 9
+    run.log(f"bench: preset {preset}, {size} x {size}, batch {batch}, {args.num_classes} classes")
+    seg = build_model(preset, args.num_classes, mid_feature=args.mid_feature).to(run.device)
+    rec = build_model(preset, args.num_classes, role="recon", mid_feature=args.mid_feature)
+    rec = rec.to(run.device).requires_grad_(False)
+    batches = [{"image": torch.rand(batch, 3, size, size),
+                "mask": torch.randint(0, args.num_classes, (batch, size, size))}]
     optimizer = torch.optim.SGD(seg.parameters(), lr=0.01, momentum=0.9)
-
-    def train_step():
-        seg.train()
-        with autocast(run.device, args.amp):
-            with torch.no_grad():
-                r = rec(y)
-            loss, _ = total_loss(seg(x), y, r, args.lam, args.align_groups)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_step = lambda: train_one_epoch(seg, batches, optimizer, run.device, args,  # noqa
+                                         "seg", rec, show=False)
 
     def infer_step():
-        seg.eval()
         with torch.no_grad(), autocast(run.device, args.amp):
-            seg(x)
+            seg.eval()(batches[0]["image"].to(run.device))
 
     record = common.benchmark(seg, train_step, infer_step, batch, run.device, script=SCRIPT,
-                              preset=preset, img_size=size, num_classes=k,
+                              preset=preset, img_size=size, num_classes=args.num_classes,
                               measured="stage 2: seg fwd/bwd + frozen recon fwd + Eq. (8)")
     print(json.dumps(record))
     return record

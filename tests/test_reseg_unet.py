@@ -409,7 +409,7 @@ def test_poly_schedule_sets_every_iterations_lr():
 
 def test_a_label_beyond_the_class_count_stops_with_one_line():
     args = make_args()
-    args.num_classes = 5
+    args.num_classes = 8  # the batches hold ids 0..8: one too many
     seg, rec = stage2_nets()
     with pytest.raises(common.UserError, match="id 8"):
         m.train_one_epoch(seg, two_batches(), sgd(seg), torch.device("cpu"), args, "seg", rec,
