@@ -452,21 +452,43 @@ def test_slice_resize_is_transuNets_cubic_zoom():
     assert bilinear.shape == (8, 12)  # left to common.SliceDataset's torch resize
 
 
-def test_predict_feeds_cubic_slices_and_returns_the_original_size():
-    from scipy.ndimage import zoom
-    fed = []
+class Probe(torch.nn.Module):
+    """A stand-in segmentation net: fixed random logits (or one class), records its inputs."""
 
-    class Probe(torch.nn.Module):
-        def forward(self, x):
-            fed.append(x)
-            logits = torch.zeros(x.shape[0], 3, *x.shape[2:])
-            logits[:, 2, :16] = 1.0  # top half class 2
-            return m.UNetOutput(logits, None, [], [])
+    def __init__(self, classes=3, constant=None):
+        super().__init__()
+        self.classes, self.constant, self.fed = classes, constant, []
+
+    def forward(self, x):
+        self.fed.append(x)
+        g = torch.Generator().manual_seed(len(self.fed))
+        logits = torch.rand(x.shape[0], self.classes, *x.shape[2:], generator=g)
+        if self.constant is not None:
+            logits[:, self.constant] += 10
+        return m.UNetOutput(logits, None, [], [])
+
+
+def test_predict_feeds_cubic_slices_and_resizes_back_nearest():
+    from scipy.ndimage import zoom  # TransUNet's test_single_volume calls
+    probe = Probe()
     volume = np.random.default_rng(1).random((2, 24, 40)).astype(np.float32)
-    pred = m.predict(Probe(), volume, 32, torch.device("cpu"))
-    assert pred.shape == (2, 24, 40) and (pred[:, :12] == 2).all() and (pred[:, 12:] == 0).all()
-    assert np.allclose(fed[0][1, 0].numpy(), zoom(volume[1], (32 / 24, 32 / 40), order=3),
+    pred = m.predict(probe, volume, 32, torch.device("cpu"))
+    assert pred.shape == (2, 24, 40)
+    assert np.allclose(probe.fed[0][1, 0].numpy(), zoom(volume[1], (32 / 24, 32 / 40), order=3),
                        atol=1e-6)
+    at_s = Probe()(probe.fed[0]).logits.argmax(1).numpy()  # the same logits again: (2, 32, 32)
+    assert np.array_equal(pred, np.stack([zoom(p, (24 / 32, 40 / 32), order=0) for p in at_s]))
+
+
+def test_validation_dice_is_foreground_only_and_pooled():
+    args = make_args()
+    args.num_classes = 3
+    labels = torch.zeros(2, 4, 6, dtype=torch.long)
+    labels[0, :2] = 1  # sample 0: half class 1; sample 1: background only
+    items = [{"image": torch.rand(3, 4, 6), "mask": labels[i]} for i in range(2)]
+    # the probe predicts class 1 everywhere: pooled class-1 Dice 2 * 12 / (48 + 12) = 0.4;
+    # background and the absent class 2 are not averaged in
+    assert m.validate(Probe(constant=1), items, args, torch.device("cpu")) == pytest.approx(0.4)
 
 
 def write_npz_layout(root, rare_id=11):
