@@ -22,8 +22,9 @@ Equation map (paper number -> code):
 The metrics (Dice, HD95 per volume and organ) are common.VolumeMeter's (common.dice, common.hd95).
 
 Symbols (B batch, K classes, level l = 1 deepest .. 3 shallowest, spec 3.2):
-    x_hat                  labels / recon target       (B, H, W) ids; target (B, K, H, W)
-    x                      recon (recon-net logits)    (B, K, H, W)
+    (stage-1 input)        labels                      (B, H, W) ids, read as intensities
+    x_hat                  recon_target(...)           (B, K, H, W): the slice on K channels
+    x                      recon-net logits            (B, K, H, W)
     alpha, beta            --alpha, --beta             0.6, 0.4 (Eq. 3)
     F^l_{Recon-E}          rec.encoder[3 - l]          (B, C_l, H/2^(4-l), W/2^(4-l))
     F^l_{Seg-D}            seg.decoder[l - 1]          same shape as F^l_{Recon-E}

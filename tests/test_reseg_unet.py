@@ -575,6 +575,7 @@ def test_eval_reproduces_test_metrics(run_dir, tmp_path):
     (["--stage", "seg", "--recon-ckpt", "{tmp}/model.pth"], "not a state_dict"),
     (["--stage", "seg", "--recon-ckpt", "{tmp}/list.pth"], "not a state_dict"),
     (["--pretrained", "{tmp}/model.pth", "--lam", "0"], "--pretrained"),
+    (["--eval", "{run}/best.pt", "--preset", "small"], "--preset small differs"),
 ])
 def test_wrong_checkpoint_or_weights_file_stops_with_one_line(run_dir, tmp_path, flags, message):
     torch.save(m.build_model("tiny", 9), tmp_path / "model.pth")  # a pickled full model
