@@ -423,44 +423,6 @@ def transunet_augment(image, label, rng):
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
-def zoom_to(array, shape, order):
-    """scipy.ndimage.zoom of a 2-D map to `shape` (TransUNet's resize); a no-op at that shape."""
-    from scipy.ndimage import zoom
-    if array.shape[:2] == tuple(shape):
-        return array
-    return zoom(array, (shape[0] / array.shape[0], shape[1] / array.shape[1]), order=order)
-
-
-class SlicePrep:
-    """TransUNet's RandomGenerator for a gray slice: augment (optional), then resize to S x S.
-
-    Cubic for the image and nearest for the labels (spec 5.2, step 3), so common.SliceDataset's
-    own bilinear resize finds the slice at its size and does nothing. RGB images (PNG pairs)
-    arrive resized already and only get the augmentation.
-    """
-
-    def __init__(self, size, augment=None, resize="cubic"):
-        self.size, self.augment, self.resize = size, augment, resize
-
-    def __call__(self, image, label, rng):
-        if self.augment is not None:
-            image, label = self.augment(image, label, rng)
-        if self.resize == "cubic" and image.ndim == 2:
-            image = zoom_to(image, (self.size, self.size), 3)  # order 3, as TransUNet
-            label = zoom_to(label, (self.size, self.size), 0)
-        return image, label
-
-
-def label_maps(dataset):
-    """Every label map of a data set as stored, without augmentation (for counting ids)."""
-    for index in range(len(dataset)):
-        if isinstance(dataset, common.SliceDataset):  # read the file: no augment, no resize
-            yield common._read_npz_or_h5(dataset.files[index])[1]
-        else:  # VolumeDataset (image, labels, name); PairDataset.full (image, labels)
-            yield (dataset[index] if isinstance(dataset, common.VolumeDataset)
-                   else dataset.full(index))[1]
-
-
 def dataset_kind(args):
     """synapse / acdc / toy / other: --dataset, else the data folder's name."""
     if args.dataset != "auto":
@@ -481,17 +443,10 @@ def resolve_classes(args, data):
     if kind in CLASS_NAMES:
         names = CLASS_NAMES[kind]
         return len(names) + 1, names, f"{kind} classes"
-    sets = [data["train"], data["val"], *data["test"].values()]
-    top = -1
-    for dataset in (s for s in sets if s is not None):
-        for labels in label_maps(dataset):
-            if labels.min() < 0:
-                common.fail(f"--data {args.data}: a label map holds the negative id "
-                            f"{int(labels.min())}")
-            top = max(top, int(labels.max()))
-    if top < 1:
-        common.fail(f"--data {args.data}: no foreground label found in the label maps")
-    return top + 1, [f"class{c}" for c in range(1, top + 1)], "counted in every label map"
+    sets = [s for s in (data["train"], data["val"], *data["test"].values()) if s is not None]
+    k = common.count_labels([f for s in sets for f in getattr(s, "files", None)  # npz / h5
+                             or [pair["masks"][0] for pair in s.pairs]])  # label PNGs
+    return k, [f"class{c}" for c in range(1, k)], "counted in every label map"
 
 
 def protocol_row(kind):
@@ -626,15 +581,7 @@ def predict(model, image, img_size, device, rgb=False, resize="cubic"):
         pred = logits_fn(x).argmax(1)[0].cpu().numpy()  # (S, S)
         return common.resize_mask(pred, 0, image.shape[:2])
     volume = image[None] if image.ndim == 2 else image
-    if resize == "bilinear":
-        return common.predict_volume(logits_fn, volume, img_size, 3, device)
-    labels = []
-    for start in range(0, len(volume), 16):
-        chunk = [zoom_to(s, (img_size, img_size), 3) for s in volume[start:start + 16]]
-        x = torch.from_numpy(np.stack(chunk).astype(np.float32))[:, None].to(device)
-        pred = logits_fn(x).argmax(1).cpu().numpy()  # (n, S, S); the 1 channel is repeated
-        labels += [zoom_to(p, volume.shape[1:], 0) for p in pred]
-    return np.stack(labels)
+    return common.predict_volume(logits_fn, volume, img_size, 3, device, resize=resize)
 
 
 def evaluate(model, dataset, args, device, pred_dir=None, max_overlays=50):
@@ -773,12 +720,6 @@ def finish_method_args(args):
     return args
 
 
-def load_ours(path, flag, stage=None):
-    """One of our checkpoints, its stage checked (recon_*.pt: "recon"; best/last.pt: "seg")."""
-    expect = {"stage": stage} if stage else {}
-    return common.load_checkpoint(path, SCRIPT, flag, **expect)
-
-
 ARCHITECTURE = ("num_classes", "class_names", "input_kind")  # with the preset: the network
 
 
@@ -790,7 +731,7 @@ def load_recon_net(args, path, flag="--recon-ckpt"):
     if not (isinstance(obj, dict) and "script" in obj):  # not ours: the authors' epoch_149.pth
         return load_released_weights(net, path, flag).requires_grad_(False)
     state = common.load_checkpoint(path, SCRIPT, flag, stage="recon")
-    common.adopt_config(args, state, ["num_classes"], {"num_classes", "preset"}, flag)  # = ours?
+    common.adopt_config(args, state, ["num_classes"], set(), flag, check_only=True, path=path)
     net.load_state_dict(state["model"])
     return net.requires_grad_(False)
 
@@ -827,14 +768,9 @@ def run_stage(stage, model, data, args, run, recon_net=None, resume=None):
                                 workers=args.workers, seed=stage_seed(args, stage))
     per_epoch = min(len(loader), args.limit_batches or len(loader))
     scaler = torch.amp.GradScaler(enabled=args.amp and run.device.type == "cuda")
-    start, best = 0, float("inf")  # stage 1's own best (Run.best belongs to stage 2)
-    if resume is not None and recon:  # Run.restore would write a stage-1 best.pt
-        common.unwrap(model).load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        start, best = resume["epoch"] + 1, resume["best"]
-        run.log(f"resumed stage 1 from {args.resume} at epoch {start} of {epochs}")
-    elif resume is not None:
-        start = run.restore(resume, model, optimizer, scaler)
+    prefix, run.best, start = "recon_" if recon else "", None, 0  # each stage its own best
+    if resume is not None:
+        start = run.restore(resume, model, optimizer, scaler, prefix=prefix, epochs=epochs)
     run.log(f"stage '{stage}': {epochs} epochs x {per_epoch} iterations, lr {args.lr}")
     for epoch in range(start, epochs):
         if hasattr(loader.sampler, "set_epoch"):  # torchrun: a new shard order each epoch
@@ -852,19 +788,7 @@ def run_stage(stage, model, data, args, run, recon_net=None, resume=None):
         row["val_recon_loss" if recon else "val_dice"] = "" if score is None else score
         state = {"model": common.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                  "config": vars(args), "preset": args.preset, "stage": stage}
-        if not recon:
-            run.end_epoch(epoch, row, state, score)
-            continue
-        improved = score is None or score < best  # Run.end_epoch, with recon_ files
-        best = score if score is not None and improved else best
-        run.log_epoch(row)
-        run.log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in row.items()))
-        state.update(epoch=epoch, best=best)
-        run.checkpoint("recon_last.pt", state)
-        if improved:
-            run.checkpoint("recon_best.pt", state)
-    run.barrier()
+        run.end_epoch(epoch, row, state, score, higher_is_better=not recon, prefix=prefix)
 
 
 def run_comparison(argv, args):
@@ -936,7 +860,7 @@ def adopt_saved(args, given):
     flag, path, stage = (("--resume", args.resume, None) if args.resume else
                          ("--eval", args.eval, "seg") if args.eval else
                          ("--checkpoint", args.checkpoint, "seg"))
-    saved = load_ours(path, flag, stage)
+    saved = common.load_checkpoint(path, SCRIPT, flag, **({"stage": stage} if stage else {}))
     common.adopt_config(args, saved, ARCHITECTURE, given, flag)  # preset too; conflicts stop
     keep = {"resume", "eval", "predict", "checkpoint", "out", "bench", "device", "workers",
             "compare"}
@@ -952,10 +876,8 @@ def load_method_data(args, run, saved):
     """The data, the class count (checked against a checkpoint's), and the augmentation."""
     augment = transunet_augment if args.augment == "on" or (
         args.augment == "auto" and args.data != "toy") else None
-    prep = SlicePrep(args.img_size, augment, args.resize)
-    data = common.load_data(args, "multiclass", augment=prep, toy_sizes=args.toy_sizes)
-    if getattr(data["val"], "augment", None) is None and hasattr(data["val"], "files"):
-        data["val"].augment = SlicePrep(args.img_size, None, args.resize)  # resize only
+    data = common.load_data(args, "multiclass", augment=augment, toy_sizes=args.toy_sizes,
+                            resize=args.resize)  # cubic: TransUNet's zoom (spec 5.2, step 3)
     if data["splits"] is not None:
         run.save_json("splits.json", data["splits"])
     if not data["test"]:

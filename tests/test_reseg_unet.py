@@ -441,15 +441,24 @@ def test_transunet_augment_moves_image_and_label_together():
         assert np.array_equal(image, out.astype(np.float32))
 
 
-def test_slice_resize_is_transuNets_cubic_zoom():
+def test_slice_resize_is_transuNets_cubic_zoom(tmp_path):
     from scipy.ndimage import zoom  # TransUNet's call: zoom(image, (S/x, S/y), order=3)
     rng = np.random.default_rng(0)
-    image, label = rng.random((8, 12)).astype(np.float32), rng.integers(0, 4, (8, 12))
-    out, lab = m.SlicePrep(24)(image, label, None)
-    assert np.allclose(out, zoom(image, (3, 2), order=3))
-    assert np.array_equal(lab, zoom(label, (3, 2), order=0)) and lab.shape == (24, 24)
-    bilinear, _ = m.SlicePrep(24, resize="bilinear")(image, label, None)
-    assert bilinear.shape == (8, 12)  # left to common.SliceDataset's torch resize
+    image, label = rng.random((16, 24)).astype(np.float32), rng.integers(0, 4, (16, 24))
+    for split in ("train", "valid", "test"):
+        (tmp_path / split).mkdir()
+        np.savez(tmp_path / split / "case0.npz", img=image, label=label)
+    run = common.Run(make_args(out=str(tmp_path / "o")), m.SCRIPT)
+    for resize in ("cubic", "bilinear"):  # --resize, through load_method_data
+        args = make_args(data=str(tmp_path), resize=resize, augment="off", img_size=48)
+        data = m.load_method_data(args, run, None)
+        for item in (data["train"][0], data["val"][0]):  # training and validation alike
+            cubic = np.allclose(item["image"][1].numpy(), zoom(image, (3, 2), order=3),
+                                atol=1e-6)
+            assert cubic == (resize == "cubic"), resize
+            assert item["mask"].shape == (48, 48)
+        if resize == "cubic":
+            assert np.array_equal(item["mask"].numpy(), zoom(label, (3, 2), order=0))
 
 
 class Probe(torch.nn.Module):
@@ -507,7 +516,8 @@ def write_npz_layout(root, rare_id=11):
 def test_unnamed_data_counts_classes_in_every_label_map(tmp_path):
     root = write_npz_layout(tmp_path / "mydata")
     args = make_args(data=str(root))
-    data = common.load_data(args, "multiclass", augment=m.SlicePrep(32), toy_sizes=(1, 1, 1))
+    data = common.load_data(args, "multiclass", augment=m.transunet_augment,
+                            toy_sizes=(1, 1, 1), resize="cubic")
     k, names, note = m.resolve_classes(args, data)
     assert k == 12 and len(names) == 11 and "every label map" in note
     args.dataset = "acdc"  # named: the paper's 4 classes
