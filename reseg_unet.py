@@ -90,8 +90,7 @@ Run:
     python reseg_unet.py --bench                                      # paper preset, 224 x 224
 """
 import os
-# before torch loads OpenMP (common.py, "Threads")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (common.py)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -122,8 +121,7 @@ class Preset:
 
 
 PRESETS = {
-    "paper": Preset(widths=(64, 128, 256, 512, 1024),  # spec 1.2 (authors' U-Net, Sec. 3.2)
-                    in_channels=3),  # spec 1.3
+    "paper": Preset(widths=(64, 128, 256, 512, 1024), in_channels=3),  # spec 1.2, 1.3; Sec. 3.2
     "small": Preset(widths=(16, 32, 64, 128, 256)),  # CPU toy demo
     "tiny": Preset(widths=(4, 8, 16, 32, 64)),  # tests: every code path, in seconds
 }
@@ -156,10 +154,9 @@ CLASS_NAMES = {  # label ids 1 .. K-1 (Synapse: TransUNet's order, spec 6.1)
 }
 
 # ==== 3. Building blocks (the authors' U-Net parts, spec 1.1) ====
-# The paper only says "U-Net" (Sec. 3.2). The released one is milesial/Pytorch-UNet with
-# bias-free 3x3 convs; the module and attribute names below are chosen so that its state_dict
-# keys come out identical. Every block ends in BN + ReLU, so the features that stage 2 aligns
-# are non-negative activations, compared raw (no projection, no normalisation; spec 3.2).
+# The paper only says "U-Net" (Sec. 3.2); the released one is milesial/Pytorch-UNet with bias-free
+# 3x3 convs, and the names below give its state_dict keys. Every block ends in BN + ReLU: stage 2
+# aligns non-negative activations, raw (no projection, no normalisation; spec 3.2).
 
 
 class DoubleConv(nn.Module):
@@ -189,10 +186,8 @@ class Down(nn.Module):
 
 
 class Up(nn.Module):
-    """Transposed-conv upsampling, pad to the skip, concat [skip, up], DoubleConv; spec 1.1.
-
-    deep (B, C_in, h, w), skip (B, C_in/2, 2h, 2w) -> (B, C_out, 2h, 2w).
-    """
+    """Transposed conv up, pad to the skip, concat [skip, up], DoubleConv; spec 1.1.
+    deep (B, C_in, h, w), skip (B, C_in/2, 2h, 2w) -> (B, C_out, 2h, 2w)."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
@@ -220,21 +215,17 @@ class OutConv(nn.Module):
 # ==== 4. Model ====
 
 
-# The authors' 4-tuple, with names: encoder [x2, x3, x4, x5] shallow -> deep, decoder [u1, u2,
-# u3] deep -> shallow, mid F_in of Eq. (6).
+# The authors' 4-tuple, named: encoder [x2..x5] shallow -> deep, decoder [u1..u3] deep -> shallow
 UNetOutput = namedtuple("UNetOutput", "logits mid encoder decoder")
 
 
 class ReSegUNet(nn.Module):
     """The U-Net used for both branches (Fig. 1; the authors' UNet_se and UNet_hd, spec 1).
 
-    role "seg" takes the image (B, 1 or 3, H, W); role "recon" takes the label map (B, H, W),
-    whose raw ids 0 .. K-1 become the pixel intensities (spec 1.3). Returns a UNetOutput whose
-    features are the DoubleConv outputs that Eqs. (4)-(6) align; `mid_feature` picks F_in.
-
-    Both roles share one layout ("keeping the model architecture unchanged", Sec. 2.2), which is
-    what makes the cross pairs possible: the encoder of one and the decoder of the other meet
-    at equal shapes because the U-Net is symmetric.
+    role "seg" takes the image (B, 1 or 3, H, W); role "recon" the label map (B, H, W), its raw
+    ids 0 .. K-1 as intensities (spec 1.3). Returns a UNetOutput of the DoubleConv outputs that
+    Eqs. (4)-(6) align; `mid_feature` picks F_in. Both roles share one layout (Sec. 2.2), so the
+    encoder of one and the decoder of the other meet at equal shapes: the cross pairs.
     """
 
     def __init__(self, num_classes, widths=(64, 128, 256, 512, 1024), in_channels=3,
@@ -271,12 +262,9 @@ class ReSegUNet(nn.Module):
 
 
 def build_model(preset="paper", num_classes=9, role="seg", as_released=False, **overrides):
-    """The U-Net of a preset. `as_released=True`: the authors' network exactly (Eq. (6) on u1).
-
-    The layers and state-dict keys are the released ones in every case (118 keys at any
-    preset), so the authors' checkpoints load with strict=True. Overrides: widths, in_channels,
-    mid_feature.
-    """
+    """The U-Net of a preset; `as_released=True`: the authors' (Eq. (6) on u1). The 118
+    state-dict keys are the released ones at any preset (strict loading). Overrides: widths,
+    in_channels, mid_feature."""
     if preset not in PRESETS:
         common.fail(f"unknown preset '{preset}' (paper, small or tiny)")
     settings = asdict(PRESETS[preset])
@@ -348,13 +336,10 @@ ALIGN_GROUPS = ("e2d", "d2e", "mid")  # Recon-E -> Seg-D, Recon-D -> Seg-E, midd
 def alignment_loss(seg, rec, groups=ALIGN_GROUPS):
     """Three-level cross-feature alignment, Sec. 2.3; seg, rec are UNetOutputs of equal shapes.
 
-    Level l = 1 is the deepest (spec 3.2): Recon-E^1 is x4 and Seg-D^1 is u1, both (B, C_4,
-    H/8, W/8). The frozen net's features are constants (computed without gradient).
-    Returns (L_align, dict of the per-term values).
-
-    Why crosswise: the seg decoder is pulled towards the reconstruction *encoder*'s view of the
-    label map (clean anatomy, no image noise), and the seg encoder towards the reconstruction
-    decoder's, so both halves of the segmentation U-Net get a target (Sec. 2.3, Fig. 1(b)).
+    Level l = 1 is the deepest (spec 3.2): Recon-E^1 is x4, Seg-D^1 is u1, both (B, C_4, H/8,
+    W/8). The frozen net's features are constants. Returns (L_align, dict of the terms).
+    Crosswise, so both halves of the seg U-Net get a target from the label map's clean anatomy
+    (Sec. 2.3, Fig. 1(b)).
     """
     terms = {}
     for level in (1, 2, 3):
@@ -401,9 +386,8 @@ def total_loss(seg, labels, rec=None, lam=0.035, groups=ALIGN_GROUPS, ce_weight=
 
 
 # ==== 6. Data handling: TransUNet's augmentation, class names, test cases ====
-# common.load_data reads every layout (TransUNet npz / h5, MT-UNet's ACDC npz, PNG pairs, toy);
-# what is ReSeg's own is the baseline's augmentation (Sec. 3.2: "identical to the baseline") and
-# the names of the organs in the paper's tables.
+# common.load_data reads every layout; ReSeg's own are the baseline's augmentation (Sec. 3.2:
+# "identical to the baseline") and the organ names of the paper's tables.
 
 
 def transunet_augment(image, label, rng):
@@ -433,19 +417,16 @@ def dataset_kind(args):
 
 
 def resolve_classes(args, data):
-    """(K, class names, note): the paper's names, or K counted from every label map; checked.
-
-    Unnamed data: K = 1 + the largest id in any training, validation or test label map, so a
-    rare class in a few slices cannot crash training later. Named data (and the toy set) are
-    not scanned; train_one_epoch stops with one line at a batch holding an id >= K.
-    """
+    """(K, class names, note): the paper's names, or K = 1 + the largest id in any label map
+    (common.count_labels). Named data are not scanned; train_one_epoch stops with one line at a
+    batch holding an id >= K."""
     kind = dataset_kind(args)
     if kind in CLASS_NAMES:
         names = CLASS_NAMES[kind]
         return len(names) + 1, names, f"{kind} classes"
     sets = [s for s in (data["train"], data["val"], *data["test"].values()) if s is not None]
-    k = common.count_labels([f for s in sets for f in getattr(s, "files", None)  # npz / h5
-                             or [pair["masks"][0] for pair in s.pairs]])  # label PNGs
+    k = common.count_labels([f for s in sets for f in (s.files if hasattr(s, "files")  # npz, h5
+                                                       else [p["masks"][0] for p in s.pairs])])
     return k, [f"class{c}" for c in range(1, k)], "counted in every label map"
 
 
@@ -494,11 +475,9 @@ def train_one_epoch(model, loader, optimizer, device, args, stage="seg", recon_n
                     scaler=None, show=True, iteration=0, total_iterations=1):
     """One epoch of stage 1 (`stage="recon"`, model = recon net) or stage 2 (model = seg net).
 
-    In stage 2 `recon_net` is the frozen reconstruction net, fed the same batch's label maps
-    (after the same augmentation, spec 3.1): it needs the ground truth, so it runs only while
-    training and inference is the plain U-Net. The lr of every step is computed from
-    (iteration, total_iterations), never stored, so a resumed run follows a new --epochs.
-    Returns {'loss', 'align'} averaged over batches.
+    In stage 2 the frozen `recon_net` gets the same batch's augmented label maps (spec 3.1), so
+    it runs only in training. Each step's lr comes from (iteration, total_iterations), never
+    stored: a resumed run follows a new --epochs. Returns {'loss', 'align'}, batch means.
     """
     model.train()
     if recon_net is not None:  # batch statistics (code, spec 2.4) or the running ones
@@ -542,17 +521,14 @@ def train_one_epoch(model, loader, optimizer, device, args, stage="seg", recon_n
 def validate(model, dataset, args, device, stage="seg"):
     """Validation score: mean stage-1 loss (recon), or the pooled foreground Dice (seg)."""
     model.eval()
-    loader = common.make_loader(dataset, args.batch_size, train=False)
-    k = args.num_classes
-    loss_sum, count = 0.0, 0
+    k, loss_sum, count = args.num_classes, 0.0, 0
     inter, total = torch.zeros(k), torch.zeros(k)
-    for batch in loader:
+    for batch in common.make_loader(dataset, args.batch_size, train=False):
         images, labels = batch["image"].to(device), batch["mask"].to(device)
         if stage == "recon":
-            x = model(labels).logits
             x_hat = recon_target(labels, images, k, args.recon_target)
-            loss_sum += float(recon_loss(x, x_hat, args.alpha, args.beta)) * len(labels)
-            count += len(labels)
+            loss = recon_loss(model(labels).logits, x_hat, args.alpha, args.beta)
+            loss_sum, count = loss_sum + float(loss) * len(labels), count + len(labels)
             continue
         pred = model(images).logits.argmax(1)  # (B, H, W)
         for c in range(1, k):
@@ -568,9 +544,8 @@ def validate(model, dataset, args, device, stage="seg"):
 def predict(model, image, img_size, device, rgb=False, resize="cubic"):
     """Label map of one test case at its own size, slice by slice (TransUNet's test, spec 6.3).
 
-    image: a volume (D, H, W) float (or one slice (H, W)) -> (D, H, W) int64: each slice is
-    resized to S x S (cubic, or bilinear with resize="bilinear"), argmax, nearest back to H x W.
-    With rgb=True: a uint8 RGB image (H, W, 3) normalised as in training -> (H, W) int64.
+    A volume (D, H, W) float (or a slice (H, W)) -> (D, H, W) int64 by common.predict_volume
+    (`resize` cubic or bilinear); rgb=True: a uint8 (H, W, 3) image, normalised as in training.
     """
     model.eval()
     logits_fn = lambda x: model(x).logits  # noqa: E731  (n, 3, S, S) -> (n, K, S, S)
@@ -585,12 +560,9 @@ def predict(model, image, img_size, device, rgb=False, resize="cubic"):
 
 
 def evaluate(model, dataset, args, device, pred_dir=None, max_overlays=50):
-    """The paper's columns (Tab. 1, 2): Dice and HD95 per volume and organ, then averaged.
-
-    Uses common.VolumeMeter with voxel-unit HD95 and TransUNet's empty-organ convention
-    (spec 6.3; "skip" on the one-slice toy volumes). Writes label PNGs (one per slice) and up
-    to `max_overlays` overlays if `pred_dir` is given.
-    Returns {'mean_dice', 'mean_hd95', 'dice_<organ>', 'hd95_<organ>'}.
+    """The paper's columns (Tab. 1, 2): Dice and HD95 (voxels) per volume and organ, averaged
+    by common.VolumeMeter, TransUNet's empty-organ rule (spec 6.3; "skip" on toy volumes).
+    Writes one label PNG per slice and up to `max_overlays` overlays into `pred_dir`, if given.
     """
     convention = "skip" if args.data == "toy" else "transunet"  # docstring, deviations
     meter = common.VolumeMeter(args.num_classes, args.class_names, None, convention)
@@ -615,18 +587,14 @@ def evaluate(model, dataset, args, device, pred_dir=None, max_overlays=50):
 
 def predict_folder(args, saved, run):
     """--predict DIR: one label-map PNG per image in DIR, from a stage-2 checkpoint."""
-    files = common.list_images(args.predict)
-    model = build_model(args.preset, args.num_classes, mid_feature=args.mid_feature)
-    model.load_state_dict(saved["model"])
-    model.to(run.device)
+    files, model = common.list_images(args.predict), seg_net(args, saved["model"], run.device)
+    rgb = args.input_kind == "rgb"  # trained on PNG pairs; else CT/MR slices, gray in [0, 1]
     for path in files:
         image = common.load_image(path)  # (H, W, 3) uint8
-        if args.input_kind == "rgb":  # trained on PNG pairs: ImageNet-normalised RGB
-            labels = predict(model, image, args.img_size, run.device, rgb=True)
-        else:  # trained on CT/MR slices (or the toy set): gray values in [0, 1]
-            gray = image.mean(axis=2).astype(np.float32) / 255.0
-            labels = predict(model, gray, args.img_size, run.device)[0]
-        common.save_label_png(run.out / "predictions" / f"{path.stem}.png", labels)
+        image = image if rgb else image.mean(axis=2).astype(np.float32) / 255.0
+        labels = predict(model, image, args.img_size, run.device, rgb, args.resize)
+        common.save_label_png(run.out / "predictions" / f"{path.stem}.png",
+                              labels.reshape(image.shape[:2]))
     run.log(f"wrote {len(files)} label maps to {run.out / 'predictions'}")
     run.close()
     return {"predicted": len(files), "folder": str(run.out / "predictions")}
@@ -634,9 +602,9 @@ def predict_folder(args, saved, run):
 
 def print_table(run, group, metrics, class_names, toy=False):
     """Print one test group as the paper's table row: DSC (%), HD95, per-organ Dice (%)."""
-    names = ["DSC(%)", "HD95"] + list(class_names)
-    values = [100 * metrics["mean_dice"], metrics["mean_hd95"]]
-    values += [100 * metrics[f"dice_{n}"] for n in class_names]
+    names = ["DSC(%)", "HD95", *class_names]
+    values = [100 * metrics["mean_dice"], metrics["mean_hd95"],
+              *(100 * metrics[f"dice_{n}"] for n in class_names)]
     width = max(8, *(len(n) + 1 for n in names))
     convention = "absent organs skipped" if toy else "TransUNet's empty-organ rule"
     run.log(f"test [{group}]  (HD95 in voxels; {convention})")
@@ -651,39 +619,33 @@ def build_parser():
     """The shared flags plus the paper's switches (ablations and the authors' variants)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     common.add_common_args(parser, PAPER_RECIPE, "Sec. 3.2 / spec 5.1")
-    group = parser.add_argument_group("ReSeg-UNet switches")
-    group.add_argument("--stage", choices=["both", "recon", "seg"], default="both",
-                       help="stage 1 (recon), stage 2 (seg) or both in one run (default both)")
-    group.add_argument("--recon-ckpt", default=None, metavar="FILE",
-                       help="stage-1 weights for --stage seg (ours, or the authors' .pth)")
-    group.add_argument("--recon-epochs", type=int, default=None,
-                       help="stage-1 epochs (paper: 150, spec 2.3)")
-    group.add_argument("--dataset", choices=["auto", "synapse", "acdc", "toy"], default="auto",
-                       help="class names and count (auto: from the data folder's name)")
-    group.add_argument("--lam", type=float, default=PAPER_RECIPE["lam"],
-                       help="lambda of Eq. (8); 0 = plain U-Net baseline (paper: 0.035)")
-    group.add_argument("--align-groups", default="e2d,d2e,mid",
-                       help="Fig. 4(a): which of e2d (Eq. 4), d2e (Eq. 5), mid (Eq. 6) are on")
-    group.add_argument("--alpha", type=float, default=PAPER_RECIPE["alpha"],
-                       help="MSE weight of Eq. (3) (paper: 0.6)")
-    group.add_argument("--beta", type=float, default=PAPER_RECIPE["beta"],
-                       help="L1 weight of Eq. (3) (paper: 0.4)")
-    group.add_argument("--recon-target", choices=["image", "gt"], default=None,
-                       help="stage-1 target: image (Sec. 2.2 + authors' code, default) or gt")
-    group.add_argument("--mid-feature", choices=["bottleneck", "up1"], default=None,
-                       help="F_in of Eq. (6): bottleneck (paper, default) or up1 (authors')")
-    group.add_argument("--recon-bn", choices=["batch", "eval"], default=None,
-                       help="frozen net's BN: batch statistics (authors' code, default) or eval")
-    group.add_argument("--as-released", action="store_true",
-                       help="the authors' code exactly (= --mid-feature up1; Tab. 1)")
-    group.add_argument("--compare", action="store_true",
-                       help="run ReSeg and the paired --lam 0 baseline; print the Delta")
-    group.add_argument("--resize", choices=["cubic", "bilinear"], default="cubic",
-                       help="slice resizing: cubic (TransUNet's, spec 5.2 / 6.3) or bilinear")
-    group.add_argument("--augment", choices=["auto", "on", "off"], default="auto",
-                       help="TransUNet augmentation (auto: on for real data, off for toy)")
-    group.add_argument("--toy-sizes", default=None, metavar="TRAIN,VAL,TEST",
-                       help=f"toy set sizes (default {TOY_RECIPE['toy_sizes']})")
+    add = parser.add_argument_group("ReSeg-UNet switches").add_argument
+    add("--stage", choices=["both", "recon", "seg"], default="both",
+        help="stage 1 (recon), stage 2 (seg) or both in one run (default both)")
+    add("--recon-ckpt", metavar="FILE", help="stage-1 weights for --stage seg (ours or authors')")
+    add("--recon-epochs", type=int, help="stage-1 epochs (paper: 150, spec 2.3)")
+    add("--dataset", choices=["auto", "synapse", "acdc", "toy"], default="auto",
+        help="class names and count (auto: from the data folder's name)")
+    add("--lam", type=float, default=PAPER_RECIPE["lam"],
+        help="lambda of Eq. (8); 0 = plain U-Net baseline (paper: 0.035)")
+    add("--align-groups", default="e2d,d2e,mid",
+        help="Fig. 4(a): which of e2d (Eq. 4), d2e (Eq. 5), mid (Eq. 6) are on")
+    add("--alpha", type=float, default=PAPER_RECIPE["alpha"], help="MSE weight, Eq. (3) (0.6)")
+    add("--beta", type=float, default=PAPER_RECIPE["beta"], help="L1 weight, Eq. (3) (0.4)")
+    add("--recon-target", choices=["image", "gt"],
+        help="stage-1 target: image (Sec. 2.2 + authors' code, default) or gt")
+    add("--mid-feature", choices=["bottleneck", "up1"],
+        help="F_in of Eq. (6): bottleneck (paper, default) or up1 (authors')")
+    add("--recon-bn", choices=["batch", "eval"],
+        help="frozen net's BN: batch statistics (authors' code, default) or eval")
+    add("--as-released", action="store_true", help="the authors' code (= --mid-feature up1)")
+    add("--compare", action="store_true", help="ReSeg and the paired --lam 0 baseline; Delta")
+    add("--resize", choices=["cubic", "bilinear"], default="cubic",
+        help="slice resizing: cubic (TransUNet's, spec 5.2 / 6.3) or bilinear")
+    add("--augment", choices=["auto", "on", "off"], default="auto",
+        help="TransUNet augmentation (auto: on for real data, off for toy)")
+    add("--toy-sizes", metavar="TRAIN,VAL,TEST",
+        help=f"toy set sizes (default {TOY_RECIPE['toy_sizes']})")
     return parser
 
 
@@ -750,11 +712,9 @@ def new_model(args, role):
 def run_stage(stage, model, data, args, run, recon_net=None, resume=None):
     """The training loop of one stage: recon_last / recon_best.pt, or last / best.pt.
 
-    Both stages use the same recipe (spec 2.3, 3.5): a fresh SGD with momentum, poly decay per
-    iteration, the baseline's batch size, data order and augmentation from the stage's own
-    seed. Validation keeps the best epoch (lowest stage-1 loss, highest stage-2 Dice); without
-    a validation set (Synapse) the last epoch is the best. Each stage keeps its own files, so
-    `--resume` of either continues that stage.
+    Both stages use one recipe (spec 2.3, 3.5): fresh SGD + momentum, poly decay per iteration,
+    data order and augmentation from the stage's seed. best: the lowest stage-1 loss / highest
+    stage-2 Dice on validation, else the last epoch. `--resume` of either file continues it.
     """
     recon = stage == "recon"
     epochs = args.recon_epochs if recon else args.epochs
@@ -810,12 +770,10 @@ def run_comparison(argv, args):
     delta = {group: {k: reseg[group][k] - plain[group][k] for k in reseg[group]}
              for group in reseg}
     for group in reseg:
-        keys = ["mean_dice", "mean_hd95"] + [k for k in reseg[group] if k.startswith("dice_")]
         print(f"compare [{group}]: {'':14}{'ReSeg':>9}{'lam 0':>9}{'Delta':>9}")
-        for k in keys:
-            scale = 1 if "hd95" in k else 100
-            print(f"compare [{group}]: {k:14}" + "".join(
-                f"{scale * v:9.2f}" for v in (reseg[group][k], plain[group][k], delta[group][k])))
+        for k in ["mean_dice", "mean_hd95"] + [k for k in reseg[group] if k[:5] == "dice_"]:
+            print(f"compare [{group}]: {k:14}" + "".join(f"{(1 if 'hd95' in k else 100) * v:9.2f}"
+                  for v in (reseg[group][k], plain[group][k], delta[group][k])))
     result = {"reseg": reseg, "baseline": plain, "delta": delta, "folder": str(base)}
     (base / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -892,12 +850,16 @@ def load_method_data(args, run, saved):
     return data
 
 
-def test_model(args, run, data, state):
-    """Test a stage-2 state dict per volume, as Tab. 1-2; prints and saves the metrics."""
+def seg_net(args, state, device):
+    """The stage-2 U-Net of these settings with a checkpoint's weights, on `device`."""
     model = build_model(args.preset, args.num_classes, mid_feature=args.mid_feature)
     model.load_state_dict(state)
-    model.to(run.device)
-    metrics = {}
+    return model.to(device)
+
+
+def test_model(args, run, data, state):
+    """Test a stage-2 state dict per volume, as Tab. 1-2; prints and saves the metrics."""
+    model, metrics = seg_net(args, state, run.device), {}
     if run.is_main:
         for group, dataset in data["test"].items():
             pred_dir = run.out / "predictions" / (group if len(data["test"]) > 1 else "")
