@@ -4,11 +4,10 @@ Li, Tang, Chu, Yang, Yu, "ReSeg-UNet: A Reconstruction-Guided Optimization Frame
 Medical Image Segmentation", MICCAI 2025. Code: https://github.com/Li-gzhu/ReSeg-UNet (UNet.zip;
 only the U-Net variant is released; its facts are in ../shared/specs/reseg_unet.md, "spec n").
 
-Idea. Stage 1 trains a U-Net to reconstruct the image from the ground-truth label map (0.6
-MSE + 0.4 L1), then freezes it. Stage 2 trains a second U-Net of the same shape to segment, and
-pulls its features towards the frozen net's features of the same slice's label map, crosswise:
-recon encoder <-> seg decoder, recon decoder <-> seg encoder, and the bottlenecks. Inference is
-the plain U-Net.
+Idea. Stage 1 trains a U-Net to reconstruct the image from the ground-truth label map (0.6 MSE
++ 0.4 L1), then freezes it. Stage 2 trains a second U-Net to segment, its features pulled towards
+the frozen net's features of the same slice's label map, crosswise: recon encoder <-> seg decoder,
+recon decoder <-> seg encoder, and the bottlenecks. Inference is the plain U-Net.
 
 Equation map (paper number -> code):
     Eq. (1) -> mse_loss
@@ -56,26 +55,25 @@ Protocol, one row per data set (the row that applies is printed at start-up):
   other two defaults below already are the authors').
 
 Readings of the paper and departures, each with its switch:
-  - Stage-1 target: the image (default). Sec. 2.2 feeds the GT in for "image reconstruction",
-    comparing the "reconstructed image" with the "ground truth image" and keeping "edge and
-    texture features" (a label map has none); the authors' code regresses the CT/MR slice on
-    all K output channels (spec 2.1; RGB data: the channel mean). `--recon-target gt`: x_hat
-    read as the one-hot label map (GT -> GT).
+  - Stage-1 target: the image (default). Sec. 2.2 feeds the GT in for "image reconstruction" of
+    the "ground truth image", keeping "edge and texture features" (a label map has none); the
+    authors' code regresses the CT/MR slice on all K channels (spec 2.1; RGB: the channel mean).
+    `--recon-target gt`: x_hat is the one-hot label map (GT -> GT).
   - Eq. (6): the bottleneck x5 (default; Sec. 2.3 "the bottleneck layer"). The authors' code
     aligns u1, which Eq. (4) already pulls (spec 3.2): `--mid-feature up1`, behind Tab. 1.
-  - Frozen net's BatchNorm: batch statistics (default, the authors' code, spec 2.4). The paper's
-    frozen is "no parameter updates", true either way. `--recon-bn eval`: running statistics.
+  - Frozen net's BatchNorm: batch statistics (default, the authors' code, spec 2.4); the paper's
+    "frozen" (no parameter updates) holds either way. `--recon-bn eval`: running statistics.
   - Fig. 4(a) ablations (`--align-groups`) keep Eq. (7)'s division by 3 (the paper is silent).
   - Stage 2 loads the *final* stage-1 weights (recon_last.pt), as the authors' code does.
-  - Slices are resized as TransUNet does (scipy zoom: cubic image, nearest labels), in training
-    and test; `--resize bilinear`: common.py's torch resize. Augmentation draws from the
-    dataset's `random.Random` (TransUNet: NumPy); off on toy data (flips swap its L/R classes).
+  - Slices resized as TransUNet (scipy zoom: cubic image, nearest labels) in training and test
+    (common's resize="cubic"); `--resize bilinear`: common's torch resize. Augmentation draws
+    from the dataset's `random.Random` (TransUNet: NumPy); off on toy data (flips swap L/R).
   - Paired baseline (ours): stage 2 draws its initial weights and data order from its own seed,
     so `--lam 0` (no stage 1) starts stage 2 as the ReSeg run does; `--compare` runs both.
   - No schedule in checkpoints: each iteration's lr comes from (iteration, epochs), so
     `--resume --epochs LARGER` follows the new total from the next epoch on.
-  - Toy test "volumes" are one slice missing 0-4 organs: scored with VolumeMeter's "skip" rule
-    (absent from prediction and truth: left out); TransUNet's (Dice 0) on real data.
+  - Toy test "volumes" are one slice missing 0-4 organs: VolumeMeter's "skip" rule (absent from
+    prediction and truth: left out); TransUNet's (Dice 0) on real data.
 
 Run:
     python reseg_unet.py                      # toy data, both stages: ~2 min on an idle 2-core CPU
@@ -111,7 +109,6 @@ import common  # noqa: E402
 SCRIPT = "reseg_unet"
 
 # ==== 2. Presets and the paper's recipe ====
-
 
 @dataclass(frozen=True)
 class Preset:
@@ -157,7 +154,6 @@ CLASS_NAMES = {  # label ids 1 .. K-1 (Synapse: TransUNet's order, spec 6.1)
 # The paper only says "U-Net" (Sec. 3.2); the released one is milesial/Pytorch-UNet with bias-free
 # 3x3 convs, and the names below give its state_dict keys. Every block ends in BN + ReLU: stage 2
 # aligns non-negative activations, raw (no projection, no normalisation; spec 3.2).
-
 
 class DoubleConv(nn.Module):
     """(conv 3x3 without bias -> BN -> ReLU) x 2; spec 1.1. (B, C_in, H, W) -> (B, C_out, H, W)."""
@@ -213,8 +209,6 @@ class OutConv(nn.Module):
 
 
 # ==== 4. Model ====
-
-
 # The authors' 4-tuple, named: encoder [x2..x5] shallow -> deep, decoder [u1..u3] deep -> shallow
 UNetOutput = namedtuple("UNetOutput", "logits mid encoder decoder")
 
@@ -295,7 +289,6 @@ def load_released_weights(model, path, flag="--pretrained"):
 # channels and pixels), as in the authors' F.mse_loss / nn.L1Loss calls, so the loss scale does
 # not depend on the image size, and lambda = 0.035 keeps its meaning at any preset.
 
-
 def mse_loss(x, x_hat):
     """Mean squared error over H x W x C (and the batch); x, x_hat (B, C, H, W)."""
     assert x.shape == x_hat.shape, (x.shape, x_hat.shape)
@@ -314,10 +307,8 @@ def recon_loss(x, x_hat, alpha=0.6, beta=0.4):
 
 
 def recon_target(labels, images, num_classes, target="image"):
-    """x_hat of Eqs. (1)-(3): the image on every channel (code, default) or the one-hot GT.
-
-    labels (B, H, W) int, images (B, 3, H, W) -> (B, K, H, W) float.
-    """
+    """x_hat of Eqs. (1)-(3), (B, K, H, W) float: the images (B, 3, H, W) on every channel
+    (code, default) or the one-hot GT of labels (B, H, W) int."""
     if target == "gt":  # the GT -> GT reading of Sec. 2.2
         return F.one_hot(labels, num_classes).permute(0, 3, 1, 2).float()  # (B, K, H, W)
     gray = images.float().mean(dim=1, keepdim=True)  # (B, 1, H, W): the slice (RGB: the mean)
@@ -355,14 +346,12 @@ def alignment_loss(seg, rec, groups=ALIGN_GROUPS):
 
 def dice_loss(logits, labels, eps=1e-5):
     """TransUNet's soft Dice loss (spec 3.4): softmax, one-hot incl. background, squared sums.
-
     logits (B, K, H, W), labels (B, H, W); per class over the whole batch
     d_c = 1 - (2 sum p g + eps) / (sum p^2 + sum g^2 + eps), then the mean over the K classes.
     """
     p = logits.float().softmax(dim=1)  # (B, K, H, W)
     g = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float()  # (B, K, H, W)
-    dims = (0, 2, 3)
-    d = 1 - (2 * (p * g).sum(dims) + eps) / ((p * p).sum(dims) + (g * g).sum(dims) + eps)
+    d = 1 - (2 * (p * g).sum((0, 2, 3)) + eps) / ((p * p + g * g).sum((0, 2, 3)) + eps)
     return d.mean()
 
 
@@ -374,10 +363,8 @@ def seg_loss(logits, labels, ce_weight=0.5, dice_weight=0.5):
 
 def total_loss(seg, labels, rec=None, lam=0.035, groups=ALIGN_GROUPS, ce_weight=0.5,
                dice_weight=0.5):
-    """Stage-2 objective, Sec. 2.3; rec None or lam 0 gives the plain baseline.
-
-    Returns (L_total, L_align as a float for logging).
-    """
+    """Stage-2 objective, Sec. 2.3; rec None or lam 0: the plain baseline. Returns (L_total,
+    L_align as a float for logging)."""
     l_seg = seg_loss(seg.logits, labels, ce_weight, dice_weight)
     if rec is None or lam == 0 or not groups:
         return l_seg, 0.0
@@ -389,13 +376,10 @@ def total_loss(seg, labels, rec=None, lam=0.035, groups=ALIGN_GROUPS, ce_weight=
 # common.load_data reads every layout; ReSeg's own are the baseline's augmentation (Sec. 3.2:
 # "identical to the baseline") and the organ names of the paper's tables.
 
-
 def transunet_augment(image, label, rng):
-    """TransUNet's RandomGenerator (spec 5.2) on a float slice (H, W) and its labels (H, W).
-
-    p = 0.5: rot90 by k in {0..3} then a flip; else p = 0.5: rotate by an integer angle in
-    [-20, 19] degrees, nearest-neighbour for image and label alike.
-    """
+    """TransUNet's RandomGenerator (spec 5.2) on a float slice (H, W) and its labels (H, W):
+    p = 0.5 rot90 by k in {0..3} then a flip; else p = 0.5 rotate by an integer angle in [-20,
+    19] degrees, nearest-neighbour for image and label alike."""
     from scipy.ndimage import rotate
     if rng.random() > 0.5:
         k, axis = rng.randrange(4), rng.randrange(2)
@@ -439,26 +423,21 @@ def protocol_row(kind):
 def test_cases(dataset):
     """Yield (image, labels, name) per test case: a volume (D, H, W) float, or one RGB image."""
     for index in range(len(dataset)):
-        if isinstance(dataset, common.VolumeDataset):
-            yield dataset[index]
-        elif hasattr(dataset, "volume"):  # the toy set: one-slice volumes
-            yield dataset.volume(index)
-        else:  # a folder of image / label-map PNGs
-            image, labels = dataset.full(index)
-            yield image, labels, dataset.names[index]
+        if hasattr(dataset, "full"):  # a folder of image / label-map PNGs
+            yield (*dataset.full(index), dataset.names[index])
+        else:  # VolumeDataset, or the toy set's one-slice volumes
+            yield dataset.volume(index) if hasattr(dataset, "volume") else dataset[index]
 
 
 def display_slice(image):
     """A gray slice or RGB image as uint8 (H, W, 3) for overlays (min-max scaled if float)."""
     if image.dtype == np.uint8:
         return image
-    low, high = float(image.min()), float(image.max())
-    gray = ((image - low) / max(high - low, 1e-8) * 255).astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=2)
+    gray = (image - image.min()) / max(float(image.max() - image.min()), 1e-8)
+    return np.repeat((gray[..., None] * 255).astype(np.uint8), 3, axis=2)
 
 
 # ==== 7. Train, evaluate, predict ====
-
 
 def autocast(device, enabled):
     """Mixed precision context (fp16 on CUDA, bf16 on CPU), a no-op when disabled."""
@@ -489,8 +468,7 @@ def train_one_epoch(model, loader, optimizer, device, args, stage="seg", recon_n
             break
         common.set_lr(optimizer, poly_lr(args.lr, iteration + step, total_iterations,
                                   PAPER_RECIPE["poly_power"]))
-        images = batch["image"].to(device)  # (B, 3, H, W)
-        labels = batch["mask"].to(device)  # (B, H, W) ids
+        images, labels = batch["image"].to(device), batch["mask"].to(device)  # (B, 3 | -, H, W)
         if int(labels.max()) >= args.num_classes:
             common.fail(f"--data {args.data}: a label map holds id {int(labels.max())}, but "
                         f"{args.num_classes} classes were set (--dataset {args.dataset})")
@@ -569,8 +547,7 @@ def evaluate(model, dataset, args, device, pred_dir=None, max_overlays=50):
     rgb = isinstance(dataset, common.PairDataset)
     overlays = 0
     for image, labels, name in test_cases(dataset):
-        pred = predict(model, image, args.img_size, device, rgb, args.resize)
-        pred = pred.reshape(labels.shape)
+        pred = predict(model, image, args.img_size, device, rgb, args.resize).reshape(labels.shape)
         meter.update(pred, labels)
         if pred_dir is None:
             continue
@@ -614,7 +591,6 @@ def print_table(run, group, metrics, class_names, toy=False):
 
 # ==== 8. Command line and the two-stage training run ====
 
-
 def build_parser():
     """The shared flags plus the paper's switches (ablations and the authors' variants)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
@@ -651,10 +627,8 @@ def build_parser():
 
 def finish_method_args(args):
     """Resolve the paper switches after common.finish_args; stop on bad values."""
-    variants = ("image", "up1", "batch") if args.as_released else ("image", "bottleneck", "batch")
-    for name, value in zip(("recon_target", "mid_feature", "recon_bn"), variants):
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    args.recon_target, args.recon_bn = args.recon_target or "image", args.recon_bn or "batch"
+    args.mid_feature = args.mid_feature or ("up1" if args.as_released else "bottleneck")
     if args.recon_epochs is None:
         args.recon_epochs = (TOY_RECIPE if args.data == "toy" else PAPER_RECIPE)["recon_epochs"]
     if args.recon_epochs < 1:
@@ -667,12 +641,10 @@ def finish_method_args(args):
     if args.lam < 0:
         common.fail(f"--lam must be >= 0 (got {args.lam})")
     sizes = args.toy_sizes or TOY_RECIPE["toy_sizes"]
-    try:
-        sizes = tuple(int(n) for n in (sizes.split(",") if isinstance(sizes, str) else sizes))
-        assert len(sizes) == 3 and min(sizes) >= 1
-    except (ValueError, AssertionError):
+    sizes = [str(n).strip() for n in (sizes.split(",") if isinstance(sizes, str) else sizes)]
+    if len(sizes) != 3 or not all(n.isdigit() and int(n) > 0 for n in sizes):
         common.fail(f"--toy-sizes {args.toy_sizes}: give three positive counts, e.g. 80,8,8")
-    args.toy_sizes = sizes
+    args.toy_sizes = tuple(int(n) for n in sizes)
     args.aligned = args.lam > 0 and bool(args.align_groups)
     if args.stage == "recon" and not args.aligned:
         common.fail("--stage recon with --lam 0 (or no --align-groups): nothing to train")
@@ -721,8 +693,7 @@ def run_stage(stage, model, data, args, run, recon_net=None, resume=None):
     if run.distributed:
         model = nn.parallel.DistributedDataParallel(model)
     # the frozen net is not part of `model`, so it never moves
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr,
-                                momentum=PAPER_RECIPE["momentum"],
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=PAPER_RECIPE["momentum"],
                                 weight_decay=PAPER_RECIPE["weight_decay"])
     loader = common.make_loader(data["train"], args.batch_size, train=True,  # reseeds the rng
                                 workers=args.workers, seed=stage_seed(args, stage))
@@ -752,14 +723,11 @@ def run_stage(stage, model, data, args, run, recon_net=None, resume=None):
 
 
 def run_comparison(argv, args):
-    """--compare: the ReSeg run and the paired --lam 0 baseline (same seed), then the Delta.
-
-    Both runs share stage 2's initial weights and data order (stage_seed), so the difference is
-    the alignment's alone, as the paper's Delta rows mean it (Tab. 1, 2).
-    """
-    for flag in ("eval", "resume", "predict", "bench"):
-        if getattr(args, flag):
-            common.fail(f"--compare trains two runs; it cannot be combined with --{flag}")
+    """--compare: the ReSeg run and the paired --lam 0 baseline, then the Delta. Both share stage
+    2's initial weights and data order (stage_seed): the difference is the alignment's alone, as
+    the paper's Delta rows mean it (Tab. 1, 2)."""
+    for flag in (f for f in ("eval", "resume", "predict", "bench") if getattr(args, f)):
+        common.fail(f"--compare trains two runs; it cannot be combined with --{flag}")
     if args.lam == 0 or args.stage != "both":
         common.fail("--compare needs the ReSeg run: no --lam 0, no --stage")
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -808,11 +776,8 @@ def run_bench(args, given, run):
 
 
 def adopt_saved(args, given):
-    """--resume / --eval / --predict: the checkpoint (stage checked) and its settings.
-
-    The settings saved with it (preset, image size, classes, switches) rebuild the same network
-    and data, so a bare `--eval best.pt` works; a flag typed on this command line still wins.
-    """
+    """--resume / --eval / --predict: the checkpoint (stage checked) and its settings (preset,
+    size, classes, switches), so a bare `--eval best.pt` works; a flag typed here still wins."""
     if not (args.resume or args.eval or args.predict):
         return None
     flag, path, stage = (("--resume", args.resume, None) if args.resume else
@@ -820,8 +785,7 @@ def adopt_saved(args, given):
                          ("--checkpoint", args.checkpoint, "seg"))
     saved = common.load_checkpoint(path, SCRIPT, flag, **({"stage": stage} if stage else {}))
     common.adopt_config(args, saved, ARCHITECTURE, given, flag)  # preset too; conflicts stop
-    keep = {"resume", "eval", "predict", "checkpoint", "out", "bench", "device", "workers",
-            "compare"}
+    keep = {"resume", "eval", "predict", "checkpoint", "out", "bench", "device", "workers"}
     for key, value in saved["config"].items():  # the switches, image size, recipe
         if key not in given and key not in keep:
             setattr(args, key, value)
@@ -841,10 +805,9 @@ def load_method_data(args, run, saved):
     if not data["test"]:
         common.fail(f"--data {args.data}: no test volumes or images found")
     args.input_kind = "rgb" if isinstance(data["train"], common.PairDataset) else "gray"
+    note = "classes from the checkpoint"
     if saved is None or "num_classes" not in saved["config"]:
         args.num_classes, args.class_names, note = resolve_classes(args, data)
-    else:
-        note = "classes from the checkpoint"
     run.log(f"data: {data['source']} | {args.num_classes} classes ({note}): "
             f"{', '.join(args.class_names)}")
     return data
@@ -897,9 +860,8 @@ def main(argv=None):
             f"groups {','.join(args.align_groups)} | resize {args.resize}")
     if args.eval:
         return test_model(args, run, data, saved["model"])
-    run.save_json("config.json", {**vars(args), "source": data["source"],
-                                  "device": str(run.device),
-                                  "preset_values": asdict(PRESETS[args.preset])})
+    run.save_json("config.json", {**vars(args), "source": data["source"], "device": str(
+        run.device), "preset_values": asdict(PRESETS[args.preset])})
     resume_stage = saved["stage"] if args.resume else None
     recon_path = args.recon_ckpt  # --stage seg: the given stage-1 file
 
