@@ -285,9 +285,8 @@ def load_released_weights(model, path, flag="--pretrained"):
 
 
 # ==== 5. Losses ====
-# Stage 1 minimises Eq. (3); stage 2 minimises Eq. (8). Every reduction is a mean (over batch,
-# channels and pixels), as in the authors' F.mse_loss / nn.L1Loss calls, so the loss scale does
-# not depend on the image size, and lambda = 0.035 keeps its meaning at any preset.
+# Stage 1 minimises Eq. (3), stage 2 Eq. (8). Every reduction is a mean over batch, channels and
+# pixels (the authors' F.mse_loss / nn.L1Loss), so lambda = 0.035 keeps its meaning at any size.
 
 def mse_loss(x, x_hat):
     """Mean squared error over H x W x C (and the batch); x, x_hat (B, C, H, W)."""
@@ -577,18 +576,6 @@ def predict_folder(args, saved, run):
     return {"predicted": len(files), "folder": str(run.out / "predictions")}
 
 
-def print_table(run, group, metrics, class_names, toy=False):
-    """Print one test group as the paper's table row: DSC (%), HD95, per-organ Dice (%)."""
-    names = ["DSC(%)", "HD95", *class_names]
-    values = [100 * metrics["mean_dice"], metrics["mean_hd95"],
-              *(100 * metrics[f"dice_{n}"] for n in class_names)]
-    width = max(8, *(len(n) + 1 for n in names))
-    convention = "absent organs skipped" if toy else "TransUNet's empty-organ rule"
-    run.log(f"test [{group}]  (HD95 in voxels; {convention})")
-    run.log("".join(f"{n:>{width}}" for n in names))
-    run.log("".join(f"{v:>{width}.2f}" for v in values))
-
-
 # ==== 8. Command line and the two-stage training run ====
 
 def build_parser():
@@ -596,8 +583,7 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     common.add_common_args(parser, PAPER_RECIPE, "Sec. 3.2 / spec 5.1")
     add = parser.add_argument_group("ReSeg-UNet switches").add_argument
-    add("--stage", choices=["both", "recon", "seg"], default="both",
-        help="stage 1 (recon), stage 2 (seg) or both in one run (default both)")
+    add("--stage", choices=["both", "recon", "seg"], default="both", help="1 (recon), 2 (seg), both")
     add("--recon-ckpt", metavar="FILE", help="stage-1 weights for --stage seg (ours or authors')")
     add("--recon-epochs", type=int, help="stage-1 epochs (paper: 150, spec 2.3)")
     add("--dataset", choices=["auto", "synapse", "acdc", "toy"], default="auto",
@@ -620,8 +606,7 @@ def build_parser():
         help="slice resizing: cubic (TransUNet's, spec 5.2 / 6.3) or bilinear")
     add("--augment", choices=["auto", "on", "off"], default="auto",
         help="TransUNet augmentation (auto: on for real data, off for toy)")
-    add("--toy-sizes", metavar="TRAIN,VAL,TEST",
-        help=f"toy set sizes (default {TOY_RECIPE['toy_sizes']})")
+    add("--toy-sizes", metavar="TRAIN,VAL,TEST", help=f"toy set sizes ({TOY_RECIPE['toy_sizes']})")
     return parser
 
 
@@ -821,14 +806,22 @@ def seg_net(args, state, device):
 
 
 def test_model(args, run, data, state):
-    """Test a stage-2 state dict per volume, as Tab. 1-2; prints and saves the metrics."""
+    """Test a stage-2 state dict per volume; print each group as the paper's table row (Tab.
+    1-2: DSC %, HD95, per-organ Dice %) and save the metrics."""
     model, metrics = seg_net(args, state, run.device), {}
+    names = ["DSC(%)", "HD95", *args.class_names]
+    width = max(8, *(len(n) + 1 for n in names))
+    rule = "absent organs skipped" if args.data == "toy" else "TransUNet's empty-organ rule"
     if run.is_main:
         for group, dataset in data["test"].items():
             pred_dir = run.out / "predictions" / (group if len(data["test"]) > 1 else "")
             pred_dir.mkdir(parents=True, exist_ok=True)
-            metrics[group] = evaluate(model, dataset, args, run.device, pred_dir)
-            print_table(run, group, metrics[group], args.class_names, args.data == "toy")
+            got = metrics[group] = evaluate(model, dataset, args, run.device, pred_dir)
+            values = [100 * got["mean_dice"], got["mean_hd95"],
+                      *(100 * got[f"dice_{n}"] for n in args.class_names)]
+            run.log(f"test [{group}]  (HD95 in voxels; {rule})")
+            run.log("".join(f"{n:>{width}}" for n in names))
+            run.log("".join(f"{v:>{width}.2f}" for v in values))
         run.save_json("test_metrics.json", metrics)
     return metrics
 
