@@ -583,7 +583,7 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     common.add_common_args(parser, PAPER_RECIPE, "Sec. 3.2 / spec 5.1")
     add = parser.add_argument_group("ReSeg-UNet switches").add_argument
-    add("--stage", choices=["both", "recon", "seg"], default="both", help="1 (recon), 2 (seg), both")
+    add("--stage", choices=["both", "recon", "seg"], default="both", help="stage(s) to train")
     add("--recon-ckpt", metavar="FILE", help="stage-1 weights for --stage seg (ours or authors')")
     add("--recon-epochs", type=int, help="stage-1 epochs (paper: 150, spec 2.3)")
     add("--dataset", choices=["auto", "synapse", "acdc", "toy"], default="auto",
