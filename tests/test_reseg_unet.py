@@ -571,6 +571,16 @@ def test_startup_prints_the_protocol_row_and_both_epoch_counts(tmp_path, capsys)
     assert "Tab. 1" in m.protocol_row("synapse") and "Tab. 2" in m.protocol_row("acdc")
 
 
+def test_each_stage_keeps_its_own_best_epoch(tmp_path, monkeypatch):
+    scores = {"recon": iter([0.9, 0.8]), "seg": iter([0.6, 0.5])}  # stage 1 lower is better
+    monkeypatch.setattr(m, "validate", lambda model, data, args, device, stage: next(scores[stage]))
+    m.main(TINY + ["--epochs", "2", "--recon-epochs", "2", "--limit-batches", "1",
+                   "--out", str(tmp_path)])
+    epoch = {f: torch.load(tmp_path / f"{f}.pt", weights_only=True)["epoch"]
+             for f in ("recon_best", "recon_last", "best", "last")}
+    assert epoch == {"recon_best": 1, "recon_last": 1, "best": 0, "last": 1}
+
+
 def test_eval_reproduces_test_metrics(run_dir, tmp_path):
     metrics = m.main(["--eval", str(run_dir / "best.pt"), "--out", str(tmp_path)])
     saved = json.loads((run_dir / "test_metrics.json").read_text())
@@ -582,6 +592,8 @@ def test_eval_reproduces_test_metrics(run_dir, tmp_path):
     (["--stage", "seg", "--recon-ckpt", "{run}/last.pt"], "its stage is 'seg'"),
     (["--eval", "{run}/recon_last.pt"], "its stage is 'recon', expected 'seg'"),
     (["--stage", "seg", "--recon-ckpt", "{run}/recon_last.pt", "--preset", "small"], "preset"),
+    (["--stage", "seg", "--recon-ckpt", "{run}/recon_last.pt", "--dataset", "acdc"],
+     "--num-classes 4 differs from the checkpoint's 9"),
     (["--stage", "seg", "--recon-ckpt", "{tmp}/model.pth"], "not a state_dict"),
     (["--stage", "seg", "--recon-ckpt", "{tmp}/list.pth"], "not a state_dict"),
     (["--pretrained", "{tmp}/model.pth", "--lam", "0"], "--pretrained"),
