@@ -70,12 +70,11 @@ def drop(inputs, *names):
     return {k: v for k, v in inputs.items() if k not in names}
 
 
-def chunked(chunk_len, group_chunks=None):
-    """The fast path with a given chunk length and backward group size."""
+def blocked(block_elements):
+    """The fast path with blocks of about block_elements states."""
     def scan(**kwargs):
-        """Fast path with these settings."""
-        return common._selective_scan_chunked(**kwargs, chunk_len=chunk_len,
-                                              group_chunks=group_chunks)
+        """Fast path with this block size."""
+        return common._selective_scan_fast(**kwargs, block_elements=block_elements)
     return scan
 
 
@@ -93,31 +92,21 @@ CASES = [  # b_form, c_form, batch, length, optional inputs left out, softplus
 
 @pytest.mark.parametrize("b_form, c_form, batch, length, left_out, softplus", CASES)
 def test_fast_path_matches_reference(b_form, c_form, batch, length, left_out, softplus):
-    """Fast path (default, small chunks, grouped backward) = float64 reference, grads too."""
+    """Fast path (default, blocks of a few steps, of one step) = float64 reference, grads too."""
     inputs = drop(make_inputs(batch=batch, length=length, b_form=b_form, c_form=c_form),
                   *left_out)
     expected = run(common.selective_scan_reference, inputs, torch.float64,
                    delta_softplus=softplus)
-    for scan in (common.selective_scan, chunked(8, group_chunks=2), chunked(5)):
+    per_step = batch * 6 * 4  # b D N of make_inputs
+    for scan in (common.selective_scan, blocked(5 * per_step), blocked(1)):
         assert_agree(run(scan, inputs, delta_softplus=softplus), expected)
 
 
-@pytest.mark.parametrize("b_form, c_form, batch, length, left_out, softplus", CASES[::2])
-def test_materialised_baseline_matches_reference(b_form, c_form, batch, length, left_out,
-                                                  softplus):
-    """The materialised parallel-scan baseline is a second oracle."""
-    inputs = drop(make_inputs(batch=batch, length=length, b_form=b_form, c_form=c_form),
-                  *left_out)
-    expected = run(common.selective_scan_reference, inputs, torch.float64,
-                   delta_softplus=softplus)
-    result = run(common._selective_scan_materialised, inputs, delta_softplus=softplus)
-    assert_agree(result, expected)
-
-
-def test_default_path_spans_several_chunks():
-    """selective_scan itself over several default-length chunks plus padding."""
-    length = 3 * common.SCAN_CHUNK_LEN + 5  # several chunks plus padding in the default path
-    inputs = make_inputs(batch=1, dim=4, length=length)
+def test_default_path_spans_several_blocks():
+    """selective_scan itself over several default-size blocks, the last one shorter."""
+    dim, state = 64, 16
+    steps = common.SCAN_BLOCK_ELEMENTS // (dim * state)  # per block of the default path
+    inputs = make_inputs(batch=1, dim=dim, state=state, length=2 * steps + 37)
     expected = run(common.selective_scan_reference, inputs, torch.float64, delta_softplus=True)
     assert_agree(run(common.selective_scan, inputs, delta_softplus=True), expected)
 
@@ -129,7 +118,7 @@ def test_long_sequence_with_strong_decay_stays_finite():
     assert float(torch.nn.functional.softplus(inputs["delta"].detach()).max()) > 4.9
     expected = run(common.selective_scan_reference, drop(inputs, "delta_bias"), torch.float64,
                    **flags)
-    for scan in (common.selective_scan, common._selective_scan_materialised):
+    for scan in (common.selective_scan, blocked(7 * 4 * 16)):
         out, last, grads = result = run(scan, drop(inputs, "delta_bias"), **flags)
         assert torch.isfinite(out).all() and torch.isfinite(last).all()
         assert all(torch.isfinite(g).all() for g in grads.values())
@@ -142,8 +131,7 @@ def test_half_precision_inputs(dtype, tol):
     inputs = make_inputs(batch=2, length=40)
     halves = {k: v.detach().to(dtype) for k, v in inputs.items()}
     expected = run(common.selective_scan_reference, halves, torch.float64, delta_softplus=True)
-    for scan in (common.selective_scan, common._selective_scan_materialised,
-                 common.selective_scan_reference):
+    for scan in (common.selective_scan, common.selective_scan_reference):
         out, last, grads = run(scan, halves, delta_softplus=True)
         assert out.dtype == dtype and last.dtype == torch.float32
         assert rel_err(out, expected[0]) < tol
@@ -168,8 +156,7 @@ def test_channel_uses_group_d_over_channels_per_group():
     # D = 4 channels, G = 2 groups: channels 0, 1 read group 0 (B = 0), channels 2, 3 group 1.
     u, delta = torch.ones(1, 4, 5), torch.ones(1, 4, 5)
     B = torch.stack([torch.zeros(1, 3, 5), torch.ones(1, 3, 5)], dim=1)  # (b, G, N, L)
-    for scan in (common.selective_scan_reference, common.selective_scan,
-                 common._selective_scan_materialised):
+    for scan in (common.selective_scan_reference, common.selective_scan):
         out = scan(u, delta, -torch.ones(4, 3), B, torch.ones(1, 2, 3, 5))
         assert (out[0, :2] == 0).all() and (out[0, 2:] > 0.5).all()
 
@@ -181,11 +168,10 @@ def test_gradcheck_fast_path_float64(b_form, c_form):
     leaves = [v.detach().double().requires_grad_() for v in inputs.values()]
 
     def scan(*tensors):
-        """Fast path with three chunks and backward groups of two chunks."""
-        return common._selective_scan_chunked(*tensors[:5], D=tensors[5], z=tensors[6],
-                                              delta_bias=tensors[7], delta_softplus=True,
-                                              return_last_state=True, chunk_len=3,
-                                              group_chunks=2)
+        """Fast path with blocks of two steps, the last one of one step."""
+        return common._selective_scan_fast(*tensors[:5], D=tensors[5], z=tensors[6],
+                                           delta_bias=tensors[7], delta_softplus=True,
+                                           return_last_state=True, block_elements=2 * 2 * 4 * 3)
     assert scan(*leaves)[0].dtype == torch.float64
     assert torch.autograd.gradcheck(scan, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
 
@@ -196,7 +182,7 @@ def test_backend_dispatch(monkeypatch):
     assert isinstance(common.MAMBA_SSM_AVAILABLE, bool)
     assert common.scan_backend(inputs["u"]) == "torch"
     torch.testing.assert_close(common.selective_scan(**inputs),
-                               common._selective_scan_chunked(**inputs), rtol=0, atol=0)
+                               common._selective_scan_fast(**inputs), rtol=0, atol=0)
     calls = []
     monkeypatch.setattr(common, "scan_backend", lambda u: "mamba_ssm")
     monkeypatch.setattr(common, "_mamba_selective_scan_fn",
@@ -207,14 +193,21 @@ def test_backend_dispatch(monkeypatch):
     assert kwargs["z"] is inputs["z"] and kwargs["return_last_state"] is False
 
 
-def test_bench_prints_one_json_line_per_size(capsys):
-    """bench_scan prints one parseable JSON line per size with the promised fields."""
-    common.bench_scan([dict(batch=1, dim=8, length=48, state=4, groups=2)])
+def test_bench_prints_one_json_line_per_size(capsys, monkeypatch):
+    """bench_scan prints one parseable JSON line per size: both scans' figures and ratios."""
+    baselines = []
+    monkeypatch.setattr(common, "_scan_at_revision",  # no git in a test: the loop stands in
+                        lambda rev: baselines.append(rev) or common.selective_scan_reference)
+    common.bench_scan([dict(batch=1, dim=8, length=48, state=4, groups=2),
+                       dict(batch=2, dim=4, length=5, state=2, groups=1)], repeats=1)
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1
+    assert baselines == [common.SCAN_BASELINE_REV] and len(lines) == 2
     result = json.loads(lines[0])
-    assert result["length"] == 48 and result["torch_fwd_bwd_s"] > 0
-    assert result["materialised_peak_mib"] > 0 and result["torch_peak_mib"] > 0
-    for key in ("speedup_fwd_bwd_vs_materialised", "speedup_fwd_vs_reference",
-                "memory_ratio_vs_materialised"):
-        assert result[key] > 0
+    assert result["length"] == 48 and result["baseline"] == common.SCAN_BASELINE_REV
+    for key in ("baseline_s", "fast_s", "baseline_cpu_s", "fast_peak_mib", "baseline_peak_mib",
+                "speedup_s", "speedup_cpu_s", "memory_ratio"):
+        assert result[key] > 0, key
+    common.bench_scan([dict(batch=1, dim=4, length=5, state=2, groups=1)], baseline_rev=None,
+                      repeats=1)
+    result = json.loads(capsys.readouterr().out)
+    assert result["baseline"] is None and "speedup_s" not in result and result["fast_s"] > 0
