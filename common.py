@@ -1560,10 +1560,10 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 def _reference_core(u, delta, A, B, C):
     """C_t h_t (b, D, L) and h_{L-1} (b, D, N) by the loop over time; autograd goes through it."""
     batch, dim, length = u.shape
-    B, C = _bc_per_channel(B, dim, length), _bc_per_channel(C, dim, length)  # (b|1, D, N, L)
+    B, C = _bc_steps(B, dim, length), _bc_steps(C, dim, length)  # each step (b|1, D, N)
     h = u.new_zeros(batch, dim, A.shape[1])  # (b, D, N)
     ys = []
-    for delta_t, u_t, B_t, C_t in zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
+    for delta_t, u_t, B_t, C_t in zip(delta.unbind(-1), u.unbind(-1), B, C):
         A_bar = torch.exp(delta_t[..., None] * A)  # Eq. (4)  (b, D, N)
         B_bar = delta_t[..., None] * B_t  # Euler B_bar  (b, D, N)
         h = A_bar * h + B_bar * u_t[..., None]  # Eq. (2a)
@@ -1571,13 +1571,14 @@ def _reference_core(u, delta, A, B, C):
     return torch.stack(ys, dim=-1), h
 
 
-def _bc_per_channel(x, dim, length):
-    """B or C of any accepted shape as one (b|1, D, N, L) tensor, for the reference loop."""
+def _bc_steps(x, dim, length):
+    """B or C of any accepted shape, step by step as (b|1, D, N) tensors, for the reference loop."""
     if x.dim() == 2:  # (D, N): the same for every step
-        return x[None, :, :, None].expand(1, dim, x.shape[1], length)
+        return [x[None]] * length
     if x.dim() == 3:  # (b, N, L): one group shared by all channels
-        return x[:, None].expand(x.shape[0], dim, *x.shape[1:])
-    return x.repeat_interleave(dim // x.shape[1], dim=1)  # (b, G, N, L): group d // (D / G)
+        x = x[:, None]
+    # (b, G, N, L): channel d reads group d // (D / G); made one step at a time to save memory
+    return (x_t.repeat_interleave(dim // x.shape[1], dim=1) for x_t in x.unbind(-1))
 
 
 def _scan_with(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
@@ -1724,7 +1725,8 @@ class _BlockScan(torch.autograd.Function):
         h_buf = torch.empty_like(decay_buf)
         y_t = torch.empty_like(u_t)
         y_steps = y_t.unflatten(2, (groups, -1)).unsqueeze(3)  # (b, L, G, 1, H)
-        starts = u.new_zeros(len(blocks), batch, *inputs["A"].shape)  # h entering each block
+        starts = u.new_empty(len(blocks), batch, *inputs["A"].shape)  # h entering each block
+        starts[0] = 0
         for i, ts in enumerate(blocks):
             steps = ts.stop - ts.start
             decay = _decays(inputs, ts, decay_buf[:, :steps])

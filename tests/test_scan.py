@@ -211,3 +211,66 @@ def test_bench_prints_one_json_line_per_size(capsys, monkeypatch):
                       repeats=1)
     result = json.loads(capsys.readouterr().out)
     assert result["baseline"] is None and "speedup_s" not in result and result["fast_s"] > 0
+
+
+def test_skip_gate_bias_and_softplus_on_a_hand_checkable_case():
+    """D u, silu(z), delta_bias and softplus around the recurrence, worked out by hand."""
+    # softplus(0 + log(e - 1)) = 1 = delta; A_bar = 1/2; B = 1, C = 2; u = 1, 2:
+    # h = 1, 2.5; y = C h + D u = 2 + D, 5 + 2 D: D = 3 gives 5, 11 and D = -1 gives 1, 3.
+    u = torch.tensor([1.0, 2.0]).expand(2, 2, 2) * torch.tensor([1.0, -1.0])[:, None, None]
+    bias = torch.full((2,), math.log(math.e - 1))
+    z = torch.tensor([0.0, math.log(3)]).expand(2, 2, 2)  # silu = 0 and 0.75 log 3
+    A, B, C = torch.full((2, 1), math.log(0.5)), torch.ones(2, 1), torch.full((2, 1), 2.0)
+    expected = torch.tensor([[5.0, 11.0], [1.0, 3.0]])
+    for scan in (common.selective_scan_reference, common.selective_scan):
+        kwargs = dict(D=torch.tensor([3.0, -1.0]), delta_bias=bias, delta_softplus=True)
+        out = scan(u, torch.zeros(2, 2, 2), A, B, C, **kwargs)
+        torch.testing.assert_close(out, torch.stack([expected, -expected]))
+        gated = scan(u, torch.zeros(2, 2, 2), A, B, C, z=z, **kwargs)
+        torch.testing.assert_close(gated[..., 0], torch.zeros(2, 2))
+        torch.testing.assert_close(gated[..., 1], out[..., 1] * 0.75 * math.log(3))
+
+
+@pytest.mark.parametrize("size", common.SCAN_BENCH_SIZES,
+                         ids=lambda size: f"{size['dim']}x{size['length']}")
+def test_paper_preset_shapes_match_reference(size):
+    """At cmssm_unet's four scan shapes and call: values of all channels, gradients of some.
+
+    The channels do not interact, so the float64 reference loop with autograd on eight of them
+    (first and last of each group) gives every gradient a loss on those channels has.
+    """
+    inputs = common._scan_bench_inputs(**size)
+    generator = torch.Generator().manual_seed(2)
+    inputs["A"] = -torch.exp(0.5 * torch.randn(inputs["A"].shape, generator=generator))
+    dim, per_group = size["dim"], size["dim"] // size["groups"]
+    picked = torch.tensor([g * per_group + k for g in range(size["groups"])
+                           for k in (0, per_group - 1)])
+    tensors = {k: v for k, v in inputs.items() if torch.is_tensor(v)}
+    leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
+    out, last = common.selective_scan(**leaves, delta_softplus=True, return_last_state=True)
+    with torch.no_grad():
+        out_ref, last_ref = common.selective_scan_reference(
+            **{k: v.double() for k, v in tensors.items()}, delta_softplus=True,
+            return_last_state=True)
+    assert rel_err(out, out_ref) < 1e-4 and rel_err(last, last_ref) < 1e-4
+    w_out = torch.randn(out.shape[0], len(picked), out.shape[2], generator=generator,
+                        dtype=torch.float64)
+    w_last = torch.randn(last.shape[0], len(picked), last.shape[2], generator=generator,
+                         dtype=torch.float64)
+    loss = (out[:, picked].double() * w_out).sum() + (last[:, picked].double() * w_last).sum()
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    few = {k: (v[:, picked] if k in ("u", "delta") else v[picked] if k in ("A", "D", "delta_bias")
+               else v).double().requires_grad_() for k, v in tensors.items()}
+    out_few, last_few = common.selective_scan_reference(**few, delta_softplus=True,
+                                                        return_last_state=True)
+    loss_few = (out_few * w_out).sum() + (last_few * w_last).sum()
+    grads_ref = torch.autograd.grad(loss_few, list(few.values()))
+    for name, grad_ref in zip(few, grads_ref):
+        grad = grads[name]
+        if name in ("u", "delta", "A", "D", "delta_bias"):
+            axis = 1 if name in ("u", "delta") else 0
+            others = torch.ones(dim, dtype=torch.bool)
+            others[picked] = False
+            assert (grad.index_select(axis, others.nonzero()[:, 0]) == 0).all(), name
+            grad = grad.index_select(axis, picked)
+        assert rel_err(grad, grad_ref) < 1e-4, name
