@@ -207,6 +207,9 @@ def test_bench_prints_one_json_line_per_size(capsys, monkeypatch):
     for key in ("baseline_s", "fast_s", "baseline_cpu_s", "fast_peak_mib", "baseline_peak_mib",
                 "speedup_s", "speedup_cpu_s", "memory_ratio"):
         assert result[key] > 0, key
+    assert result["speedup_s"] == pytest.approx(result["baseline_s"] / result["fast_s"], rel=0.01)
+    assert result["memory_ratio"] == pytest.approx(
+        result["fast_peak_mib"] / result["baseline_peak_mib"], rel=0.01)
     common.bench_scan([dict(batch=1, dim=4, length=5, state=2, groups=1)], baseline_rev=None,
                       repeats=1)
     result = json.loads(capsys.readouterr().out)
