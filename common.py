@@ -1608,10 +1608,13 @@ def _scan_with(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return
 # runs the adjoint lambda_t = dLoss/dh_t = A_bar_{t+1} lambda_{t+1} + C_t dLoss/dy_t the same
 # way backwards, and takes every gradient from a few block-wide ops. Every factor is an
 # A_bar_t = exp(delta_t A) <= 1 (delta >= 0, A < 0 in Mamba): no cumulative product, no
-# division, nothing to overflow however long the sequence. Why it is fast on a CPU (issue 14):
-# about 20 passes over the (L, D, N) states against about 30 before, one small op per step
-# against about 30, 1 MB blocks that stay in the L2 cache, and time-major copies made by 2-D
-# transposes (torch's blocked kernel; the same copy as a 3-D transpose is several times slower).
+# division, nothing to overflow however long the sequence. Why it is faster on a CPU than the
+# chunked scan before it (issue 14): about 20 passes over the (L, D, N) states in all against
+# about 30, three small ops per step (one forward, two backward) against about 30, buffers of
+# about 1 MB that fit the L2 cache, and time-major copies made by 2-D transposes (torch's
+# blocked kernel; the same copy as a 3-D transpose is several times slower). What is left is
+# memory traffic: about 20 ops each reading and writing the whole (L, D, N) volume, which only
+# a fused kernel (mamba-ssm on a GPU, or a compiler) would avoid.
 
 
 def _selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -1765,10 +1768,12 @@ class _BlockScan(torch.autograd.Function):
             h[:, 0] = starts[i]
             torch.mul(du_ts, B_ts[..., None], out=h[:, 1:])
             _run_states(decay, h[:, 1:], h[:, 0])
-            lam = torch.mul(grad_y[:, ts], _at(inputs["C"], ts)[..., None], out=lam_buf[:, :steps])
+            lam = torch.mul(grad_y[:, ts], _at(inputs["C"], ts)[..., None],
+                            out=lam_buf[:, :steps])  # C_t dLoss/dy_t
             after = _run_adjoint(decay, lam, after)
-            # dLoss/dC_t, dLoss/dB_t: over each group's channels, sum dLoss/dy_t h_t, lambda_t du_t
-            _store_operand_grad(grad_C, ts, torch.matmul(grad_y[:, ts], h[:, 1:].transpose(-1, -2)))
+            # dLoss/dC_t, dLoss/dB_t: sums over each group's channels of dy_t h_t, lambda_t du_t
+            _store_operand_grad(grad_C, ts, torch.matmul(grad_y[:, ts],
+                                                         h[:, 1:].transpose(-1, -2)))
             _store_operand_grad(grad_B, ts, torch.matmul(du_ts, lam.transpose(-1, -2)))
             lam_B = torch.matmul(B_ts[..., None, :], lam)  # <lambda_t, B_t> (b, T, G, 1, H)
             # dLoss/da_t = lambda_t A_bar_t h_{t-1} for a_t = delta_t A, as A_bar_t = exp(a_t)
