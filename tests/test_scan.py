@@ -7,6 +7,7 @@ import torch
 
 import common
 
+
 def make_inputs(batch=2, dim=6, length=37, state=4, b_form="groups", c_form="groups",
                 seed=0, strong_decay=False):
     """Random float32 scan inputs as a dict of leaves, every one requiring grad."""
