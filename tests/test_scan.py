@@ -278,3 +278,8 @@ def test_paper_preset_shapes_match_reference(size):
             assert (grad.index_select(axis, others.nonzero()[:, 0]) == 0).all(), name
             grad = grad.index_select(axis, picked)
         assert rel_err(grad, grad_ref) < 1e-4, name
+
+
+def test_bench_baseline_of_an_unknown_revision_is_none():
+    """Outside a git checkout, or for a revision it lacks, bench-scan runs without a baseline."""
+    assert common._scan_at_revision("no-such-revision-0000") is None
