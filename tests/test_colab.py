@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import nbformat
@@ -109,8 +110,9 @@ def setup_only(repo, rev):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_in_a_fresh_colab_runtime(path, origin, colab):
     repo, rev = origin
+    assert publish.problems([path]) == [], "run: python tests/publish_notebooks.py"
     notebook = nbformat.read(path, as_version=4)
-    publish.stamp(notebook, path.name, repo, rev, with_badge=False)  # Colab opens GitHub only
+    publish.stamp(notebook, path.name, repo, rev, with_badge=False)  # only REPO and REV change
     for cell in notebook.cells:
         if "parameters" in cell.metadata.get("tags", []):
             cell.source += "\nFAST = True"
@@ -131,9 +133,23 @@ def test_notebook_runs_in_a_fresh_colab_runtime(path, origin, colab):
         after = run_cell(client, notebook, "print(len(sys.path), sorted(os.listdir('..')))")
         assert before == after == f"{before.split()[0]} ['{NAME}']\n"
         check = ("assert os.getcwd() == ROOT == {!r} and sys.path.count(ROOT) == 1\n"
-                 "assert 'google.colab' in sys.modules and common.__file__.startswith(ROOT)")
+                 "assert 'google.colab' in sys.modules and common.__file__.startswith(ROOT)\n"
+                 "assert os.environ['NO_PROGRESS'] == '1'")
         run_cell(client, notebook, check.format(str(clone)))
-    print(f"{path.stem}: executed in a Colab-like runtime in {seconds:.0f} s")
+    slowest = sorted(((cell_seconds(c), i) for i, c in cells if c.cell_type == "code"),
+                     reverse=True)[:3]
+    print(f"{path.stem}: {seconds:.0f} s in a Colab-like runtime; slowest cells "
+          + ", ".join(f"#{i} {t:.0f} s" for t, i in slowest))
+
+
+def cell_seconds(cell):
+    """How long nbclient saw the cell run."""
+    times = cell.metadata.get("execution", {})
+    start, end = times.get("iopub.execute_input"), times.get("shell.execute_reply")
+    if not (start and end):
+        return 0.0
+    parse = lambda t: datetime.fromisoformat(t.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(end) - parse(start)).total_seconds()
 
 
 def test_setup_cell_failures_are_one_clear_sentence_and_uploads_need_no_address(origin, colab):
@@ -154,6 +170,11 @@ def test_setup_cell_failures_are_one_clear_sentence_and_uploads_need_no_address(
             assert "files.upload()" in error.value.evalue and "drive.mount(" in error.value.evalue
             assert error.value.evalue.count(". ") == 0  # one sentence
             assert os.listdir(colab) == []  # no half-made clone left behind
+        # A restarted runtime starts in the working folder again: the clone is reused.
+        notebook.cells[0].source = publish.setup_cell(repo, rev)
+        for _ in range(2):
+            client.execute_cell(notebook.cells[0], 0)
+            run_cell(client, notebook, f"assert ROOT == {str(colab / NAME)!r}\nos.chdir('..')")
         # The fallback: the scripts uploaded to the working folder, no address set.
         checkout = repo.removeprefix("file://")  # its files are the broken tip: take REV's
         (colab / "common.py").write_text(git("show", f"{rev}:common.py", cwd=checkout))
@@ -178,6 +199,7 @@ def test_stamping_is_idempotent_and_keeps_the_stamped_address(tmp_path):
     stamp = lambda *args: publish.main(["--notebooks", str(tmp_path), *args])  # noqa: E731
     assert stamp("--repo", "https://github.com/someone/seg-papers.git", "--rev", "v1.0") == 0
     first = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert stamp("--repo", "https://gitlab.com/x/y", "--rev", "v1") == 2  # Colab: GitHub only
     assert stamp() == 0 and stamp("--check") == 0
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == first
     for name, text in first.items():
@@ -192,7 +214,9 @@ def test_stamping_is_idempotent_and_keeps_the_stamped_address(tmp_path):
     setup.source = setup.source.replace("import importlib.util,", "import importlib.util, json,")
     nbformat.write(notebook, tmp_path / NOTEBOOKS[0].name)
     assert stamp("--check") == 1  # an edited setup cell is drift
-    assert stamp("--repo", "https://gitlab.com/x/y") == 2  # Colab opens GitHub only
+    publish.stamp(notebook, NOTEBOOKS[0].name, "https://github.com/someone/seg-papers.git", "v1.1")
+    nbformat.write(notebook, tmp_path / NOTEBOOKS[0].name)
+    assert stamp("--check") == 1  # so is one notebook at another revision
 
 
 def test_stamping_moves_imports_that_later_cells_use(tmp_path):
