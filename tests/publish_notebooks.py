@@ -68,12 +68,8 @@ os.chdir(ROOT)  # the cells below read and write relative to the repository root
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# Colab has all of these; elsewhere the missing ones are installed. Never torch: a plain `pip
-# install torch` can pull a multi-GB build (the README says which one to take). Synapse's .h5
-# volumes also need h5py (Colab has it; elsewhere `pip install h5py`).
-if importlib.util.find_spec("torch") is None:
-    raise RuntimeError("PyTorch is not installed: install it as the README's set-up says, then "
-                       "re-run this cell.")
+# Colab has all of these; elsewhere the missing ones are installed, never torch (a plain `pip
+# install torch` may pull a multi-GB build: see the README). Synapse's .h5 files also need h5py.
 needs = {"numpy": "numpy", "scipy": "scipy", "PIL": "pillow", "tqdm": "tqdm",
          "matplotlib": "matplotlib"}  # module: pip package
 missing = [package for module, package in needs.items() if importlib.util.find_spec(module) is None]
@@ -82,9 +78,10 @@ if missing:
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *missing], check=True)
 import matplotlib, numpy as np, torch
 import matplotlib.pyplot as plt
-commit = git("-C", ROOT, "rev-parse", "--short", "HEAD").stdout.strip()
-print(f"scripts: {ROOT}" + (f" (commit {commit})" if os.path.isdir(f"{ROOT}/.git") else ""))
+in_git = os.path.exists(os.path.join(ROOT, ".git"))  # a clone or a checkout, not an upload
+commit = git("-C", ROOT, "rev-parse", "--short", "HEAD").stdout.strip() if in_git else "-"
 device = "cuda" if torch.cuda.is_available() else "cpu"
+print(f"scripts: {ROOT}, commit {commit}")
 print(f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
       f"matplotlib {matplotlib.__version__}, device {device}")'''
 

@@ -82,6 +82,7 @@ def colab(tmp_path, monkeypatch):
             if p and Path(p).resolve() != ROOT]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(stub), *kept]))
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the kernel is a fresh process
+    monkeypatch.delenv("NO_PROGRESS", raising=False)  # conftest's: the setup cell must set it
     content = tmp_path / "sandbox" / "content"  # its parent, too, holds no scripts
     content.mkdir(parents=True)
     return content
@@ -125,7 +126,7 @@ def test_notebook_runs_in_a_fresh_colab_runtime(path, origin, colab):
             client.execute_cell(cell, index)
         seconds = time.perf_counter() - start
         setup = next(c for c in notebook.cells if c.cell_type == "code")
-        assert f"scripts: {clone} (commit {rev[:7]}" in "".join(o.get("text", "")
+        assert f"scripts: {clone}, commit {rev[:7]}" in "".join(o.get("text", "")
                                                                 for o in setup.outputs)
         # Run again in the same runtime: the clone is reused, sys.path gains nothing.
         before = run_cell(client, notebook, "print(len(sys.path), sorted(os.listdir('..')))")
