@@ -2,10 +2,11 @@
 
 A Colab runtime starts in an empty folder, with `google.colab` imported and no copy of this
 repository: the setup cell has to clone it. Here the clone comes from ORIGIN, a one-commit git
-repository made of this checkout's working tree *as it is on disk* (tracked and untracked files
-that git does not ignore, uncommitted edits included), so the test runs the code you see rather
-than the last commit. A second commit on top breaks `common.py`: a setup cell that clones but
-does not check out the stamped revision (a commit hash) fails at `import common`.
+repository made of this checkout's working tree *as it is on disk* (tracked files with their
+uncommitted edits, and new code or text files that git does not ignore), so the test runs the
+code you see rather than the last commit. A second commit on top breaks `common.py`: a setup
+cell that clones but does not check out the stamped revision (a commit hash) fails at
+`import common`.
 """
 import os
 import shutil
@@ -43,14 +44,19 @@ def git(*args, cwd):
 
 
 def working_tree_files():
-    """Paths (relative to ROOT) of what the checkout holds now, minus what git ignores."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
-                             "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
-    if listed.returncode != 0:  # not a git checkout (an unpacked archive): take the folder
+    """Paths (relative to ROOT) of the checkout's files as they are now: the tracked ones, edits
+    included, and new untracked code or text (not a data set unpacked into the checkout)."""
+    def listed(*which):
+        run = subprocess.run(["git", "ls-files", "-z", *which], cwd=ROOT, capture_output=True,
+                             text=True)
+        return [Path(p) for p in run.stdout.split("\0") if p] if run.returncode == 0 else None
+    tracked, new = listed("--cached"), listed("--others", "--exclude-standard")
+    if tracked is None:  # not a git checkout (an unpacked archive): take the folder
         skip = {".git", "runs", "__pycache__", ".pytest_cache"}
         return [p.relative_to(ROOT) for p in ROOT.rglob("*")
                 if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
-    return [Path(p) for p in listed.stdout.split("\0") if p and (ROOT / p).is_file()]
+    new = [p for p in new if p.suffix in {".py", ".ipynb", ".md", ".txt"}]
+    return [p for p in tracked + new if (ROOT / p).is_file()]
 
 
 @pytest.fixture(scope="module")
