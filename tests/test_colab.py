@@ -132,8 +132,9 @@ def test_notebook_runs_in_a_fresh_colab_runtime(path, origin, colab):
             client.execute_cell(cell, index)
         seconds = time.perf_counter() - start
         setup = next(c for c in notebook.cells if c.cell_type == "code")
-        assert f"scripts: {clone}, commit {rev[:7]}" in "".join(o.get("text", "")
-                                                                for o in setup.outputs)
+        printed = "".join(o.get("text", "") for o in setup.outputs)
+        assert f"scripts: {clone}, commit {rev[:7]}" in printed
+        assert "installing" not in printed  # all there already: nothing (torch least) reinstalled
         # Run again in the same runtime: the clone is reused, sys.path gains nothing.
         before = run_cell(client, notebook, "print(len(sys.path), sorted(os.listdir('..')))")
         client.execute_cell(setup, notebook.cells.index(setup))
