@@ -68,9 +68,9 @@ os.chdir(ROOT)  # the cells below read and write relative to the repository root
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# Colab has all of these; elsewhere the missing ones are installed, never torch (a plain `pip
-# install torch` may pull a multi-GB build: see the README). Synapse's .h5 files also need h5py.
-needs = {"numpy": "numpy", "scipy": "scipy", "PIL": "pillow", "tqdm": "tqdm",
+# requirements.txt (and matplotlib): Colab has all of them; elsewhere the missing ones are
+# installed, never torch (a plain `pip install torch` may pull a multi-GB build: see the README).
+needs = {"numpy": "numpy", "scipy": "scipy", "PIL": "pillow", "tqdm": "tqdm", "h5py": "h5py",
          "matplotlib": "matplotlib"}  # module: pip package
 missing = [package for module, package in needs.items() if importlib.util.find_spec(module) is None]
 if missing:

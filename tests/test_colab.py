@@ -8,7 +8,9 @@ code you see rather than the last commit. A second commit on top breaks `common.
 cell that clones but does not check out the stamped revision (a commit hash) fails at
 `import common`.
 """
+import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -244,3 +246,13 @@ def test_stamping_moves_imports_that_later_cells_use(tmp_path):
     notebook.cells[3].source = "print(root)"
     with pytest.raises(ValueError, match="later cells use root"):
         publish.stamp(notebook, "x.ipynb", publish.PLACEHOLDER, "main")
+
+
+def test_setup_cell_installs_what_requirements_txt_names_except_torch():
+    tree = ast.parse(publish.SETUP_CELL)
+    needs = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                 and getattr(node.targets[0], "id", "") == "needs")
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    required = {re.match(r"[A-Za-z0-9_.-]+", line)[0].lower() for line in lines
+                if line.strip() and not line.startswith("#")}
+    assert required - {"torch"} <= set(needs.values()) and "torch" not in needs.values()
