@@ -169,6 +169,9 @@ def test_setup_cell_failures_are_one_clear_sentence_and_uploads_need_no_address(
     cases = [(publish.PLACEHOLDER, "main", "No repository address is set: set REPO"),
              (f"file://{colab.parent}/missing", "main", "The scripts are not here and could not "
                                                          "clone file://"),
+             ("https://github.invalid/x/y", "main", "The scripts are not here and could not "
+                                                    "clone https://github.invalid/x/y (fatal: "
+                                                    "unable to access"),  # no network: no host
              (repo, "no-such-revision", f"The scripts are not here and {repo} has no revision "
                                         "'no-such-revision' (error: pathspec")]
     with client.setup_kernel():
