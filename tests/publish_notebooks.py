@@ -15,7 +15,6 @@ that a later cell uses cannot be moved and stops the stamping with its name.
 import argparse
 import ast
 import io
-import json
 import re
 import sys
 import tokenize
@@ -115,7 +114,7 @@ def stamped_values(source):
 
 
 def badge(repo, rev, name):
-    """The Colab badge of notebooks/<name>.ipynb at `rev` of the GitHub repository `repo`."""
+    """The Colab badge of notebooks/<name> (a file name) at `rev` of the GitHub repository."""
     match = GITHUB.fullmatch(repo)
     if match is None:
         raise ValueError(f"--repo {repo}: Colab opens notebooks from GitHub only; give "
