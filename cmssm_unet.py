@@ -7,13 +7,12 @@ cmssm_unet.txt). No code was released: rebuilt from VM-UNet's code (github.com/J
 MSVMamba's SE + ConvFFN, coordinate attention and SelfReg-UNet's FDLoss (specs/cmssm_unet.md).
 
 Idea. VM-UNet is a U-Net of visual state-space blocks that scan the feature map in four
-directions (SS2D). CM-SSM U-Net (i) re-weights the scan's output channels by squeeze-excitation
-(SE) and adds a channel mixing network (CMN) to every block, (ii) passes each skip through
-cross-region attention (CRA: pooling along rows and columns weights every position), (iii) adds
-two distillation losses: every block imitates the final decoder feature (CFD), and the weaker
-half of each map's channels the stronger half (IFD).
+directions (SS2D). CM-SSM U-Net re-weights the scan's channels by squeeze-excitation (SE) and adds
+a channel mixing network (CMN) to every block, passes each skip through cross-region attention
+(CRA), and adds two distillation losses: every block imitates the final decoder feature (CFD),
+the weaker half of each map's channels the stronger half (IFD).
 
-Equation map:
+Equation map (Eq. (1), the global pooling printed before CRA, is SE's squeeze):
 Eq. (1) -> SqueezeExcitation.forward
 Eq. (2) -> CrossRegionAttention.forward
 Eq. (3) -> CrossRegionAttention.forward
@@ -28,62 +27,54 @@ Eq. (11) -> bce_dice_loss, total_loss
 Eq. (12) -> common.GlobalMeter (iou), in evaluate
 Eq. (13) -> common.GlobalMeter (dice), in evaluate
 Eq. (14) -> common.GlobalMeter (accuracy), in evaluate
-(Eq. (1), the global pooling printed before CRA, is computed as SE's squeeze.)
 
-Glossary (paper symbol | code name | shape; B batch, C width, D = 2C, N state size, L = H*W):
-  x, y (CRA) | x, out | (B, C, H, W)       z^h, z^w | z_h, z_w | (B, C, H, 1), (B, C, W, 1)
-  f, f^h, f^w | f, f_h, f_w | (B, C/r, H+W, 1)  g^h, g^w | g_h, g_w | (B, C, H, 1), (B, C, 1, W)
-  z_c (SE) | z | (B, D)    F_m^l | feature maps | (B, C_i, H_i, W_i)
-  F_final | final | (B, C/4, H, W)    F~, F- (IFD) | f_tilde, f_bar | (B, C_i/2, H_i, W_i)
-  lambda_1, lambda_2 (Eq. 10) | lambda_cfd, lambda_ifd   lambda_1, lambda_2 (Eq. 11) | w_bce, w_dice
-  Delta, A, B, C, D (SS2D) | dts, A_logs, Bs, Cs, Ds | (B, 4D, L), (4D, N), (B, 4, N, L), (4D)
+Glossary (paper | code | shape; B batch, C width, D = 2C, N state size, L = H*W):
+  x (CRA) | x | (B, C, H, W)    z^h, z^w | z_h, z_w | (B, C, H, 1), (B, C, W, 1)    z_c | z | (B, D)
+  f, f^h, f^w | f, f_h, f_w | (B, C/r, H+W, 1)    g^h, g^w | g_h, g_w | (B, C, H, 1), (B, C, 1, W)
+  F_m | features | (B, C_i, H_i, W_i)    F_final | final | (B, C/4, H, W)    F~, F- | f_tilde, f_bar
+  lambda_1, lambda_2 | lambda_cfd, lambda_ifd (Eq. 10), w_bce, w_dice (Eq. 11)    Delta, A, B, C,
+  D (SS2D) | dts, A_logs, bs, cs, Ds | (B, 4, D, L), (4D, N), (B, 4, N, L), (4D)
 
-Protocol (one row per data set of the paper; the row that applies is printed at start-up):
-  data set  | split: train / test (Sec. 4.1)                  | weights   | tested | evaluation
-  ISIC 2016 | official 900 / 379                              | VMamba-S  | last   | global, 256
-  ISIC 2017 | seeded 7:3 of the 2150 official train+val: 1505 / 645 (paper 1500 / 650) | same
-  ISIC 2018 | seeded 7:3 of the 2694 official train+val: 1886 / 808                    | same
-  All (Sec. 4.3): 300 epochs, batch 32, AdamW lr 1e-3 (weight decay 1e-2, VM-UNet), cosine
-  annealing per epoch with T_max 50 and floor 1e-5 (periodic, as PyTorch's), 256x256, random
-  horizontal flip + rotation; mIoU / DSC / Acc from one confusion matrix over all test pixels at
-  0.5 (Eqs. 12-14). --split official: the official 2000/150/600 and 2594/100/1000; VM-UNet's
-  train/val folders keep their 7:3, other folders get a seeded 7:3. The paper has no validation
-  set and names no checkpoint: the last epoch is tested; --val-fraction F holds out F of train
-  and tests the lowest validation loss (VM-UNet's rule, applied there to its test folder).
-  Weights: VMamba-S as VM-UNet (the paper does not say); `auto` on the small/tiny presets means
-  none (no published weights fit; logged). Each epoch's lr is computed from (epoch, --t-max), so
-  --resume --epochs N continues the schedule; toy data: --t-max defaults to --epochs.
+Protocol (the row that applies is printed at start-up; split as Sec. 4.1):
+  ISIC 2016 | official 900 / 379 | VMamba-S weights | last epoch tested | global, 256 px
+  ISIC 2017 | seeded 7:3 of the official 2150 train+val: 1505 / 645 (paper 1500 / 650) | same
+  ISIC 2018 | seeded 7:3 of the official 2694 train+val: 1886 / 808                    | same
+  Recipe (Sec. 4.3): 300 epochs, batch 32, AdamW lr 1e-3 (weight decay 1e-2: VM-UNet), cosine
+  per epoch, T_max 50, floor 1e-5 (periodic, as PyTorch's), 256x256, h-flip + rotation. Global:
+  one confusion matrix over all test pixels, threshold 0.5 (Eqs. 12-14). --split official:
+  2000/150/600 and 2594/100/1000; other folders: a seeded 7:3. The paper has no validation set
+  and names no checkpoint: the last epoch is tested; --val-fraction F holds out F of train and
+  tests the lowest validation loss (VM-UNet's rule, there on its test folder). Weights as VM-UNet
+  (the paper does not say); `auto` on the small/tiny presets means none (nothing published fits;
+  logged). Each epoch's lr comes from (epoch, --t-max): --resume --epochs N keeps the schedule.
 
-Reconstruction choices (the paper leaves them open; source [switch]):
-- SE after the scan merge and out_norm, before the SiLU(z) gate, on D = 2C channels, hidden
-  D/8, no biases (MSVMamba's SEModule; r = 8 also LocalMamba, EfficientVMamba) [--se-position
-  block: after out_proj, on C; --se-reduction R].
-- CMN: 1x1 conv C -> 2C, depthwise 3x3 with an inner residual, GELU, 1x1 conv 2C -> C, behind
-  its own LayerNorm and residual (MSVMamba's ConvFFN) [--cmn-expansion E; --cmn-no-residual].
-- CRA = coordinate attention: F1 = 1x1 conv, BatchNorm, h-swish (delta of Eq. 4), width
+Reconstruction choices (open in the paper; source [switch]):
+- SE after the scan merge and out_norm, before the SiLU(z) gate, on D channels, hidden D/8, no
+  biases: MSVMamba's SEModule; r = 8 also LocalMamba's, EfficientVMamba's [--se-position block:
+  after out_proj, on C; --se-reduction R].
+- CMN: 1x1 conv C -> 2C, depthwise 3x3 with an inner residual, GELU, 1x1 conv -> C, behind its
+  own LayerNorm and residual: MSVMamba's ConvFFN [--cmn-expansion E; --cmn-no-residual].
+- CRA = coordinate attention: F1 = 1x1 conv + BatchNorm + h-swish (the delta of Eq. 4), width
   max(8, C/32), separate T_h, T_w (houqb/CoordAttention) [--cra-act relu; --cra-no-bn].
-- Eqs. (8)-(9) as per-element mean squared errors; L_CFD = mean over the last-block maps + mean
-  over the first-block maps, L_IFD = four such group means (SelfReg-UNet's KDloss), so weighted
-  x2 and x4 against one mean as printed [--fd-grouping paper: one mean over every block's map].
-  Maps: first and last block of all 8 stages; F_final = the final x4 expansion's output (C/4
-  channels), detached; random channels by randperm.
-- Augmentation: h-flip, rotation (Sec. 4.3), p = 0.5 each, one angle per sample [--vflip adds
-  VM-UNet's vertical flip; --vmunet-rotation: its single angle per run].
-- Input: per-image min-max to [0, 255] (VM-UNet's myNormalize) [--input-norm standardise].
-- Loss 0.3 BCE + 0.7 Dice (Eq. 11) [--loss-weights 1,1: VM-UNet's BceDiceLoss]. BCE from logits
-  (= BCELoss on sigmoid); masks resized nearest (VM-UNet: bilinear); scores at 256 px against
-  resized masks [--eval-original-size; --per-image].
-Tab. 4's first row is VM-UNet as published (79.54 / 88.60, = Tab. 2), without FDLoss; its last
-row equals Tab. 5's last (81.48 / 89.79), with FDLoss; the middle rows are not said (we assume
-with). VM-UNet by flags: --no-se --no-cmn --no-cra --no-cfd --no-ifd --loss-weights 1,1 --vflip
-LEARNING_NOTE
+- Eqs. (8)-(9) as per-element MSEs; L_CFD = mean over the last-block maps + mean over the first,
+  L_IFD = four such group means (SelfReg-UNet's KDloss): x2 and x4 against one mean as printed
+  [--fd-grouping paper]. Maps: first and last block of all 8 stages; F_final = the final x4
+  expansion (C/4 channels), detached; random channels by randperm.
+- h-flip and rotation, p = 0.5 each, an angle per sample [--vflip: VM-UNet's vertical flip too;
+  --vmunet-rotation: its one angle per run]. Loss 0.3 BCE + 0.7 Dice [--loss-weights 1,1:
+  VM-UNet's]. BCE from logits; masks resized nearest (VM-UNet: bilinear).
+- Input: per-image min-max to [0, 255] (VM-UNet's myNormalize) with VM-UNet's weights, else
+  per-channel z-scores [--input-norm]. From scratch (small preset, faint 96 px lesions, tests/
+  test_cmssm_learning.py) [0, 255] leaves 1 % of each token's energy after the patch embedding's
+  LayerNorm varying over the image: test DSC after 10 epochs 0.41 (VM-UNet alone 0.39), 0.89
+  with z-scores; CRA gates started near 1, or BCE:Dice 1:1, did not help (0.00).
+Tab. 4's first row is VM-UNet as published (79.54 / 88.60 = Tab. 2), without FDLoss; its last
+equals Tab. 5's last (81.48 / 89.79), with FDLoss; the middle rows are not said (we assume with).
+VM-UNet: --no-se --no-cmn --no-cra --no-cfd --no-ifd --loss-weights 1,1 --vflip --vmunet-rotation
 
-Run:
-  python cmssm_unet.py        # toy data, small preset: TOY_TIME on 2 CPU cores, test DSC TOY_DSC
-  python cmssm_unet.py --data data/isic2017   # paper recipe (Sec. 4.3), VMamba-S weights (auto)
-  python cmssm_unet.py --data DIR --eval runs/cmssm_unet/X/best.pt
-  python cmssm_unet.py --predict images/ --checkpoint best.pt --out preds
-  python cmssm_unet.py --bench          # paper preset, 256x256, batch 2 (or --img-size 128)
+Run: python cmssm_unet.py   # toy data, small preset: TOY_TIME on 2 CPU cores, test DSC TOY_DSC
+  python cmssm_unet.py --data data/isic2017   # the paper's recipe and split, VMamba-S weights
+  --eval runs/cmssm_unet/X/best.pt; --predict DIR --checkpoint CKPT; --bench (paper, 256, batch 2)
 """
 import argparse
 import json
@@ -95,7 +86,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (common.py, "Threads")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (common.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -115,10 +106,10 @@ class Preset:
     depths_decoder: tuple  # blocks per decoder stage
     d_state: int        # N, SSM state size
     drop_path: float    # stochastic depth, largest rate
-    se_reduction: int   # SE hidden width = width / r
-    cmn_expansion: int  # CMN hidden width = e * C
-    cra_reduction: int  # CRA hidden width = max(min, C / r)
-    cra_min_width: int
+    se_reduction: int = 8   # SE hidden width = width / r (spec 4.3, MSVMamba)
+    cmn_expansion: int = 2  # CMN hidden width = e * C (spec 4.3, MSVMamba)
+    cra_reduction: int = 32  # CRA hidden width = max(min, C / r) (spec 5.2)
+    cra_min_width: int = 8
     se: bool = True
     cmn: bool = True
     cra: bool = True
@@ -128,17 +119,12 @@ class Preset:
     cra_bn: bool = True         # BatchNorm inside F1
 
 
-PRESETS = {  # paper: C and depths Sec. 3.1; d_state, drop path spec 1.2-2.2 (VM-UNet config);
-    # SE ratio and CMN width spec 4.3 (MSVMamba); CRA ratio and minimum width spec 5.2
+PRESETS = {  # paper: C and depths Sec. 3.1; d_state, drop path spec 1.2-2.2 (VM-UNet config)
     "paper": Preset(dims=96, depths=(2, 2, 2, 2), depths_decoder=(2, 2, 2, 1), d_state=16,
-                    drop_path=0.2, se_reduction=8, cmn_expansion=2, cra_reduction=32,
-                    cra_min_width=8),
-    "small": Preset(dims=16, depths=(1, 1, 1, 1), depths_decoder=(1, 1, 1, 1), d_state=8,
-                    drop_path=0.0, se_reduction=8, cmn_expansion=2, cra_reduction=32,
-                    cra_min_width=8),
-    "tiny": Preset(dims=8, depths=(1, 1, 1, 1), depths_decoder=(1, 1, 1, 1), d_state=4,
-                   drop_path=0.1, se_reduction=4, cmn_expansion=2, cra_reduction=32,
-                   cra_min_width=4),
+                    drop_path=0.2),
+    "small": Preset(dims=16, depths=(1,) * 4, depths_decoder=(1,) * 4, d_state=8, drop_path=0.0),
+    "tiny": Preset(dims=8, depths=(1,) * 4, depths_decoder=(1,) * 4, d_state=4, drop_path=0.1,
+                   se_reduction=4, cra_min_width=4),
 }
 PAPER_RECIPE = {"epochs": 300, "batch_size": 32, "lr": 1e-3, "img_size": 256}  # Sec. 4.3
 TOY_RECIPE = {"epochs": 10, "batch_size": 8, "lr": 3e-3, "img_size": 64}
@@ -154,6 +140,7 @@ PRETRAINED = {"paper": ("https://github.com/MzeroMiko/VMamba/releases/download/%
                         "vssmsmall_dp03_ckpt_epoch_238.pth")}  # VMamba-S, VM-UNet's start (C=96)
 ARCH_KEYS = ("no_se", "no_cmn", "no_cra", "se_position", "se_reduction", "cmn_expansion",
              "cmn_no_residual", "cra_act", "cra_no_bn", "img_size", "input_norm")  # from a ckpt
+UNIT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # images in [0, 1]; normalise() follows
 PROTOCOL = {"isic2016": "ISIC 2016, official 900 / 379", "vmunet-isic": "VM-UNet's 7:3 folders",
             "isic2017": "ISIC 2017, 7:3 of train+val", "isic2018": "ISIC 2018, 7:3 of train+val",
             "toy": "toy data (not a paper data set)"}  # the docstring's table, by layout
@@ -182,8 +169,7 @@ class ChannelMixingNetwork(nn.Module):
 
     def __init__(self, dim, expansion, residual=True):
         super().__init__()
-        hidden = dim * expansion
-        self.residual = residual
+        self.residual, hidden = residual, dim * expansion
         self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.fc2 = nn.Conv2d(hidden, dim, 1)
@@ -192,21 +178,6 @@ class ChannelMixingNetwork(nn.Module):
         a = self.fc1(x.permute(0, 3, 1, 2))  # (B, eC, H, W)
         a = F.gelu(a + self.dwconv(a) if self.residual else self.dwconv(a))
         return self.fc2(a).permute(0, 2, 3, 1)  # (B, H, W, C)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop a residual branch per sample, scale the kept ones by 1/keep."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        keep = 1 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
 
 
 class CMSSMBlock(nn.Module):
@@ -221,22 +192,26 @@ class CMSSMBlock(nn.Module):
         self.se_position = preset.se_position
         width = 2 * dim if preset.se_position == "scan" else dim  # D scan channels, or C
         self.se = SqueezeExcitation(width, preset.se_reduction) if preset.se else None
-        self.drop_path, self.cmn = DropPath(drop_path), None
+        self.drop_rate, self.cmn = drop_path, None
         if preset.cmn:
             self.ln_2 = nn.LayerNorm(dim)
             self.cmn = ChannelMixingNetwork(dim, preset.cmn_expansion, preset.cmn_residual)
 
     def forward(self, x):
         y, z = self.self_attention.features(self.ln_1(x))  # (B, H, W, D) each
-        if self.se is not None and self.se_position == "scan":
-            y = self.se(y)  # Sec. 3.2: SE after the 2-D scan, on its re-assembled features
+        at_scan = self.se is not None and self.se_position == "scan"
+        y = self.se(y) if at_scan else y  # Sec. 3.2: SE after the 2-D scan, on its features
         s = self.self_attention.output(y, z)  # gate and out_proj: (B, H, W, C)
-        if self.se is not None and self.se_position == "block":
-            s = self.se(s)
-        x = x + self.drop_path(s)
-        if self.cmn is not None:
-            x = x + self.drop_path(self.cmn(self.ln_2(x)))
-        return x
+        s = self.se(s) if self.se is not None and not at_scan else s
+        x = x + self.drop(s)
+        return x if self.cmn is None else x + self.drop(self.cmn(self.ln_2(x)))
+
+    def drop(self, branch):
+        """Stochastic depth (spec 1.6): drop a residual branch per sample, scale the kept ones."""
+        if not self.training or self.drop_rate == 0:
+            return branch
+        keep = branch.new_empty((branch.shape[0], 1, 1, 1)).bernoulli_(1 - self.drop_rate)
+        return branch * keep / (1 - self.drop_rate)
 
 
 class CrossRegionAttention(nn.Module):
@@ -246,8 +221,7 @@ class CrossRegionAttention(nn.Module):
 
     def __init__(self, channels, reduction=32, min_width=8, act="hswish", bn=True):
         super().__init__()
-        width = max(min_width, channels // reduction)
-        self.conv1 = nn.Conv2d(channels, width, 1)
+        self.conv1 = nn.Conv2d(channels, width := max(min_width, channels // reduction), 1)
         self.bn1 = nn.BatchNorm2d(width) if bn else nn.Identity()
         self.act = nn.Hardswish() if act == "hswish" else nn.ReLU()
         self.conv_h = nn.Conv2d(width, channels, 1)
@@ -279,11 +253,8 @@ class Stage(nn.Module):
     def forward(self, x):
         x, outputs = x if self.upsample is None else self.upsample(x), []  # (B, 2H, 2W, C/2)
         for block in self.blocks:
-            x = block(x)
-            outputs.append(x)
-        if self.downsample is not None:
-            x = self.downsample(x)  # (B, H/2, W/2, 2C)
-        return x, outputs
+            outputs.append(x := block(x))
+        return x if self.downsample is None else self.downsample(x), outputs  # (B, H/2, W/2, 2C)
 
 
 class CMSSMUNet(nn.Module):
@@ -345,13 +316,12 @@ class CMSSMUNet(nn.Module):
 
 def _init_weights(module):
     """VM-UNet's init (spec 1.7): Linear trunc-normal std .02, bias 0; LayerNorm 1, 0."""
+    if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+        nn.init.zeros_(module.bias)
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def build_model(preset="paper", num_classes=1, **overrides):
@@ -393,14 +363,6 @@ class PatchMerging2D(nn.Module):
         return self.reduction(self.norm(x))
 
 
-def depth_to_space(x, scale):
-    """(B, H, W, s*s*c) -> (B, sH, sW, c), channel index = (p1 * s + p2) * c + k (spec 1.4)."""
-    batch, height, width, channels = x.shape
-    c = channels // (scale * scale)
-    x = x.view(batch, height, width, scale, scale, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(batch, height * scale, width * scale, c)
-
-
 class PatchExpand2D(nn.Module):
     """(B, H, W, K) -> (B, sH, sW, K/s): Linear K -> sK, depth-to-space, LN (VM-UNet's
     PatchExpand2D for s = 2, its Final_PatchExpand2D for s = 4)."""
@@ -412,16 +374,18 @@ class PatchExpand2D(nn.Module):
         self.norm = nn.LayerNorm(dim // scale)
 
     def forward(self, x):
-        return self.norm(depth_to_space(self.expand(x), self.scale))
+        x, s = self.expand(x), self.scale  # (B, H, W, s*s*c)
+        batch, height, width, c = x.shape[0], x.shape[1], x.shape[2], x.shape[3] // (s * s)
+        # depth-to-space, channel index (p1 * s + p2) * c + k -> pixel (sh + p1, sw + p2), spec 1.4
+        x = x.view(batch, height, width, s, s, c).permute(0, 1, 3, 2, 4, 5)
+        return self.norm(x.reshape(batch, height * s, width * s, c))
 
 
 class SS2D(nn.Module):
     """2-D selective scan (VMamba v0 as in VM-UNet, spec 2.3), (B, H, W, C) -> same shape.
-
-    features(): in_proj -> (x, z); x: depthwise 3x3 conv, SiLU; scan x in 4 directions with an
-    S6 model whose Delta, B, C depend on the input; merge the 4 back in row-major order and sum;
-    out_norm. output(): gate by SiLU(z); out_proj. The CM-SSM block puts SE between the two.
-    """
+    features(): in_proj -> (x, z); x: depthwise 3x3 conv, SiLU; an S6 scan (input-dependent
+    Delta, B, C) in 4 directions, merged back row-major and summed; out_norm. output(): gate by
+    SiLU(z), out_proj. The CM-SSM block puts SE between the two."""
 
     def __init__(self, d_model, d_state=16, expand=2, dt_min=0.001, dt_max=0.1, dt_floor=1e-4):
         super().__init__()
@@ -429,13 +393,10 @@ class SS2D(nn.Module):
         self.dt_rank = math.ceil(d_model / 16)
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, 3, padding=1, groups=d_inner, bias=True)
-        # Per direction k: x -> (Delta rank R, B, C); four default nn.Linear inits stacked.
-        bound = d_inner ** -0.5
-        self.x_proj_weight = nn.Parameter(
-            torch.empty(4, self.dt_rank + 2 * d_state, d_inner).uniform_(-bound, bound))
-        bound = self.dt_rank ** -0.5  # dt_scale = 1, dt_init "random"
-        self.dt_projs_weight = nn.Parameter(
-            torch.empty(4, d_inner, self.dt_rank).uniform_(-bound, bound))
+        uni = lambda shape, bound: nn.Parameter(torch.empty(shape).uniform_(-bound, bound))  # noqa
+        # per direction k: x -> (Delta rank R, B, C), four default nn.Linear inits stacked
+        self.x_proj_weight = uni((4, self.dt_rank + 2 * d_state, d_inner), d_inner ** -0.5)
+        self.dt_projs_weight = uni((4, d_inner, self.dt_rank), self.dt_rank ** -0.5)  # scale 1
         # dt bias: softplus(bias) log-uniform in [dt_min, dt_max], stored as inverse softplus
         dt = torch.exp(torch.rand(4, d_inner) * (math.log(dt_max) - math.log(dt_min))
                        + math.log(dt_min)).clamp(min=dt_floor)
@@ -450,7 +411,7 @@ class SS2D(nn.Module):
     def scan(self, x):
         """Cross-scan, selective scan, cross-merge: (B, D, H, W) -> (B, D, L) row-major."""
         batch, d_inner, height, width = x.shape
-        length = height * width
+        length = height * width  # L
         row = x.flatten(2)  # k=0: index h*W + w   (B, D, L)
         col = x.transpose(2, 3).flatten(2)  # k=1: index w*H + h
         xs = torch.stack([row, col, row.flip(-1), col.flip(-1)], dim=1)  # (B, 4, D, L)
@@ -481,10 +442,9 @@ class SS2D(nn.Module):
 
 
 def load_pretrained(model, source, log=print, preset="paper", run=None):
-    """Load VMamba-S / VM-UNet weights as VM-UNet's load_from does (spec 10): encoder keys as
-    they are, then `layers.i` also as `layers_up.(3-i)` for the decoder blocks of the same
-    width; only names and shapes that fit are taken. `auto`: the preset's published weights
-    (the paper preset only), downloaded on rank 0. Returns the number of tensors loaded."""
+    """VMamba-S / VM-UNet weights as VM-UNet's load_from (spec 10): encoder keys as they are and
+    `layers.i` also as `layers_up.(3-i)` (same width), where names and shapes fit. `auto`: the
+    preset's published file (paper preset only), fetched on rank 0. Returns the tensors loaded."""
     if source in (None, "", "none"):
         return 0
     if source == "auto":
@@ -506,31 +466,20 @@ def load_pretrained(model, source, log=print, preset="paper", run=None):
     if weights is None:
         common.fail(f"--pretrained {path}: no dict of tensors in it (not VMamba / VM-UNet)")
     weights = {re.sub(r"^(module\.)?(vmunet\.)?", "", k): v for k, v in weights.items()}
-    renamed = {}
-    for key, value in weights.items():
-        match = re.match(r"layers\.([0-3])\.(.*)", key)
-        if match:  # spec 10: encoder stage i -> decoder stage 3 - i (same width)
-            renamed[f"layers_up.{3 - int(match.group(1))}.{match.group(2)}"] = value
+    renamed = {re.sub(r"^layers\.(\d)\.", lambda g: f"layers_up.{3 - int(g[1])}.", k): v
+               for k, v in weights.items() if k.startswith("layers.")}  # spec 10: i -> 3 - i
     tensors = {**renamed, **weights}  # a VM-UNet file's own decoder tensors win
-    loaded, _ = common.load_matching(model, tensors, "pretrained", path, log)
-    return loaded
+    return common.load_matching(model, tensors, "pretrained", path, log)[0]
 
 
 # ==== 5. Losses (Sec. 3.4) ====
 
 def cross_feature_distillation(feature_maps, final):
-    """Eq. (8): every block feature imitates the detached final feature F_final.
-
-    F_final is average-pooled to the block's size and `min(C_s, C_t)` random channels of each
-    are paired (RCS). Returns the mean over the maps of the element-wise MSE.
-    """
+    """Eq. (8): every block map imitates F_final, detached (SelfReg), average-pooled to its size;
+    min(C_s, C_t) random channels of each are paired (RCS). The mean of the maps' MSEs."""
     losses = []
     for f_s in feature_maps:  # (B, C_s, h, w)
-        f_t = final.detach()  # (B, C_t, H, W): the target gets no gradient (SelfReg)
-        if f_t.shape[-1] > f_s.shape[-1]:
-            f_t = F.adaptive_avg_pool2d(f_t, f_s.shape[-2:])  # AvgPool(F_final)
-        elif f_s.shape[-1] > f_t.shape[-1]:
-            f_s = F.adaptive_avg_pool2d(f_s, f_t.shape[-2:])
+        f_t = F.adaptive_avg_pool2d(final.detach(), f_s.shape[-2:])  # AvgPool(F_final)
         k = min(f_s.shape[1], f_t.shape[1])
         idx_s = torch.randperm(f_s.shape[1], device=f_s.device)[:k]  # RCS
         idx_t = torch.randperm(f_t.shape[1], device=f_t.device)[:k]
@@ -554,24 +503,17 @@ def internal_feature_distillation(feature_maps):
 
 def feature_distillation_loss(features, lambda_cfd=LAMBDA_CFD, lambda_ifd=LAMBDA_IFD,
                               grouping="selfreg"):
-    """Eq. (10) on the block maps of `features` (CMSSMUNet.forward). Returns (L_fd, L_CFD, L_IFD).
-
-    selfreg (spec 6.2-6.3): the first and the last block of every stage; L_CFD = the mean over
-    the last maps + the mean over the first maps, L_IFD = the means of four groups (encoder
-    last, encoder first, decoder first, decoder last). paper: every block's map once, one mean
-    each, as Eqs. (8)-(9) print T = 1/(|M-1||J|) and 1/(|M||J|).
-    """
+    """Eq. (10) on CMSSMUNet's block maps -> (L_fd, L_CFD, L_IFD). selfreg (spec 6.2-6.3): the
+    first and last block of every stage; L_CFD = mean over the last maps + mean over the first,
+    L_IFD = four group means (encoder last, first, decoder first, last). paper: every block's map
+    once, one mean each, as Eqs. (8)-(9) print T = 1/(|M-1||J|) and 1/(|M||J|)."""
     encoder, decoder = features["encoder"], features["decoder"]
     zero = features["final"].new_zeros(())
+    cfd_groups = [[s[-1] for s in decoder + encoder], [s[0] for s in decoder + encoder]]
+    ifd_groups = [[s[-1] for s in encoder], [s[0] for s in encoder], [s[0] for s in decoder],
+                  [s[-1] for s in decoder]]
     if grouping == "paper":
-        maps = [m for stage in encoder + decoder for m in stage]
-        cfd_groups, ifd_groups = [maps], [maps]
-    else:
-        first = [s[0] for s in decoder] + [s[0] for s in encoder]
-        last = [s[-1] for s in decoder] + [s[-1] for s in encoder]
-        cfd_groups = [last, first]
-        ifd_groups = [[s[-1] for s in encoder], [s[0] for s in encoder],
-                      [s[0] for s in decoder], [s[-1] for s in decoder]]
+        cfd_groups = ifd_groups = [[m for stage in encoder + decoder for m in stage]]
     l_cfd = zero if lambda_cfd == 0 else sum(  # Eq. (8), per group
         cross_feature_distillation(group, features["final"]) for group in cfd_groups)
     l_ifd = zero if lambda_ifd == 0 else sum(  # Eq. (9), per group
@@ -605,11 +547,8 @@ def total_loss(logits, target, features=None, lambda_cfd=LAMBDA_CFD, lambda_ifd=
 # ==== 6. Data: input scaling, augmentation and the paper's 7:3 split ====
 
 def normalise(x, mode="vmunet"):
-    """Network input from images x (B, 3, H, W) in [0, 1].
-
-    vmunet: per-image min-max to [0, 255] over all channels, VM-UNet's myNormalize (spec 8.2:
-    its mean/std step cancels out). standardise: zero mean, unit deviation per image and channel.
-    """
+    """Network input from images (B, 3, H, W) in [0, 1]. vmunet: per-image min-max to [0, 255]
+    over all channels, VM-UNet's myNormalize (spec 8.2); standardise: per-channel z-scores."""
     if mode == "standardise":
         mean, std = x.mean(dim=(2, 3), keepdim=True), x.std(dim=(2, 3), keepdim=True)
         return (x - mean) / std.clamp_min(1e-3)
@@ -640,20 +579,18 @@ class VMUNetAugment:
         return np.array(image), np.array(mask)
 
 
-UNIT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # images in [0, 1]; normalise() follows
-
-
 def load_isic(args, augment):
     """common.load_data's dict under the paper's protocol (Sec. 4.1): --split paper re-splits
     ISIC 2017/2018 7:3 from their official train + val images (2150 -> 1505 / 645, 2694 -> 1886
     / 808; the official test part is unused); every other layout keeps its split (ISIC 2016:
     900 / 379; VM-UNet's folders: 7:3) or, without one, gets a seeded 7:3."""
-    data = common.load_data(args, "binary", augment, args.toy_sizes, fractions=PAPER_FRACTIONS,
-                            **UNIT)
+    held = PAPER_FRACTIONS[0] * args.val_fraction  # only when asked for (the paper has none)
+    data = common.load_data(args, "binary", augment, args.toy_sizes, fractions=(
+        PAPER_FRACTIONS[0] - held, held, PAPER_FRACTIONS[2]), **UNIT)
     resplit = data["layout"] in RESPLIT_LAYOUTS and not args.eval
     data["protocol"] = PROTOCOL.get(data["layout"], "not a paper data set: seeded 7:3 split")
     if not resplit or args.split == "official":
-        data["protocol"] += " (--split official)" if resplit else ""
+        data["protocol"] = f"{data['layout']}, official split" if resplit else data["protocol"]
         return data
     pool = sorted(data["pairs"]["train"] + data["pairs"]["val"],
                   key=lambda p: common.natural_key(p["image"]))
@@ -674,19 +611,13 @@ def load_isic(args, augment):
 
 # ==== 7. Train, evaluate, predict ====
 
-def cosine_lr(epoch, base_lr, t_max, eta_min=ETA_MIN):
-    """Sec. 4.3: CosineAnnealingLR's closed form, stepped per epoch; periodic past t_max."""
-    return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / t_max)) / 2
-
-
 def train_one_epoch(model, loader, optimizer, device, loss_args, input_norm="vmunet", amp=False,
                     scaler=None, limit_batches=0, show_progress=True):
-    """One pass over `loader`; returns the mean total loss and each term. `loss_args`: the
-    keyword arguments of total_loss (lambda_cfd, lambda_ifd, weights, grouping)."""
+    """One pass over `loader`: the mean total loss and each term; loss_args: total_loss's."""
     model.train()
     use_fd = loss_args.get("lambda_cfd", LAMBDA_CFD) + loss_args.get("lambda_ifd", LAMBDA_IFD) > 0
     half = torch.float16 if device.type == "cuda" else torch.bfloat16  # the scan stays fp32
-    sums, count = {"loss": 0.0, "seg": 0.0, "fd": 0.0, "cfd": 0.0, "ifd": 0.0}, 0
+    sums, count = dict.fromkeys(("loss", "seg", "fd", "cfd", "ifd"), 0.0), 0
     for step, batch in enumerate(common.progress(loader, "train", show_progress)):
         if limit_batches and step >= limit_batches:
             break
@@ -709,8 +640,7 @@ def train_one_epoch(model, loader, optimizer, device, loss_args, input_norm="vmu
 
 @torch.no_grad()
 def predict(model, images, size=None, input_norm="vmunet"):
-    """Foreground probabilities (B, 1, h, w) for images (B, 3, S, S) in [0, 1]; `size` (h, w)
-    resizes them bilinearly (e.g. back to an image's original size)."""
+    """Probabilities (B, 1, h, w) for images (B, 3, S, S) in [0, 1], resized to `size` (h, w)."""
     logits = model(normalise(images, input_norm))
     if size is not None and tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
@@ -718,14 +648,13 @@ def predict(model, images, size=None, input_norm="vmunet"):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, device, batch_size=8, per_image=False, original_size=False,
-             save_dir=None, max_overlays=50, with_loss=False, input_norm="vmunet",
-             weights=(W_BCE, W_DICE)):
+def evaluate(model, dataset, device, batch_size=8, save_dir=None, max_overlays=50,
+             with_loss=False, input_norm="vmunet", weights=(W_BCE, W_DICE)):
     """The paper's columns mIoU, DSC, Acc (+ Sen, Spe) as fractions: one confusion matrix over
-    all test pixels at 0.5 at the network's size, as VM-UNet's engine.py (Eqs. 12-14). per_image:
-    mean of per-image scores; original_size: at each image's own size. save_dir: PNGs, overlays."""
+    all test pixels at 0.5 at the network's size, as VM-UNet's engine.py (Eqs. 12-14).
+    save_dir: mask PNGs and overlays at each image's own size."""
     model.eval()
-    meter = common.PerImageMeter(THRESHOLD) if per_image else common.GlobalMeter(THRESHOLD)
+    meter = common.GlobalMeter(THRESHOLD)
     loss_sum, seen = 0.0, 0
     if save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
@@ -734,18 +663,15 @@ def evaluate(model, dataset, device, batch_size=8, per_image=False, original_siz
         logits = model(normalise(images, input_norm)).float()  # (B, 1, S, S)
         loss_sum += bce_dice_loss(logits, masks, *weights).item() * images.shape[0]
         for prob, mask, index in zip(torch.sigmoid(logits), masks, batch["index"].tolist()):
-            name = dataset.names[index]
-            if original_size or save_dir is not None:
+            meter.update(prob[0].cpu().numpy(), mask[0].cpu().numpy())
+            if save_dir is not None:  # at the image's own size
                 image_full, mask_full = dataset.full(index)
-                prob_full = F.interpolate(prob[None], size=mask_full.shape, mode="bilinear",
-                                          align_corners=False)[0, 0].cpu().numpy()
-            meter.update(*((prob_full, mask_full) if original_size else
-                           (prob[0].cpu().numpy(), mask[0].cpu().numpy())))
-            if save_dir is not None:
-                common.save_mask_png(Path(save_dir) / f"{name}.png", prob_full >= THRESHOLD)
+                pred = F.interpolate(prob[None], size=mask_full.shape, mode="bilinear")[0, 0]
+                path = Path(save_dir) / dataset.names[index]
+                common.save_mask_png(f"{path}.png", (pred >= THRESHOLD).cpu().numpy())
                 if seen < max_overlays:
-                    common.save_overlay(Path(save_dir) / f"{name}_overlay.png", image_full,
-                                        prob_full >= THRESHOLD, mask_full)
+                    common.save_overlay(f"{path}_overlay.png", image_full,
+                                        (pred >= THRESHOLD).cpu().numpy(), mask_full)
             seen += 1
     scores = meter.compute()
     return {"mIoU": scores["iou"],  # Eq. (12)  mIoU = TP / (TP + FP + FN)
@@ -758,36 +684,32 @@ def evaluate(model, dataset, device, batch_size=8, per_image=False, original_siz
 # ==== 8. Command line ====
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="CM-SSM U-Net skin lesion segmentation "
-                                     "(Ke et al.), on a VM-UNet backbone.")
+    parser = argparse.ArgumentParser(description="CM-SSM U-Net (Ke et al.) on a VM-UNet.")
     common.add_common_args(parser, PAPER_RECIPE, "Sec. 4.3", pretrained_default=None)
     parser.set_defaults(val_fraction=0.0)  # the paper has no validation set (Sec. 4.1)
     group = parser.add_argument_group("CM-SSM U-Net: ablations (Tab. 4-5), reconstruction "
                                       "choices and protocol (see the docstring)")
     for flag, text in (("no-se", "drop SE (Tab. 4)"), ("no-cmn", "drop the CMN (Tab. 4)"),
                        ("no-cra", "plain skips, no CRA (Tab. 4)"), ("no-cfd", "no L_CFD (Tab. 5)"),
-                       ("no-ifd", "no L_IFD (Tab. 5)"),
+                       ("no-ifd", "no L_IFD (Tab. 5)"), ("cra-no-bn", "no BatchNorm in CRA's F1"),
                        ("cmn-no-residual", "no inner residual around CMN's depthwise conv"),
-                       ("cra-no-bn", "no BatchNorm in CRA's F1"),
                        ("vflip", "add VM-UNet's vertical flip (paper: h-flip, rotation)"),
-                       ("vmunet-rotation", "one rotation angle per run, as VM-UNet's code"),
-                       ("per-image", "average per-image scores (paper: one confusion matrix)"),
-                       ("eval-original-size", "score at each image's size (paper: --img-size)")):
+                       ("vmunet-rotation", "one rotation angle per run, as VM-UNet's code")):
         group.add_argument(f"--{flag}", action="store_true", help=text)
     choices = (("se-position", ["scan", "block"], "SE before the gate (MSVMamba) or after it"),
                ("cra-act", ["hswish", "relu"], "delta of Eq. (4) (coordinate attention)"),
                ("fd-grouping", ["selfreg", "paper"], "FD group means as SelfReg, or as printed"),
-               ("input-norm", ["vmunet", "standardise"], "min-max to [0, 255], or z-scores"),
+               ("input-norm", ["auto", "vmunet", "standardise"],
+                "auto: VM-UNet's [0, 255] with its weights, z-scores from scratch"),
                ("split", ["paper", "official"], "7:3 re-split of ISIC 2017/2018 (Sec. 4.1)"))
     for flag, options, text in choices:
         group.add_argument(f"--{flag}", choices=options, default=options[0],
                            help=f"{text} (default {options[0]})")
-    group.add_argument("--se-reduction", type=int, default=None, help="SE ratio (spec 4.3: 8)")
-    group.add_argument("--cmn-expansion", type=int, default=None, help="CMN width (spec: 2)")
+    for flag, text in (("se-reduction", "SE ratio (spec 4.3: 8)"), ("cmn-expansion", "CMN "
+                       "width (spec 4.3: 2)"), ("t-max", "cosine period (paper 50; toy: epochs)")):
+        group.add_argument(f"--{flag}", type=int, default=None, help=text)
     group.add_argument("--loss-weights", default=f"{W_BCE},{W_DICE}",
                        help="BCE,Dice weights (paper: 0.3,0.7, Eq. 11; VM-UNet: 1,1)")
-    group.add_argument("--t-max", type=int, default=None,
-                       help="cosine period in epochs (paper: 50, Sec. 4.3; toy: --epochs)")
     group.add_argument("--toy-sizes", default=",".join(map(str, TOY_SIZES)),
                        help="toy train,val,test image counts (default %(default)s)")
     return parser
@@ -798,75 +720,58 @@ def parse_args(argv):
     parser = build_parser()
     raw = parser.parse_args(argv)
     if raw.bench:  # the paper preset at the paper size; batch 2 fits a CPU's memory (3 GB)
-        raw.preset = raw.preset or "paper"
-        raw.img_size = raw.img_size or PAPER_RECIPE["img_size"]
+        raw.preset, raw.img_size = raw.preset or "paper", raw.img_size or PAPER_RECIPE["img_size"]
         raw.batch_size = raw.batch_size or 2
     args = common.finish_args(raw, PAPER_RECIPE, TOY_RECIPE)
-    if args.t_max is None:
-        args.t_max = T_MAX if args.data != "toy" else args.epochs
+    args.t_max = args.t_max or (T_MAX if args.data != "toy" else args.epochs)
     if args.resume and not args.out:  # continue in the resumed run's folder
         args.out = str(Path(args.resume).parent)
     try:
-        sizes = tuple(int(n) for n in args.toy_sizes.split(","))
-        weights = tuple(float(w) for w in args.loss_weights.split(","))
-        assert len(sizes) == 3 and min(sizes) >= 1 and len(weights) == 2 and min(weights) >= 0
+        args.toy_sizes = tuple(int(n) for n in args.toy_sizes.split(","))
+        args.weights = tuple(float(w) for w in args.loss_weights.split(","))
+        assert len(args.toy_sizes) == 3 and min(args.toy_sizes) >= 1 and len(args.weights) == 2
     except (ValueError, AssertionError):
         common.fail(f"--toy-sizes {args.toy_sizes} / --loss-weights {args.loss_weights}: give "
                     "three positive counts (160,20,40) and two weights (0.3,0.7)")
-    args.toy_sizes, args.weights = sizes, weights
-    if args.t_max < 1:
-        common.fail(f"--t-max {args.t_max}: must be >= 1")
-    if args.pretrained not in ("auto", "none") and not Path(args.pretrained).is_file():
-        common.fail(f"--pretrained {args.pretrained}: no such file (give a path, auto or none)")
-    if args.img_size % 32:
-        common.fail(f"--img-size {args.img_size}: must be a multiple of 32 (4x patches, 3 merges)")
-    for flag in ("se_reduction", "cmn_expansion"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            common.fail(f"--{flag.replace('_', '-')} must be at least 1")
+    for bad, message in ((args.t_max < 1, f"--t-max {args.t_max}: must be >= 1"),
+                         (args.img_size % 32, f"--img-size {args.img_size}: must be a multiple "
+                          "of 32 (4x patches, 3 merges)"),
+                         (min(args.se_reduction or 1, args.cmn_expansion or 1) < 1,
+                          "--se-reduction and --cmn-expansion must be at least 1"),
+                         (args.pretrained not in ("auto", "none") and not Path(
+                             args.pretrained).is_file(), f"--pretrained {args.pretrained}: no "
+                          "such file (give a path, auto or none)")):
+        if bad:
+            common.fail(message)
+    if args.input_norm == "auto":  # VM-UNet's scaling belongs to its starting weights
+        weights = args.pretrained != "none" and (args.pretrained != "auto" or
+                                                 args.preset in PRETRAINED)
+        args.input_norm = "vmunet" if weights else "standardise"
     return args, common.explicit_flags(parser, argv)
 
 
-def model_overrides(args):
-    """Preset overrides from the ablation switches (Tab. 4) and the reconstruction choices."""
+def settings(args):
+    """(preset overrides, total_loss keywords) from the Tab. 4-5 switches and the choices."""
     overrides = {"se": not args.no_se, "cmn": not args.no_cmn, "cra": not args.no_cra,
                  "se_position": args.se_position, "cmn_residual": not args.cmn_no_residual,
                  "cra_act": args.cra_act, "cra_bn": not args.cra_no_bn}
-    for name in ("se_reduction", "cmn_expansion"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    return overrides
-
-
-def loss_settings(args):
-    """The keyword arguments of total_loss from the flags (Tab. 5 switches, Eq. 11 weights)."""
-    return {"lambda_cfd": 0.0 if args.no_cfd else LAMBDA_CFD,
-            "lambda_ifd": 0.0 if args.no_ifd else LAMBDA_IFD,
-            "weights": tuple(args.weights), "grouping": args.fd_grouping}
-
-
-def adopt_checkpoint(args, explicit):
-    """The checkpoint of --eval, --resume or --predict's --checkpoint, whose architecture flags
-    (and image size) replace the command line's; None when training from scratch."""
-    for flag in ("eval", "resume", "checkpoint"):
-        path = getattr(args, flag)
-        if path and (flag != "checkpoint" or args.predict):
-            checkpoint = common.load_checkpoint(path, "cmssm_unet", f"--{flag}")
-            common.adopt_config(args, checkpoint, ARCH_KEYS, explicit, f"--{flag}")
-            return checkpoint
-    return None
+    overrides.update({name: getattr(args, name) for name in ("se_reduction", "cmn_expansion")
+                      if getattr(args, name) is not None})
+    return overrides, {"lambda_cfd": 0.0 if args.no_cfd else LAMBDA_CFD,
+                       "lambda_ifd": 0.0 if args.no_ifd else LAMBDA_IFD,
+                       "weights": tuple(args.weights), "grouping": args.fd_grouping}
 
 
 def run_bench(args, run):
     """One JSON line: parameters, train and inference images/s, peak memory."""
-    model = build_model(args.preset, **model_overrides(args)).to(run.device)
+    model = build_model(args.preset, **settings(args)[0]).to(run.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
     x = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=run.device)
-    target = (x[:, :1] > 0.5).float()
 
     def train_step():
         model.train()
         logits, features = model(normalise(x), return_features=True)
-        loss, _ = total_loss(logits, target, features)
+        loss, _ = total_loss(logits, (x[:, :1] > 0.5).float(), features)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -881,7 +786,7 @@ def run_bench(args, run):
 
 def run_predict(args, run, checkpoint):
     """Write one mask PNG per image of args.predict into <out>/predictions."""
-    model = build_model(args.preset, **model_overrides(args)).to(run.device).eval()
+    model = build_model(args.preset, **settings(args)[0]).to(run.device).eval()
     model.load_state_dict(checkpoint["model"])
     files, folder = common.list_images(args.predict), run.folder() / "predictions"
     for path in files:
@@ -897,14 +802,14 @@ def run_predict(args, run, checkpoint):
 def log_protocol(run, args, data):
     """Print the protocol row that applies (docstring table) and what this run does."""
     tested = "lowest validation loss" if data["val"] is not None else "last epoch (no val)"
-    sizes = ", ".join(f"{k} {len(data[k]) if data[k] else 0}" for k in ("train", "val"))
+    sizes = [f"{k} {len(v)}" for k, v in (("train", data["train"]), ("val", data["val"] or []),
+                                           *((f"test[{g}]", d) for g, d in data["test"].items()))]
     run.log(f"cmssm_unet: preset {args.preset} ({args.preset_reason}), device {run.device}\n"
-            f"  protocol: {data['protocol']}; {data['source']}; {sizes}, "
-            + ", ".join(f"test[{g}] {len(d)}" for g, d in data["test"].items()))
+            f"  protocol: {data['protocol']}; {data['source']}; {', '.join(sizes)}")
     if not args.eval:
         run.log(f"  recipe: {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr} "
-                f"wd {WEIGHT_DECAY}, cosine T_max {args.t_max} floor {ETA_MIN}, "
-                f"{args.img_size} px, pretrained {args.pretrained}; tested: {tested}")
+                f"wd {WEIGHT_DECAY}, cosine T_max {args.t_max} floor {ETA_MIN}, {args.img_size} "
+                f"px, input {args.input_norm}, pretrained {args.pretrained}; tested: {tested}")
     if data["splits"] is not None:
         run.save_json("splits.json", data["splits"])
 
@@ -914,19 +819,23 @@ def test_all(model, data, args, run):
     metrics = {}
     for group, dataset in data["test"].items():
         folder = run.folder() / "predictions" / group if run.is_main else None
-        metrics[group] = evaluate(model, dataset, run.device, args.batch_size, args.per_image,
-                                  args.eval_original_size, folder, input_norm=args.input_norm)
-    run.log(f"{'test set':<12}{'mIoU %':>9}{'DSC %':>9}{'Acc %':>9}{'Sen %':>9}{'Spe %':>9}")
+        metrics[group] = evaluate(model, dataset, run.device, args.batch_size, folder,
+                                  input_norm=args.input_norm)
+    columns = ("mIoU", "DSC", "Acc", "Sen", "Spe")
+    run.log(f"{'test set':<12}" + "".join(f"{k + ' %':>9}" for k in columns))
     for group, row in metrics.items():
-        run.log(f"{group:<12}" + "".join(f"{100 * row[k]:>9.2f}" for k in
-                                         ("mIoU", "DSC", "Acc", "Sen", "Spe")))
+        run.log(f"{group:<12}" + "".join(f"{100 * row[k]:>9.2f}" for k in columns))
     run.save_json("test_metrics.json", metrics)
     return metrics
 
 
 def main(argv=None):
     args, explicit = parse_args(argv)
-    checkpoint = adopt_checkpoint(args, explicit)  # --eval / --resume: its architecture
+    checkpoint, flag = None, next((f for f in ("eval", "resume") if getattr(args, f)), None)
+    if flag or args.predict:  # its architecture flags replace the command line's
+        flag = flag or "checkpoint"
+        checkpoint = common.load_checkpoint(getattr(args, flag), "cmssm_unet", f"--{flag}")
+        common.adopt_config(args, checkpoint, ARCH_KEYS, explicit, f"--{flag}")
     common.seed_everything(args.seed)  # plus the rank under torchrun
     run = common.Run(args, "cmssm_unet")
     if args.bench:
@@ -936,7 +845,7 @@ def main(argv=None):
     fixed = random.Random(args.seed).uniform(0, 360) if args.vmunet_rotation else None
     data = load_isic(args, VMUNetAugment(fixed, args.vflip))
     log_protocol(run, args, data)
-    overrides, losses = model_overrides(args), loss_settings(args)
+    overrides, losses = settings(args)
     model = build_model(args.preset, **overrides).to(run.device)
     if args.eval:
         model.load_state_dict(checkpoint["model"])
@@ -954,18 +863,17 @@ def main(argv=None):
     loader = common.make_loader(data["train"], args.batch_size, train=True,
                                 workers=args.workers, seed=args.seed)
     run.save_json("config.json", {**vars(args), "preset_values": asdict(PRESETS[args.preset]),
-                                  "overrides": overrides, "losses": losses,
-                                  "parameters": n_params, "data_source": data["source"],
-                                  "protocol": data["protocol"], "device": str(run.device),
-                                  "world_size": run.world, "weight_decay": WEIGHT_DECAY})
+                                  "overrides": overrides, "losses": losses, "parameters": n_params,
+                                  "data_source": data["source"], "world_size": run.world,
+                                  "weight_decay": WEIGHT_DECAY})
     start = run.restore(checkpoint, model, optimizer, scaler) if args.resume else 0
 
     for epoch in range(start, args.epochs):
         began = time.time()
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        lr = cosine_lr(epoch, args.lr, args.t_max)  # from the epoch: resume-safe (Sec. 4.3)
-        common.set_lr(optimizer, lr)
+        lr = ETA_MIN + (args.lr - ETA_MIN) * (1 + math.cos(math.pi * epoch / args.t_max)) / 2
+        common.set_lr(optimizer, lr)  # Sec. 4.3: cosine, from the epoch (resume-safe)
         train = train_one_epoch(model, loader, optimizer, run.device, losses, args.input_norm,
                                 args.amp, scaler, args.limit_batches, run.is_main)
         row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in train.items()}}

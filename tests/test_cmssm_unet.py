@@ -93,7 +93,7 @@ def test_parameter_counts_match_spec():
     assert shapes["final_up.expand.weight"] == (384, 96) and shapes["final_conv.weight"] == (
         1, 24, 1, 1)
     assert sum(p.numel() for p in vmunet.layers[0].blocks[0].parameters()) == 105_408
-    rates = [round(b.drop_path.p, 4) for stage in vmunet.layers_up for b in stage.blocks]
+    rates = [round(b.drop_rate, 4) for stage in vmunet.layers_up for b in stage.blocks]
     assert rates == [0.2, 0.1667, 0.1333, 0.1, 0.0667, 0.0333, 0.0]  # spec 1.6, reversed
     assert sum(p.numel() for p in full.parameters()) == 43_266_829  # spec 4.4
     se = sum(p.numel() for n, p in full.named_parameters() if ".se." in n)
@@ -176,10 +176,16 @@ def test_patch_merging_and_expanding_channel_order():
     assert merged[0, 0, 0].tolist() == [0, 4, 1, 5]  # (even,even), (odd,even), (even,odd), ...
     with torch.no_grad():
         assert torch.allclose(merge(x), merge.reduction(merge.norm(merged)))
-    # depth_to_space: input channel (p1 * 2 + p2) * c + k goes to pixel (2h + p1, 2w + p2)
-    out = m.depth_to_space(torch.arange(8.0).view(1, 1, 1, 8), 2)  # c = 2
-    assert out.shape == (1, 2, 2, 2)
+    # depth-to-space: input channel (p1 * 2 + p2) * c + k goes to pixel (2h + p1, 2w + p2)
+    expand = m.PatchExpand2D(4)  # c = 2
+    expand.norm = torch.nn.Identity()
+    with torch.no_grad():
+        expand.expand.weight.zero_()
+        expand.expand.weight[:, 0] = torch.arange(8.0)  # output channel j = j * input channel 0
+        out = expand(torch.tensor([[[[1.0, 0, 0, 0]]], [[[2.0, 0, 0, 0]]]]))  # batch 2
+    assert out.shape == (2, 2, 2, 2)
     assert out[0, 0, 1].tolist() == [2, 3] and out[0, 1, 0].tolist() == [4, 5]
+    assert out[1, 1, 1].tolist() == [12, 14]
 
 
 def _vmunet(seed):
@@ -518,11 +524,8 @@ def test_eqs12_to_14_global_confusion_matrix():
     assert metrics["mIoU"] == pytest.approx(10 / 18)  # Eq. (12)
     assert metrics["DSC"] == pytest.approx(20 / 28)  # Eq. (13)
     assert metrics["Acc"] == pytest.approx(24 / 32)  # Eq. (14)
-    per_image = m.evaluate(_FixedModel(), _Masks([a, b]), torch.device("cpu"), per_image=True)
-    assert per_image["DSC"] == pytest.approx((1 + 4 / 12) / 2)
-    original = m.evaluate(_FixedModel(), _Masks([a, b]), torch.device("cpu"),
-                          original_size=True)
-    assert original["mIoU"] == pytest.approx(10 / 18)
+    per_batch = m.evaluate(_FixedModel(), _Masks([a, b]), torch.device("cpu"), batch_size=1)
+    assert per_batch["DSC"] == pytest.approx(20 / 28)  # pooled over the set, not per batch
 
 
 # ---- every ablation switch changes what it names and nothing else ----
@@ -582,14 +585,20 @@ def test_command_line_switches_reach_the_model_and_the_loss():
                             "--se-position", "block", "--se-reduction", "2", "--cmn-expansion",
                             "3", "--cmn-no-residual", "--cra-act", "relu", "--cra-no-bn",
                             "--loss-weights", "1,1", "--fd-grouping", "paper"])
-    assert m.model_overrides(args) == {
+    overrides, losses = m.settings(args)
+    assert overrides == {
         "se": False, "cmn": False, "cra": False, "se_position": "block", "se_reduction": 2,
         "cmn_expansion": 3, "cmn_residual": False, "cra_act": "relu", "cra_bn": False}
-    assert m.loss_settings(args) == {"lambda_cfd": 0.0, "lambda_ifd": 0.0, "weights": (1.0, 1.0),
-                                     "grouping": "paper"}
+    assert losses == {"lambda_cfd": 0.0, "lambda_ifd": 0.0, "weights": (1.0, 1.0),
+                      "grouping": "paper"}
     args, _ = m.parse_args([])
-    assert m.loss_settings(args) == {"lambda_cfd": 0.015, "lambda_ifd": 0.015,
-                                     "weights": (0.3, 0.7), "grouping": "selfreg"}
+    assert m.settings(args)[1] == {"lambda_cfd": 0.015, "lambda_ifd": 0.015,
+                                   "weights": (0.3, 0.7), "grouping": "selfreg"}
+    assert args.input_norm == "standardise"  # toy data trains from scratch
+    args, _ = m.parse_args(["--data", "somewhere"])  # real data: VMamba-S weights, VM-UNet input
+    assert (args.pretrained, args.input_norm) == ("auto", "vmunet")
+    args, _ = m.parse_args(["--data", "somewhere", "--preset", "small"])
+    assert args.input_norm == "standardise"  # no weights fit the small preset
     assert args.val_fraction == 0 and args.split == "paper" and not args.vflip
 
 
