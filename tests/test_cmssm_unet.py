@@ -480,7 +480,7 @@ def test_eq11_bce_dice_per_image_on_two_different_masks():
     # -> L_Dice = 1 - (5/7 + 1/3) / 2 = 10/21 (pooled over the batch it would be 4/9)
     assert m.bce_dice_loss(logits, target).item() == pytest.approx(
         0.3 * math.log(2) + 0.7 * 10 / 21)
-    assert m.bce_dice_loss(logits, target, 1.0, 1.0).item() == pytest.approx(
+    assert m.total_loss(logits, target, weights=(1.0, 1.0))[0].item() == pytest.approx(
         math.log(2) + 10 / 21)  # VM-UNet's 1:1
     total, parts = m.total_loss(logits, target, _features())
     assert total.item() == pytest.approx(0.3 * math.log(2) + 0.7 * 10 / 21 + 0.015 * 72.5)
@@ -623,7 +623,12 @@ def test_input_scaling():
     y = m.normalise(x)
     assert y.amin(dim=(1, 2, 3)).tolist() == [0, 0] and torch.allclose(
         y.amax(dim=(1, 2, 3)), torch.tensor([255.0, 255.0]))
-    z = m.normalise(x, "standardise")
+    x = torch.zeros(2, 3, 2, 3)  # one min-max over all channels of an image, not per channel
+    x[:, 0] = torch.tensor([[0.2, 0.3, 0.4], [0.2, 0.3, 0.4]])
+    x[:, 1:] = 0.7
+    y = m.normalise(x)
+    assert y[0, 0, 0].tolist() == pytest.approx([0, 51, 102]) and torch.all(y[:, 1:] == 255)
+    z = m.normalise(x + torch.rand(2, 3, 2, 3), "standardise")
     assert torch.allclose(z.mean(dim=(2, 3)), torch.zeros(2, 3), atol=1e-5)
     assert torch.allclose(z.std(dim=(2, 3)), torch.ones(2, 3), atol=1e-5)
 
@@ -648,6 +653,25 @@ def test_augment_moves_image_and_mask_together_and_vflip_is_a_switch():
     assert out_mask[-2:, :3].all()  # h-flip then 180 degrees = a vertical flip: bottom-left
     _, with_vflip = m.VMUNetAugment(fixed_angle=180, vflip=True)(image, mask, _Always())
     assert with_vflip[:2, :3].all()  # h-flip, v-flip, 180 degrees: back to top-left
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_main_hands_the_augmentation_switches_to_the_data(monkeypatch, tmp_path):
+    seen = []
+
+    def capture(args, augment):
+        seen.append(augment)
+        raise _Stop
+
+    monkeypatch.setattr(m, "load_isic", capture)
+    for flags in ([], ["--vflip", "--vmunet-rotation"]):
+        with pytest.raises(_Stop):
+            m.main(TINY + ["--out", str(tmp_path / "x"), *flags])
+    assert (seen[0].vflip, seen[0].fixed_angle) == (False, None)
+    assert seen[1].vflip and 0 <= seen[1].fixed_angle < 360
 
 
 def _isic2017(root, counts=(("Training", 6), ("Validation", 2), ("Test_v2", 3))):
@@ -736,18 +760,33 @@ def test_cli_run_writes_every_file_and_prints_the_protocol(tmp_path, capsys):
     assert keys == set(vmunet.state_dict())
 
 
-def test_resume_follows_the_new_schedule_and_tests_the_best_weights(cli_run, tmp_path):
+def test_resume_follows_the_new_schedule_and_tests_the_best_weights(cli_run, tmp_path,
+                                                                     monkeypatch):
     out, _ = cli_run
     resumed = tmp_path / "resumed"
-    metrics = m.main(TINY + ["--epochs", "3", "--out", str(resumed), "--resume",
-                             str(out / "last.pt")])
+    losses, tested, evaluate, test_all = iter([5.0, 6.0]), {}, m.evaluate, m.test_all
+
+    def worse_every_epoch(*args, **kwargs):  # validation never beats the resumed run's best
+        if kwargs.get("with_loss"):
+            return {"loss": next(losses), "DSC": 0.0, "mIoU": 0.0}
+        return evaluate(*args, **kwargs)
+
+    def spy(model, *args):
+        tested.update({k: v.clone() for k, v in model.state_dict().items()})
+        return test_all(model, *args)
+
+    monkeypatch.setattr(m, "evaluate", worse_every_epoch)
+    monkeypatch.setattr(m, "test_all", spy)
+    m.main(TINY + ["--epochs", "3", "--out", str(resumed), "--resume", str(out / "last.pt")])
     rows = list(csv.DictReader(open(resumed / "log.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     # toy --t-max follows --epochs 3: lr(1) = 1e-5 + (3e-3 - 1e-5) (1 + cos(pi/3)) / 2
     assert float(rows[0]["lr"]) == pytest.approx(0.0022525, rel=1e-4)
-    evaluated = m.main(TINY + ["--out", str(tmp_path / "eval"), "--eval",
-                               str(resumed / "best.pt")])
-    assert evaluated["toy"] == pytest.approx(metrics["toy"])  # the test used best.pt
+    best = torch.load(resumed / "best.pt", weights_only=True)
+    last = torch.load(resumed / "last.pt", weights_only=True)
+    assert (best["epoch"], last["epoch"]) == (0, 2)  # the old run's best came along
+    assert all(torch.equal(tested[k], v) for k, v in best["model"].items())
+    assert not all(torch.equal(tested[k], v) for k, v in last["model"].items())
 
 
 def test_resume_with_an_architecture_flag_fails_with_one_line(cli_run, tmp_path):
