@@ -67,7 +67,7 @@ Reconstruction choices (open in the paper; source [switch]):
   per-channel z-scores [--input-norm]. From scratch (small preset, faint 96 px lesions, tests/
   test_cmssm_learning.py) [0, 255] leaves 1 % of each token's energy after the patch embedding's
   LayerNorm varying over the image: test DSC after 10 epochs 0.41 (VM-UNet alone 0.39), with
-  z-scores 0.89 (VM-UNet alone 0.89); CRA gates started near 1, or BCE:Dice 1:1: 0.00.
+  z-scores 0.89 (VM-UNet alone 0.89); CRA gates near 1, BCE:Dice 1:1, prior output bias: 0.00.
 Tab. 4's first row is VM-UNet as published (79.54 / 88.60 = Tab. 2), without FDLoss; its last
 equals Tab. 5's last (81.48 / 89.79), with FDLoss; the middle rows are not said (we assume with).
 VM-UNet: --no-se --no-cmn --no-cra --no-cfd --no-ifd --loss-weights 1,1 --vflip --vmunet-rotation
