@@ -848,18 +848,6 @@ def test_bad_input_exits_with_one_line(flags, culprit, tmp_path):
     assert not (tmp_path / "o").exists()  # nothing written before the inputs are checked
 
 
-def test_notebook_executes():
-    nbformat = pytest.importorskip("nbformat")
-    from nbclient import NotebookClient
-    path = ROOT / "notebooks" / "cmssm_unet.ipynb"
-    notebook = nbformat.read(path, as_version=4)
-    for cell in notebook.cells:
-        if "parameters" in cell.get("metadata", {}).get("tags", []):
-            cell.source += "\nFAST = True"
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-
-
 def test_torchrun_two_processes_on_cpu(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
