@@ -118,6 +118,7 @@ class DINConfig:
     gsa_axis: str = "channel"  # Eq. (6) "channel mean"; "global" = mean over H, W (spec 4.4)
     attn_proj: str = "budget"  # spec 4.2: q/k/v from two Linear(C, 3C); "lean" = q, kv, out
     edge_from: str = "stage"  # spec 3: edge pool on the previous stage output, or "chain"
+    num_difm: int = 4  # Tab. 6: DIFMs (and decoder levels) kept, largest maps first
 
 
 PRESETS = {
@@ -204,6 +205,11 @@ class WindowCrossAttention(nn.Module):
         pad_h, pad_w = -h % self.window, -w % self.window  # pad to whole windows
         a = to_windows(F.pad(query_map, (0, pad_w, 0, pad_h)), self.window)  # (N, T, C)
         kv = to_windows(F.pad(kv_map, (0, pad_w, 0, pad_h)), self.window)
+        mask = None
+        if pad_h or pad_w:  # padded keys get a -inf logit: every window sees only the image
+            pad = F.pad(query_map.new_zeros(1, 1, h, w), (0, pad_w, 0, pad_h), value=1.0)
+            mask = to_windows(pad, self.window).transpose(1, 2).repeat(b, 1, 1)[:, None]
+            mask = mask.masked_fill(mask > 0, float("-inf"))  # (N, 1, 1, T): 0 or -inf
         if self.proj == "budget":  # only the Q third of qkv_a and the K, V thirds of qkv_b act
             q = F.linear(self.norm_a(a), self.qkv_a.weight[:c], self.qkv_a.bias[:c])
             k, v = F.linear(self.norm_b(kv), self.qkv_b.weight[c:],
@@ -215,6 +221,8 @@ class WindowCrossAttention(nn.Module):
         bias = None
         if self.rpb_table is not None:
             bias = self.rpb_table[self.rpb_index].permute(2, 0, 1)  # (heads, T, T)
+        if mask is not None:
+            bias = mask if bias is None else bias + mask  # (N, heads, T, T)
         attended = window_attention(heads(q), heads(k), heads(v), bias)  # (N, heads, T, d)
         attended = attended.transpose(1, 2).flatten(2)  # (N, T, C)
         if self.proj == "lean":
@@ -334,11 +342,14 @@ class DINet(nn.Module):
         super().__init__()
         self.cfg = cfg
         single = cfg.inputs in ("i", "e") or cfg.fusion == "input"
-        self.enc_i = ConvNeXtEncoder(cfg, in_channels=6 if cfg.fusion == "input" else 3)
-        self.enc_e = None if single else ConvNeXtEncoder(cfg)
+        # Tab. 6: fewer DIFMs drop the smallest maps first; their stages feed nothing (ours)
+        dims, depths = cfg.dims[:cfg.num_difm], cfg.depths[:cfg.num_difm]
+        enc_cfg = replace(cfg, dims=dims, depths=depths)
+        self.enc_i = ConvNeXtEncoder(enc_cfg, in_channels=6 if cfg.fusion == "input" else 3)
+        self.enc_e = None if single else ConvNeXtEncoder(enc_cfg)
         self.difm = nn.ModuleList(ConcatFusion(c) if cfg.fusion == "concat" and not single
-                                  else DIFM(c, cfg, single_image=single) for c in cfg.dims)
-        self.decoder = MLPDecoder(cfg.dims, cfg.decoder_dim, num_classes, cfg.fuse_kernel,
+                                  else DIFM(c, cfg, single_image=single) for c in dims)
+        self.decoder = MLPDecoder(dims, cfg.decoder_dim, num_classes, cfg.fuse_kernel,
                                   cfg.decoder_dropout)
 
     def forward(self, image, enhanced):
@@ -457,6 +468,8 @@ def load_convnext_weights(encoder, state):
         if match:
             source[f"edge.{int(match[1]) - 1}.{match[2]}"] = source[key]
     own = encoder.state_dict()
+    if source.get("stem.0.weight", own["stem.0.weight"]).shape != own["stem.0.weight"].shape:
+        source.pop("stem.0.bias", None)  # the stem conv stays random as a whole (ours)
     loaded = {k: source[k] for k, v in own.items() if k in source and source[k].shape == v.shape}
     encoder.load_state_dict({**own, **loaded})
     return list(loaded), [k for k in own if k not in loaded]
@@ -507,9 +520,9 @@ def loss_dice(logits, target, squared=True, smooth=1e-5):
     squared=True is the base code's form (sum x^2 + sum y^2); False is Eq. (8) as printed.
     """
     x, y = logits.softmax(dim=1), one_hot(target, logits.shape[1])  # (B, K, H, W)
-    intersection = (x * y).sum(dim=(0, 2, 3))  # (K,)
-    denominator = ((x * x) if squared else x).sum(dim=(0, 2, 3)) + y.sum(dim=(0, 2, 3))
-    # Eq. (8)  L_Dice = 1 - 1/C sum_c 2 sum_i x_ic y_ic / (sum_i x_ic + sum_i y_ic)
+    intersection = (x * y).sum(dim=(0, 2, 3))  # (K,), sums pooled over the batch (MERIT)
+    denominator = (x ** (2 if squared else 1)).sum(dim=(0, 2, 3)) + y.sum(dim=(0, 2, 3))
+    # Eq. (8)  L_Dice = 1 - 1/C sum_c 2 sum_i x_ic y_ic / (sum_i x_ic + sum_i y_ic)  (x^1: printed)
     return 1 - ((2 * intersection + smooth) / (denominator + smooth)).mean()
 
 
@@ -519,26 +532,32 @@ def sobel(x):
     return F.conv2d(x, kernels, padding=1, groups=x.shape[1]).unflatten(1, (x.shape[1], 2))
 
 
-def boundary_l1(prob, y, scales=BOUNDARY_SCALES):
-    """Multi-scale gradient difference of probabilities and one-hot labels (B, K, H, W)."""
+def boundary_l1(prob, y, scales=BOUNDARY_SCALES, reduction="mean"):
+    """Multi-scale gradient difference of probabilities and one-hot labels (B, K, H, W).
+
+    "mean": per scale, mean |.| over batch, classes and pixels of G_H plus that of G_V (spec 6,
+    ours); "sum": the L1 norm of Eq. (9) literally, summed per image, mean over the batch.
+    """
     loss = 0.0
     for i in scales:  # average pooling with an i x i kernel: 1, 1/2, 1/4 of the size
-        diff = (sobel(F.avg_pool2d(prob, i)) - sobel(F.avg_pool2d(y, i))).abs()
-        loss = loss + diff.mean(dim=(0, 1, 3, 4)).sum()  # mean |.| of G_H plus that of G_V
+        diff = (sobel(F.avg_pool2d(prob, i)) - sobel(F.avg_pool2d(y, i))).abs()  # (B, K, 2, ..)
+        per_image = diff.sum(dim=(1, 3, 4)) if reduction == "sum" else diff.mean(dim=(1, 3, 4))
+        loss = loss + per_image.sum(dim=1).mean()  # G_H plus G_V, then mean over the batch
     return loss
 
 
-def loss_boundary(logits, target, scales=BOUNDARY_SCALES):
+def loss_boundary(logits, target, scales=BOUNDARY_SCALES, reduction="mean"):
     """Multi-scale boundary loss (Sec. 3.2.1, supplement Sec. 10) on softmax vs one-hot."""
     x, y = logits.softmax(dim=1), one_hot(target, logits.shape[1])
     # Eq. (9)  L_bnd = sum_{i in 1,2,4} |G(avg(x, i)) - G(avg(y, i))|_1
-    return boundary_l1(x, y, scales)
+    return boundary_l1(x, y, scales, reduction)
 
 
-def total_loss(logits, target, use_boundary=True, squared_dice=True):
+def total_loss(logits, target, use_boundary=True, squared_dice=True, bnd_reduction="mean"):
     """Eq. (10) with alpha = 0.3, beta = 0.7; returns (loss, dict of the parts)."""
+    bnd = loss_boundary(logits, target, reduction=bnd_reduction) if use_boundary else None
     parts = {"ce": loss_ce(logits, target), "dice": loss_dice(logits, target, squared_dice),
-             "bnd": loss_boundary(logits, target) if use_boundary else logits.new_zeros(())}
+             "bnd": logits.new_zeros(()) if bnd is None else bnd}
     alpha, beta = LOSS_WEIGHTS
     loss = alpha * parts["ce"] + beta * parts["dice"] + parts["bnd"]  # Eq. (10)
     return loss, parts
@@ -548,41 +567,50 @@ def total_loss(logits, target, use_boundary=True, squared_dice=True):
 
 
 @functools.lru_cache(maxsize=8)
-def fuzzy_memberships(height, width, m=2, n=2, gamma=4.0, full_grid=False):
-    """Fuzzy windows W_ij as memberships w_ij (I, J, H, W) summing to 1 at every pixel (spec 2.3).
+def fuzzy_memberships(height, width, m=2, n=2, gamma=4.0, patrascu=False):
+    """Fuzzy windows W_ij as memberships w_ij (I, J, H, W) (spec 2.3).
 
-    Bernstein polynomials of degree m (rows) and n (columns) raised to gamma and normalised; the
-    reference code keeps windows i < m, j < n, Patrascu all (m+1) x (n+1) (full_grid).
+    Bernstein polynomials of degree m (rows) and n (columns), raised to gamma and divided by
+    their sum. The reference code keeps windows i < m, j < n and divides by the sum + 1e-5,
+    which leaves the memberships near 0 along the bottom and right edges, where every kept
+    window's polynomial vanishes; Patrascu keeps all (m+1) x (n+1) windows, an exact partition.
     """
     def bernstein(size, degree):
         t = np.arange(size) / size
-        count = degree + 1 if full_grid else degree
         return np.stack([math.comb(degree, i) * t ** i * (1 - t) ** (degree - i)
-                         for i in range(count)])  # (windows, size)
-    raw = bernstein(height, m)[:, None, :, None] * bernstein(width, n)[None, :, None, :]
-    raw = raw ** gamma
-    return raw / raw.sum(axis=(0, 1), keepdims=True)
+                         for i in range(degree + 1 if patrascu else degree)])  # (windows, size)
+    raw = (bernstein(height, m)[:, None, :, None] * bernstein(width, n)[None, :, None, :]) ** gamma
+    return raw / (raw.sum(axis=(0, 1), keepdims=True) + (0.0 if patrascu else 1e-5))
 
 
-def fuzzy_enhance(image, m=2, n=2, gamma=4.0, sigma_u=math.sqrt(1 / 3), eps=1e-6,
-                  patrascu=False, rescale=True):
-    """Fuzzy image enhancement of ref. [36] (Patrascu), as reconstructed in spec 2.
+def fuzzy_enhance(image, m=2, n=2, gamma=4.0, eps=1 / 255, patrascu=False, saturated="exclude",
+                  sigma_u=math.sqrt(1 / 3), max_gain=8.0, rescale=True):
+    """Fuzzy image enhancement of ref. [36] (Patrascu) with the reference code's arithmetic.
 
-    image (H, W) or (H, W, 3) in [0, 1] -> enhanced image of the same shape in [0, 1]. Gray levels
+    image (H, W) or (H, W, 3) in [0, 1] -> E of the same shape in [0, 1]. Gray levels u = 2x - 1
     live in (-1, 1) with the logarithmic model u (+) v = tanh(phi(u) + phi(v)), phi = atanh, so
-    everything is computed in phi-space. Colour: the window statistics come from the luminosity
-    (mean phi of r, g, b) and the same transform is applied to each channel (spec 2.6).
-    rescale=False returns E_raw before the linear map back to [0, 1].
+    everything is computed in phi-space. Colour: window statistics from the luminosity (mean
+    phi of r, g, b), the same transform on each channel (spec 2.6). Where the reference's
+    arithmetic breaks down, ours (docstring deviation 3): saturated pixels (exactly 0 or 1 in
+    every channel: CT air, MRI background) are left out of the window statistics and kept
+    as they are (saturated="clip": treated as gray levels like any other); u is clipped to
+    [-1 + eps, 1 - eps] (phi(+-1) = +-inf); a window's gain sigma_u / sigma is at most
+    max_gain, and the map back to [0, 1] stretches by at most 1 / tanh(sigma_u), so that a
+    near-constant image stays near mid-gray. rescale=False returns E_raw before that map.
     """
     image = np.asarray(image, np.float64)
     phi = np.arctanh(np.clip(2 * image - 1, -1 + eps, 1 - eps))  # gray level -> log-model space
     phi = phi[..., None] if phi.ndim == 2 else phi  # (H, W, C)
     lum = phi.mean(axis=2)  # (H, W)
+    valid = np.ones_like(lum, bool) if saturated == "clip" else (
+        (image > 0).reshape(*lum.shape, -1).any(-1) & (image < 1).reshape(*lum.shape, -1).any(-1))
+    if not valid.any():
+        return image
     w = fuzzy_memberships(*lum.shape, m, n, gamma, patrascu)  # (I, J, H, W)
-    card = w.sum(axis=(2, 3))
-    mu = (w * lum).sum(axis=(2, 3)) / card  # fuzzy mean per window (phi-space)
-    sigma = np.sqrt((w * (lum - mu[:, :, None, None]) ** 2).sum(axis=(2, 3)) / card)
-    lam, tau = sigma_u / np.maximum(sigma, 1e-12), -mu
+    card = np.maximum((w * valid).sum(axis=(2, 3)), 1e-300)
+    mu = (w * valid * lum).sum(axis=(2, 3)) / card  # fuzzy mean per window (phi-space)
+    sigma = np.sqrt((w * valid * (lum - mu[:, :, None, None]) ** 2).sum(axis=(2, 3)) / card)
+    lam, tau = sigma_u / np.maximum(sigma, sigma_u / max_gain), -mu
     # Eq. (11)  psi_ij(f) = lambda_ij (x) (f (+) tau_ij), in phi-space lambda * (phi + tau)
     psi = lam[:, :, None, None, None] * (phi[None, None] + tau[:, :, None, None, None])
     w = w[..., None]  # (I, J, H, W, 1)
@@ -593,9 +621,11 @@ def fuzzy_enhance(image, m=2, n=2, gamma=4.0, sigma_u=math.sqrt(1 / 3), eps=1e-6
     e_raw = e_raw[..., 0] if image.ndim == 2 else e_raw
     if not rescale:
         return e_raw
-    if image.ndim == 2:  # gray: [-M, M] -> [0, 1] (symmetric, as the reference code)
-        return 0.5 + 0.5 * e_raw / max(np.abs(e_raw).max(), 1e-12)
-    return (e_raw - e_raw.min()) / max(e_raw.max() - e_raw.min(), 1e-12)
+    inside = e_raw[valid]  # (pixels, [C]): the range of the enhanced support
+    centre = 0.0 if image.ndim == 2 else (inside.max() + inside.min()) / 2  # gray: symmetric
+    half = max(np.abs(inside - centre).max(), math.tanh(sigma_u))  # [-M, M] or [min, max]
+    e = 0.5 + 0.5 * (e_raw - centre) / half  # -> [0, 1]
+    return np.where(valid if image.ndim == 2 else valid[..., None], e, image)
 
 
 def histogram_equalize(image):
@@ -628,16 +658,21 @@ def clahe(image, tiles=8, clip_limit=2.0):
     return ndimage.map_coordinates(lut, np.broadcast_arrays(rows, cols, levels), order=1)
 
 
-def enhance(image, method="fuzzy", patrascu=False):
-    """The enhanced image E of a (H, W) or (H, W, 3) image in [0, 1] (Tab. 4: fuzzy, HE, CLAHE)."""
+def enhance(image, method="fuzzy", **fuzzy):
+    """E of a (H, W) or (H, W, 3) image in [0, 1] (Tab. 4: fuzzy, HE, CLAHE), as 8-bit levels.
+
+    Training and testing both call this, so both see E quantised the same way (spec 2.7).
+    `fuzzy`: keyword arguments of fuzzy_enhance (m, n, gamma, eps, patrascu).
+    """
     if method == "fuzzy":
-        return fuzzy_enhance(image, patrascu=patrascu)
-    if method == "none":
-        return np.asarray(image, np.float64)
-    per_channel = histogram_equalize if method == "he" else clahe
-    if image.ndim == 2:
-        return per_channel(image)
-    return np.stack([per_channel(image[..., c]) for c in range(image.shape[2])], axis=2)
+        e = fuzzy_enhance(image, **fuzzy)
+    elif method == "none":
+        e = np.asarray(image, np.float64)
+    else:
+        per_channel = histogram_equalize if method == "he" else clahe
+        e = (per_channel(image) if image.ndim == 2 else
+             np.stack([per_channel(image[..., c]) for c in range(image.shape[2])], axis=2))
+    return np.round(np.clip(e, 0, 1) * 255).astype(np.uint8)
 
 
 def random_rotate_flip(arrays, rng):
@@ -656,13 +691,13 @@ def random_rotate_flip(arrays, rng):
     return [np.ascontiguousarray(a) for a in arrays]
 
 
-def image_tensor(image, size, binary):
+def image_tensor(image, size, binary, resize="bilinear"):
     """(H, W) or (H, W, 3) float in [0, 1] -> (3, S, S): gray repeated (no normalisation, as
     MERIT), colour normalised with ImageNet mean and std like the shared binary loaders."""
     x = torch.from_numpy(np.ascontiguousarray(image, np.float32))
     x = x[None].expand(3, -1, -1) if x.dim() == 2 else x.permute(2, 0, 1)
     if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        x = F.interpolate(x[None], size=(size, size), mode=resize, align_corners=False)[0]
     if binary:
         x = (x - torch.tensor(common.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
             common.IMAGENET_STD).view(3, 1, 1)
@@ -677,9 +712,11 @@ class DualImageDataset(torch.utils.data.Dataset):
     {'image', 'enhanced': (3, S, S), 'mask': (S, S) int64, 'index'}.
     """
 
-    def __init__(self, base, size, method="fuzzy", augment=False, binary=False, patrascu=False):
+    def __init__(self, base, size, method="fuzzy", augment=False, binary=False, fuzzy=None,
+                 resize="bilinear", seed=0):
         self.base, self.size, self.method, self.augment = base, size, method, augment
-        self.binary, self.patrascu = binary, patrascu
+        self.binary, self.fuzzy, self.resize = binary, fuzzy or {}, resize
+        self.rng = random.Random(seed)  # augmentation draws (common.make_loader reseeds it)
         self.reader = common.VolumeDataset(base.files) if hasattr(base, "files") else None
         self.names, self.cache = base.names, {}
 
@@ -698,18 +735,17 @@ class DualImageDataset(torch.utils.data.Dataset):
     def enhanced(self, index, image):
         """E of sample `index` (cached as uint8, so an epoch does not recompute it)."""
         if index not in self.cache:
-            e = enhance(image, self.method, self.patrascu)
-            self.cache[index] = np.round(np.clip(e, 0, 1) * 255).astype(np.uint8)
+            self.cache[index] = enhance(image, self.method, **self.fuzzy)
         return self.cache[index] / 255.0
 
     def __getitem__(self, index):
         image, label = self.raw(index)
         e = self.enhanced(index, image)
         if self.augment:
-            image, e, label = random_rotate_flip([image, e, label], random)
+            image, e, label = random_rotate_flip([image, e, label], self.rng)
         label = common.resize_mask(label, self.size)
-        return {"image": image_tensor(image, self.size, self.binary),
-                "enhanced": image_tensor(e, self.size, self.binary),
+        return {"image": image_tensor(image, self.size, self.binary, self.resize),
+                "enhanced": image_tensor(e, self.size, self.binary, self.resize),
                 "mask": torch.from_numpy(np.ascontiguousarray(label)).long(), "index": index}
 
 
@@ -730,24 +766,45 @@ def class_names(args, task):
 # ==== 8. Train, evaluate, predict ====
 
 
-def train_one_epoch(model, loader, optimizer, args, device, show=True):
+def amp_setup(device, enabled, dtype=None):
+    """--amp: (autocast dtype, gradient scaler). bf16 where the device supports it; else fp16
+    with a scaler, because the blocks' layer scale (1e-6) makes their gradients (~1e-9)
+    underflow fp16 without one (fc1 and conv_dw would get exact zeros)."""
+    if dtype is None:
+        cuda_fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        dtype = torch.float16 if cuda_fp16 else torch.bfloat16
+    return dtype, torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16)
+
+
+def train_step(model, batch, optimizer, args, device, amp):
+    """One optimisation step on a batch; `amp` = amp_setup(...). Returns the loss terms."""
+    image, enhanced = batch["image"].to(device), batch["enhanced"].to(device)
+    target = batch["mask"].to(device)  # (B, S, S) class indices
+    num_classes = common.unwrap(model).decoder.linear_pred.out_channels
+    if int(target.max()) >= num_classes:
+        common.fail(f"--data {args.data}: label value {int(target.max())} in a training mask, "
+                    f"but the task has {num_classes} classes (labels 0..{num_classes - 1})")
+    dtype, scaler = amp
+    with torch.autocast(device.type, dtype=dtype, enabled=args.amp):
+        logits = model(image, enhanced)  # (B, K, S, S)
+    loss, parts = total_loss(logits.float(), target, not args.no_bnd, not args.dice_eq8,
+                             args.bnd_reduction)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+
+
+def train_one_epoch(model, loader, optimizer, args, device, amp, show=True):
     """One pass over the training slices; returns the mean of each loss term."""
     model.train()
     sums, count = dict.fromkeys(("loss", "ce", "dice", "bnd"), 0.0), 0
-    autocast_type = torch.float16 if device.type == "cuda" else torch.bfloat16
     for step, batch in enumerate(common.progress(loader, "train", show)):
         if args.limit_batches and step >= args.limit_batches:
             break
-        image, enhanced = batch["image"].to(device), batch["enhanced"].to(device)
-        target = batch["mask"].to(device)  # (B, S, S) class indices
-        with torch.autocast(device.type, dtype=autocast_type, enabled=args.amp):
-            logits = model(image, enhanced)  # (B, K, S, S)
-        loss, parts = total_loss(logits.float(), target, not args.no_bnd, not args.dice_eq8)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for key, value in (("loss", loss), *parts.items()):
-            sums[key] += value.item()
+        for key, value in train_step(model, batch, optimizer, args, device, amp).items():
+            sums[key] += value
         count += 1
     return {k: v / max(count, 1) for k, v in sums.items()}
 
@@ -757,17 +814,18 @@ def predict(model, images, args, device, binary=False):
     """Softmax probabilities (n, K, S, S) at img_size for a list of images (H, W[, 3]) in [0, 1];
     E is made from each image at its own size (spec 2.7), then both are resized."""
     model.eval()
-    image = torch.stack([image_tensor(i, args.img_size, binary) for i in images]).to(device)
-    enhanced = torch.stack([image_tensor(enhance(i, args.enhance, args.fuzzy_patrascu),
-                                         args.img_size, binary) for i in images]).to(device)
-    return model(image, enhanced).softmax(dim=1).float().cpu()
+    image = torch.stack([image_tensor(i, args.img_size, binary, args.resize) for i in images])
+    enhanced = torch.stack([image_tensor(enhance(i, args.enhance, **fuzzy_options(args)) / 255,
+                                         args.img_size, binary, args.resize) for i in images])
+    return model(image.to(device), enhanced.to(device)).softmax(dim=1).float().cpu()
 
 
 def predict_labels(model, volume, args, device):
     """Label volume (D, H, W): slices predicted at img_size, argmax, back to H x W nearest
     (TransUNet's test, spec 9; common.predict_volume cannot pass the second image E)."""
-    labels = [predict(model, list(volume[d:d + 8]), args, device).argmax(dim=1).numpy()
-              for d in range(0, len(volume), 8)]
+    step = args.batch_size
+    labels = [predict(model, list(volume[d:d + step]), args, device).argmax(dim=1).numpy()
+              for d in range(0, len(volume), step)]
     return np.stack([common.resize_mask(p, 0, volume.shape[1:]) for p in np.concatenate(labels)])
 
 
@@ -841,12 +899,47 @@ def predict_folder(model, folder, out, args, device):
 # ==== 9. Command line ====
 
 SWITCHES = ("inputs", "fusion", "attn", "cross_attn", "merge", "gsa", "gsa_axis", "attn_proj",
-            "edge_from")  # DINConfig fields that the command line sets (the ablations)
+            "edge_from", "rel_pos_bias", "num_difm", "decoder_dropout")  # DINConfig fields
+FUZZY = ("fuzzy_m", "fuzzy_n", "fuzzy_gamma", "fuzzy_eps", "fuzzy_patrascu")  # fuzzy_enhance's
 
 
 def model_switches(args):
     """The ablation switches of the command line as DINConfig fields."""
     return {name: getattr(args, name) for name in SWITCHES}
+
+
+def fuzzy_options(args):
+    """The --fuzzy-* flags as keyword arguments of fuzzy_enhance (empty for other methods)."""
+    if args.enhance != "fuzzy":
+        return {}
+    return {name[len("fuzzy_"):]: getattr(args, name) for name in FUZZY}
+
+
+def check_switches(args, explicit):
+    """One clear line for a switch that the other switches make meaningless (never ignored)."""
+    single = args.inputs in ("i", "e") or args.fusion == "input"
+    difm_flags = ("attn", "cross_attn", "merge", "gsa", "gsa_axis", "attn_proj", "edge_from",
+                  "rel_pos_bias")
+    rules = [  # (flags given, condition, why they do nothing)
+        (difm_flags, args.fusion == "concat", "--fusion concat replaces the DIFM"),
+        (("inputs",), args.fusion != "difm" and args.inputs != "ie",
+         f"--fusion {args.fusion} fuses I and E"),
+        (("attn",), single, "one encoder (--inputs i/e, --fusion input) has one direction"),
+        (("attn", "attn_proj", "rel_pos_bias"), not args.cross_attn,
+         "--no-cross-attn removes the attention"),
+        (("edge_from",), not args.merge, "--no-merge leaves the edge maps unused"),
+        (("gsa_axis",), not args.gsa, "--no-gsa removes the gate"),
+        (("bnd_reduction",), args.no_bnd, "--no-bnd removes L_bnd"),
+        (FUZZY, args.enhance != "fuzzy", f"--enhance {args.enhance} is not fuzzy"),
+        (("enhance", *FUZZY), args.inputs in ("i", "ii") and args.fusion == "difm",
+         f"--inputs {args.inputs} never uses E"),
+    ]
+    for flags, condition, why in rules:
+        given = [f for f in flags if f in explicit]
+        if condition and given:
+            common.fail(f"--{given[0].replace('_', '-')} conflicts: {why}")
+    if not 1 <= args.num_difm <= 4:
+        common.fail(f"--num-difm must be 1..4 (got {args.num_difm})")
 
 
 def bench(args, run, explicit):
@@ -857,21 +950,20 @@ def bench(args, run, explicit):
                    args.batch_size if "batch_size" in explicit else PAPER_RECIPE["batch_size"])
     model = build_model(preset, 9, **model_switches(args)).to(run.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    image = torch.rand(batch, 3, size, size, device=run.device)
-    target = torch.randint(0, 9, (batch, size, size), device=run.device)
+    batch_data = {"image": torch.rand(batch, 3, size, size), "mask": torch.randint(0, 9, (
+        batch, size, size))}
+    batch_data["enhanced"], amp = batch_data["image"], amp_setup(run.device, args.amp)
+    image = batch_data["image"].to(run.device)
 
-    def train_step():
+    def train_step_():
         model.train()
-        loss, _ = total_loss(model(image, image), target, not args.no_bnd)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, batch_data, optimizer, args, run.device, amp)
 
     def infer_step():
         with torch.no_grad():
             model.eval()(image, image)
 
-    return common.benchmark(model, train_step, infer_step, batch, run.device,
+    return common.benchmark(model, train_step_, infer_step, batch, run.device,
                             repeats=3 if run.device.type == "cuda" else 1, preset=preset,
                             img_size=size, split_M=parameter_split(model))
 
@@ -887,7 +979,12 @@ def parse_args(argv):
     add("--enhance", choices=["fuzzy", "he", "clahe", "none"], default="fuzzy",
         help="how E is made (paper: fuzzy [36]; Tab. 4: he, clahe; none: E = I)")
     add("--fuzzy-patrascu", action="store_true",
-        help="Patrascu's (m+1)x(n+1) windows and log-model sum (spec 2.5)")
+        help="Patrascu's algorithm: (m+1)x(n+1) windows, exact partition, log-model sum")
+    add("--fuzzy-m", type=int, default=2, help="fuzzy window grid, rows (reference: 2)")
+    add("--fuzzy-n", type=int, default=2, help="fuzzy window grid, columns (reference: 2)")
+    add("--fuzzy-gamma", type=float, default=4.0, help="membership exponent (reference: 4)")
+    add("--fuzzy-eps", type=float, default=1 / 255,
+        help="gray levels u = 2x - 1 clipped to +-(1 - eps) (ours: half a gray level)")
     add("--inputs", choices=["ie", "i", "e", "ii"], default="ie",
         help="encoder inputs (paper: ie; Tab. 4: only I, only E, I + I)")
     add("--fusion", choices=["difm", "concat", "input"], default="difm",
@@ -903,14 +1000,27 @@ def parse_args(argv):
         help="q/k/v projections (paper budget: budget; spec 4.2)")
     add("--edge-from", choices=["stage", "chain"], default="stage",
         help="input of the edge pools (spec 3)")
+    add("--no-rel-pos-bias", dest="rel_pos_bias", action="store_false",
+        help="window attention without Swin's relative position bias (not in the paper)")
+    add("--num-difm", type=int, default=4, help="DIFMs kept, smallest maps dropped (Tab. 6)")
+    add("--decoder-dropout", type=float, default=0.1, help="before the last 1x1 (SegFormer)")
+    add("--resize", choices=["bilinear", "bicubic"], default="bilinear",
+        help="image resizing (MERIT: cubic spline)")
+    add("--official-split", action="store_true",
+        help="binary data: the layout's own split (paper: random 80:10:10, Sec. 7.6)")
     add("--no-bnd", action="store_true", help="train without L_bnd (Tabs. 3, 8)")
+    add("--bnd-reduction", choices=["mean", "sum"], default="mean",
+        help="L_bnd per pixel (ours) or the L1 norm per image (Eq. 9 literally)")
     add("--dice-eq8", action="store_true",
         help="Dice loss as Eq. (8) prints it (default: squared denominator, as MERIT)")
     add("--weight-decay", type=float, default=WEIGHT_DECAY,
         help=f"AdamW weight decay (paper: not stated; MERIT: {WEIGHT_DECAY})")
-    args = parser.parse_args(argv)
-    explicit = {k for k in PAPER_RECIPE if getattr(args, k) is not None}
-    return common.finish_args(args, PAPER_RECIPE, TOY_RECIPE), explicit
+    unset = object()  # argparse keeps an attribute that is already there: flags given replace it
+    probe = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    explicit = {k for k, v in vars(probe).items() if v is not unset}
+    args = common.finish_args(parser.parse_args(argv), PAPER_RECIPE, TOY_RECIPE)
+    check_switches(args, explicit)
+    return args, explicit
 
 
 def main(argv=None):
@@ -926,7 +1036,7 @@ def main(argv=None):
     checkpoint = None
     if args.eval or args.resume or args.checkpoint:  # the weights bring their own settings
         checkpoint = common.load_checkpoint(args.eval or args.resume or args.checkpoint, "dinet")
-        for key in ("task", "enhance", "fuzzy_patrascu", "img_size", "seed", *SWITCHES):
+        for key in ("task", "enhance", *FUZZY, "resize", "img_size", "seed", *SWITCHES):
             if key in checkpoint["config"] and key not in explicit:
                 setattr(args, key, checkpoint["config"][key])
         args.preset, args.preset_reason = checkpoint["preset"], "the checkpoint's"
@@ -980,7 +1090,7 @@ def main(argv=None):
         return metrics
     binary = args.task == "binary"
     train_set = DualImageDataset(data["train"], args.img_size, args.enhance, True, binary,
-                                 args.fuzzy_patrascu)
+                                 fuzzy_options(args), args.resize, args.seed)
     if args.workers > 0:  # fill the E cache before the workers fork, so that they share it
         for i in range(len(train_set)):
             train_set.enhanced(i, train_set.raw(i)[0])
@@ -988,11 +1098,12 @@ def main(argv=None):
     val_loader = None
     if data["val"] is not None:
         val_set = DualImageDataset(data["val"], args.img_size, args.enhance, False, binary,
-                                   args.fuzzy_patrascu)
+                                   fuzzy_options(args), args.resize)
         val_loader = common.make_loader(val_set, args.batch_size, False, args.workers)
     if run.distributed:  # ablations without merge leave the edge pools unused
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    amp = amp_setup(run.device, args.amp)
     start, best = 0, -1.0
     if args.resume:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -1009,7 +1120,7 @@ def main(argv=None):
         started = time.perf_counter()
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        losses = train_one_epoch(model, loader, optimizer, args, run.device, run.is_main)
+        losses = train_one_epoch(model, loader, optimizer, args, run.device, amp, run.is_main)
         val_dice = (validate(common.unwrap(model), val_loader, num_classes, run.device)
                     if val_loader is not None else math.nan)
         improved = (math.isnan(val_dice) or val_dice > best  # no validation set: keep the last

@@ -91,6 +91,84 @@ def test_eq3_adds_the_projected_query():
     assert out.shape == (1, 4, 4, 4) and torch.allclose(out, torch.full_like(out, 3.0))
 
 
+def randomise(module, seed=0):
+    """Distinct random values in every parameter (also LayerNorm and bias terms)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    return module
+
+
+def unpadded_window_attention(attn, query_map, kv_map):
+    """Each window attends over its in-image tokens only, gathered without any padding."""
+    b, c, h, w = query_map.shape
+    win, out = attn.window, torch.zeros_like(query_map)
+    for r0 in range(0, h, win):
+        for c0 in range(0, w, win):
+            rows, cols = range(r0, min(r0 + win, h)), range(c0, min(c0 + win, w))
+            idx = torch.tensor([(r - r0) * win + (q - c0) for r in rows for q in cols])
+            grab = lambda m: m[:, :, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].flatten(2)  # noqa
+            a, kv = grab(query_map).transpose(1, 2), grab(kv_map).transpose(1, 2)  # (B, t, C)
+            q = attn.norm_a(a) @ attn.qkv_a.weight[:c].T + attn.qkv_a.bias[:c]
+            kv_proj = attn.norm_b(kv) @ attn.qkv_b.weight[c:].T + attn.qkv_b.bias[c:]
+            k, v = kv_proj[..., :c], kv_proj[..., c:]
+            split = lambda t: t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # noqa
+            logits = split(q) @ split(k).transpose(-2, -1) / math.sqrt(c // attn.heads)
+            if attn.rpb_table is not None:
+                logits = logits + attn.rpb_table[attn.rpb_index[idx][:, idx]].permute(2, 0, 1)
+            f = (logits.softmax(-1) @ split(v)).transpose(1, 2).flatten(2) + q  # (B, t, C)
+            out[:, :, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = f.transpose(1, 2).unflatten(
+                2, (len(rows), len(cols)))
+    return out
+
+
+@pytest.mark.parametrize("rel_pos_bias", [True, False])
+def test_padded_windows_equal_attention_over_the_image_tokens_only(rel_pos_bias):
+    attn = randomise(dinet.WindowCrossAttention(4, window=4, head_dim=2,
+                                                rel_pos_bias=rel_pos_bias))
+    torch.manual_seed(1)  # 6 x 5 maps: padded to 8 x 8, three of four windows are partial
+    query_map, kv_map = torch.randn(2, 4, 6, 5), torch.randn(2, 4, 6, 5)
+    with torch.no_grad():
+        got, expected = attn(query_map, kv_map), unpadded_window_attention(attn, query_map, kv_map)
+    assert got.shape == (2, 4, 6, 5)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_rel_pos_bias_switch_removes_only_the_table_and_changes_the_output():
+    with_bias = dinet.build_model("tiny", 4)
+    without = dinet.build_model("tiny", 4, rel_pos_bias=False)
+    removed = set(with_bias.state_dict()) - set(without.state_dict())
+    assert removed and all(k.endswith("rpb_table") for k in removed)
+    assert not set(without.state_dict()) - set(with_bias.state_dict())
+    attn = randomise(dinet.WindowCrossAttention(4, 4, 2))
+    maps = torch.randn(2, 4, 8, 4), torch.randn(2, 4, 8, 4)
+    before = attn(*maps)
+    attn.rpb_table = None
+    assert not torch.allclose(before, attn(*maps))
+
+
+@pytest.mark.parametrize("dtype, scaled, zero_share", [
+    (torch.float16, True, 0.0), (torch.bfloat16, False, 0.0), (torch.float16, False, 1.0)])
+def test_amp_block_gradients_do_not_underflow(dtype, scaled, zero_share):
+    import argparse
+    args = argparse.Namespace(amp=True, no_bnd=False, dice_eq8=False, bnd_reduction="mean",
+                              data="toy")
+    torch.manual_seed(0)
+    model = dinet.build_model("tiny", 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    amp = dinet.amp_setup(torch.device("cpu"), scaled, dtype)
+    assert amp[1].is_enabled() == scaled
+    batch = {"image": torch.rand(2, 3, 32, 24), "enhanced": torch.rand(2, 3, 32, 24),
+             "mask": torch.randint(0, 4, (2, 32, 24))}
+    dinet.train_step(model, batch, optimizer, args, torch.device("cpu"), amp)
+    block = model.enc_i.stages[0].blocks[0]  # layer scale 1e-6: gradients of about 1e-9
+    for p in (block.mlp["fc1"].weight, block.conv_dw.weight):
+        assert (p.grad == 0).float().mean().item() == zero_share  # 1.0: fp16 without a scaler
+    # amp_setup's own choice on this CPU: bf16, no scaler needed
+    assert dinet.amp_setup(torch.device("cpu"), True)[0] == torch.bfloat16
+
+
 def test_eq4_eq5_gated_ffn_by_hand():
     ffn = dinet.GatedFFN(2, kernel=3)
     with torch.no_grad():  # f1 = 1, f2 = 2 (first half, second half), fc_out = identity
@@ -165,15 +243,16 @@ def test_eq10_total_loss_weights():
 
 def test_eq11_one_window_maps_mean_to_mid_gray_and_spread_to_sigma_u():
     image = np.array([[0.25, 0.75], [0.25, 0.75]])  # u = -0.5, 0.5 -> phi = -+atanh(0.5)
-    # one window (m = n = 1, reference indexing): mu = 0, sigma = atanh(0.5), lambda = sqrt(1/3)
-    # / atanh(0.5), so psi = -+sqrt(1/3) and E_raw = tanh(-+sqrt(1/3)) = -+0.5206
-    raw = dinet.fuzzy_enhance(image, m=1, n=1, rescale=False)
-    assert raw[:, 0] == pytest.approx([-math.tanh(math.sqrt(1 / 3))] * 2, abs=1e-6)
-    assert raw[:, 1] == pytest.approx([math.tanh(math.sqrt(1 / 3))] * 2, abs=1e-6)
-    assert dinet.fuzzy_enhance(image, m=1, n=1).tolist() == [[0.0, 1.0], [0.0, 1.0]]
+    # degree 0, Patrascu's grid: one window of membership 1. mu = 0, sigma = atanh(0.5),
+    # lambda = sqrt(1/3) / atanh(0.5), so psi = -+sqrt(1/3) and E_raw = tanh(-+sqrt(1/3))
+    raw = dinet.fuzzy_enhance(image, m=0, n=0, patrascu=True, rescale=False)
+    assert raw[:, 0] == pytest.approx([-math.tanh(math.sqrt(1 / 3))] * 2, abs=1e-9)
+    assert raw[:, 1] == pytest.approx([math.tanh(math.sqrt(1 / 3))] * 2, abs=1e-9)
+    e = dinet.fuzzy_enhance(image, m=0, n=0, patrascu=True)
+    assert e == pytest.approx(np.array([[0.0, 1.0]] * 2), abs=1e-12)
 
 
-def reference_fuzzy(image, m, n, gamma, patrascu, sigma_u=math.sqrt(1 / 3), eps=1e-6):
+def reference_fuzzy(image, m, n, gamma, patrascu, sigma_u=math.sqrt(1 / 3), eps=1 / 255):
     """Eqs. (11)-(12) pixel by pixel and window by window (slow, obviously correct)."""
     h, w = image.shape
     phi = np.arctanh(np.clip(2 * image - 1, -1 + eps, 1 - eps))
@@ -186,7 +265,7 @@ def reference_fuzzy(image, m, n, gamma, patrascu, sigma_u=math.sqrt(1 / 3), eps=
                     p = math.comb(m, i) * (x / h) ** i * (1 - x / h) ** (m - i)
                     q = math.comb(n, j) * (y / w) ** j * (1 - y / w) ** (n - j)
                     raw[i, j, x, y] = (p * q) ** gamma
-    weights = raw / raw.sum(axis=(0, 1))
+    weights = raw / (raw.sum(axis=(0, 1)) + (0 if patrascu else 1e-5))
     out = np.zeros((h, w))
     for i in range(rows):
         for j in range(cols):
@@ -201,10 +280,60 @@ def reference_fuzzy(image, m, n, gamma, patrascu, sigma_u=math.sqrt(1 / 3), eps=
 @pytest.mark.parametrize("patrascu", [False, True])
 def test_eq12_matches_a_loop_over_windows(patrascu):
     image = np.random.default_rng(0).uniform(0, 1, (6, 7))
-    fast = dinet.fuzzy_enhance(image, m=2, n=2, gamma=4.0, patrascu=patrascu, rescale=False)
-    assert fast == pytest.approx(reference_fuzzy(image, 2, 2, 4.0, patrascu), abs=1e-9)
-    weights = dinet.fuzzy_memberships(6, 7, 2, 2, 4.0, patrascu)
-    assert weights.sum(axis=(0, 1)) == pytest.approx(np.ones((6, 7)))  # a fuzzy partition
+    fast = dinet.fuzzy_enhance(image, m=2, n=3, gamma=3.0, patrascu=patrascu, rescale=False)
+    assert fast == pytest.approx(reference_fuzzy(image, 2, 3, 3.0, patrascu), abs=1e-9)
+    if patrascu:  # an exact fuzzy partition
+        weights = dinet.fuzzy_memberships(6, 7, 2, 3, 3.0, patrascu)
+        assert weights.sum(axis=(0, 1)) == pytest.approx(np.ones((6, 7)))
+
+
+# A 6x7 8-bit image (a ramp with a bright disc, levels 20..235, no 0 or 255), and E / 255 as
+# computed once by the reference implementation (ivan-abboud/Image_enhancement_using_fuzzy_logic,
+# ImageEnh.py at e7f571a: n = m = 2, gamma = 4, its log-model operators with their 1e-6 and its
+# membership sum + 1e-5; run as published but with np.float -> float, output before uint8).
+GOLDEN_IMAGE = [[30, 55, 80, 105, 130, 155, 180], [40, 65, 150, 175, 200, 165, 190],
+                [50, 75, 160, 185, 210, 175, 200], [60, 85, 170, 195, 220, 185, 210],
+                [70, 95, 180, 205, 230, 195, 220], [80, 105, 130, 155, 180, 205, 230]]
+GOLDEN_E = [[0.1039, 0.3466, 0.3019, 0.0977, 0.1542, 0.3542, 0.6303],
+            [0.1983, 0.4343, 0.8041, 0.6772, 0.8619, 0.4489, 0.7343],
+            [0.1597, 0.3832, 0.7824, 0.6091, 0.8555, 0.3624, 0.6814],
+            [0.1567, 0.3428, 0.7307, 0.5702, 0.8698, 0.304, 0.6717],
+            [0.2225, 0.4089, 0.7893, 0.6986, 1.0, 0.4143, 0.8109],
+            [0.3011, 0.4883, 0.3978, 0.1525, 0.2451, 0.566, 0.8712]]
+
+
+def test_fuzzy_enhancement_matches_the_reference_golden_array():
+    image = np.array(GOLDEN_IMAGE) / 255.0
+    assert dinet.fuzzy_enhance(image) == pytest.approx(np.array(GOLDEN_E), abs=0.5 / 255)
+    levels = dinet.enhance(image).astype(int)  # what training and testing see
+    assert np.abs(levels - np.array(GOLDEN_E) * 255).max() <= 1
+    patrascu = dinet.fuzzy_enhance(image, patrascu=True)  # the other documented target
+    assert np.abs(patrascu - np.array(GOLDEN_E)).max() > 20 / 255
+
+
+@pytest.mark.parametrize("option", [{"m": 3}, {"n": 3}, {"gamma": 2.0}, {"eps": 0.05},
+                                    {"patrascu": True}, {"saturated": "clip"}])
+def test_every_fuzzy_switch_changes_e(option):
+    image = np.random.default_rng(3).uniform(0.02, 0.98, (10, 13))
+    image[:3, :4], image[3:5, :4] = 0.0, 0.004  # exact zeros and near-zeros (eps clips them)
+    assert np.abs(dinet.fuzzy_enhance(image, **option) - dinet.fuzzy_enhance(image)).max() > 0.01
+
+
+def test_zero_background_keeps_the_tissue_contrast():
+    # a CT-like slice: exact-zero air around a tissue ramp 0.3 .. 0.7
+    image = np.zeros((40, 48))
+    image[8:32, 10:38] = np.linspace(0.3, 0.7, 28)[None, :]
+    tissue = dinet.fuzzy_enhance(image)[8:32, 10:38]
+    # eps = 1e-6 gave phi(0) = -7.25 and squeezed the ramp into 0.13 of the range
+    assert tissue[:, -1].mean() - tissue[:, 0].mean() > 0.3
+    assert np.all(np.diff(tissue.mean(axis=0)) > 0)  # still a ramp, left to right
+
+
+def test_near_constant_image_stays_near_mid_gray():
+    assert dinet.fuzzy_enhance(np.full((9, 11), 0.4)) == pytest.approx(np.full((9, 11), 0.5))
+    noise = 0.5 + np.random.default_rng(0).uniform(-1, 1, (20, 24)) / 255  # +-1 gray level
+    e = dinet.fuzzy_enhance(noise)
+    assert np.abs(e - 0.5).max() < 0.1  # the sigma floor 1e-12 stretched it to [0, 1]
 
 
 def test_eq13_convnext_block_residual_by_hand():
