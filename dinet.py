@@ -41,32 +41,61 @@ Symbols (paper preset at 224x224; stage s = 1..4, C_s = 128..1024, H_s = 224 / 2
   x, y (7-9)      softmax probabilities, one-hot labels (B, K, H, W); K = 9 / 4 / 2
   lambda, tau     lam, tau per fuzzy window W_ij (Eq. 11); I_ij of Eq. 12 = membership w
 
-Deviations and the paper's gaps (spec 11), each with its switch:
-  1. No code: kernels, window 7, 32 channels per head, relative position bias, pre-attention
-     LayerNorms and the unused q/k/v thirds are the spec's budget match (--attn-proj lean).
+Protocol (Sec. 4.2, supplement 7.6; the row that applies is printed at start-up). Every row:
+AdamW lr 1e-4, constant [M], weight decay 1e-4 [M], 300 epochs, batch 3, 224 x 224, random
+rotation and flips (MERIT's draw), encoders from ImageNet ConvNeXt-B (--pretrained auto; the
+paper names no source). Tested checkpoint: best mean Dice on validation, else the last epoch.
+  Synapse  | TransUNet split: 18 train (2,211 slices) / 12 test volumes, no validation -> last
+           | epoch (MERIT picks on test) | per volume and organ: Dice, HD95 (TransUNet's test)
+  ACDC     | 70 / 10 / 20 patients (1,304 / 182 slices / 40 volumes) -> best on validation
+           | per volume and class: Dice
+  ClinicDB | 612 images, random seeded 80:10:10 -> best on validation | Dice per image, full size
+  ISIC18   | challenge's 3,694 images pooled, random seeded 80:10:10 (--official-split: its
+           | 2,594 / 100 / 1,000) -> best on validation | Dice per image, full size
+Out of scope: Tab. 4's Zero-DCE row (needs Zero-DCE's trained network), the SwinUNet, FCT and
+MERIT rows of Tabs. 5 and 8 (other networks), the EMCAD decoder of Tabs. 11-12 (a decoder
+paper of its own, beyond this file's length).
+
+Deviations and the paper's gaps (spec 11), each with its switch ([R] = our choice):
+  1. No code: kernels, window 7, 32 channels per head, pre-attention LayerNorms and the unused
+     q/k/v thirds are the spec's budget match (--attn-proj lean: q, kv, out projections); Swin's
+     relative position bias is not in the paper (--no-rel-pos-bias). Padded window tokens
+     (any size not a multiple of 7 * 8) are masked out of the keys [R].
   2. Tab. 14 prints x9 blocks in stage 3; the totals need ConvNeXt-B's 27 (build_model(depths=
      (3, 3, 9, 3)) builds the table literally). The paper's split 178 / 119.94 / 25.27 M does not
      add up; ours is 180.64 / 119.85 / 22.72 M = 323.20 M (paper 323.31 M).
-  3. Eq. (12): windows combine by an ordinary sum as the reference code does (--fuzzy-patrascu:
-     Patrascu's (m+1)x(n+1) windows and log-model sum); 2x2 windows, gamma 4, sigma_u = 1/sqrt3.
-  4. Eq. (8) has no squares; the default is the base code's (MERIT) squared form (--dice-eq8).
+  3. E (Eqs. 11-12) follows the public reference code of [36] (ivan-abboud/Image_enhancement_
+     using_fuzzy_logic; a golden array pins it): windows i < m, j < n of degree-m Bernstein
+     memberships divided by their sum + 1e-5 (they fade along the bottom and right edges),
+     ordinary sum, m = n = 2, gamma 4, sigma_u = 1/sqrt3, symmetric rescale (--fuzzy-m, -n,
+     -gamma; --fuzzy-patrascu: [36] as written, (m+1)x(n+1) windows, exact partition, log-model
+     sum). Where its arithmetic breaks, ours [R]: pixels exactly 0 or 1 are left out of the
+     window statistics and kept (--fuzzy-saturated clip), u is clipped at +-(1 - eps) (--fuzzy-
+     eps, half a gray level), gain <= 8 and stretch <= 1 / tanh(sigma_u) (near-constant images
+     stay gray). Training and testing both see E as 8-bit levels (spec 2.7).
+  4. The Dice line tagged Eq. (8) computes MERIT's squared denominator with sums pooled over
+     the batch (--dice-eq8: Eq. (8) as printed). L_bnd (Eq. 9) is a mean per pixel [R]
+     (--bnd-reduction sum: the L1 norm per image).
   5. Eq. (6) says "channel mean" (a (B, 1, H, W) gate, default); the prose speaks of channel
      weights (--gsa global: mean over H, W).
   6. Edge pools read the previous stage's output (--edge-from chain: a chain from the stem).
      Grayscale is repeated to 3 channels (MERIT learns a 1x1 conv instead; no switch).
   7. PyTorch's default initialisation, not ConvNeXt's trunc-normal(0.02): from scratch the
-     latter stalls on small models; with --pretrained the encoders are ImageNet's anyway.
-  8. Recipe gaps filled from MERIT (spec 7): constant lr, weight decay 1e-4 (--weight-decay),
-     its rotation/flip draw, no stochastic depth; best epoch on validation, else the last
-     (MERIT selects on the Synapse test set).
-  9. Toy slices are scored with VolumeMeter's "skip" convention (a class absent from a slice
+     latter stalls on small models; with --pretrained the encoders are ImageNet's anyway. The
+     ImageNet stem is 4x4: our 3x3 stem conv stays random, weight and bias.
+  8. Recipe gaps filled from MERIT (spec 7): constant lr, its rotation/flip draw, no stochastic
+     depth; images resized bilinearly (--resize bicubic, near MERIT's cubic spline); decoder
+     dropout 0.1 is SegFormer's (--decoder-dropout).
+  9. Tab. 6 removes DIFMs "smallest map first": the decoder then sees fewer levels and the
+     encoder stages that only fed them are dropped [R] (--num-difm).
+  10. --amp (not in the paper): bf16 where supported, else fp16 with a gradient scaler.
+  11. Toy slices are scored with VolumeMeter's "skip" convention (a class absent from a slice
      and its prediction does not count); real volumes with TransUNet's (spec 9).
 
 Run:
   python dinet.py                 # toy data, small preset: ~1.5 min on an idle 2-core CPU
-  OMP_NUM_THREADS=1 python dinet.py                      # the same on a busy machine
-  python dinet.py --data PATH/Synapse --pretrained auto  # paper recipe (a 48 GB GPU)
-  python dinet.py --data PATH/ACDC --inputs i            # an ablation row (Tabs. 3-5, 7, 8)
+  python dinet.py --data PATH/Synapse                    # paper recipe (a 48 GB GPU)
+  python dinet.py --data PATH/ACDC --inputs i            # an ablation row (Tabs. 3-8)
   python dinet.py --data PATH/ClinicDB --task binary     # supplement Tab. 13
   python dinet.py --eval runs/dinet/<time>/best.pt [--data PATH]
   python dinet.py --predict DIR --checkpoint best.pt --out DIR2
@@ -900,7 +929,7 @@ def predict_folder(model, folder, out, args, device):
 
 SWITCHES = ("inputs", "fusion", "attn", "cross_attn", "merge", "gsa", "gsa_axis", "attn_proj",
             "edge_from", "rel_pos_bias", "num_difm", "decoder_dropout")  # DINConfig fields
-FUZZY = ("fuzzy_m", "fuzzy_n", "fuzzy_gamma", "fuzzy_eps", "fuzzy_patrascu")  # fuzzy_enhance's
+FUZZY = ("fuzzy_m", "fuzzy_n", "fuzzy_gamma", "fuzzy_eps", "fuzzy_patrascu", "fuzzy_saturated")
 
 
 def model_switches(args):
@@ -915,7 +944,7 @@ def fuzzy_options(args):
     return {name[len("fuzzy_"):]: getattr(args, name) for name in FUZZY}
 
 
-def check_switches(args, explicit):
+def check_switches(args, explicit, flags):
     """One clear line for a switch that the other switches make meaningless (never ignored)."""
     single = args.inputs in ("i", "e") or args.fusion == "input"
     difm_flags = ("attn", "cross_attn", "merge", "gsa", "gsa_axis", "attn_proj", "edge_from",
@@ -934,10 +963,12 @@ def check_switches(args, explicit):
         (("enhance", *FUZZY), args.inputs in ("i", "ii") and args.fusion == "difm",
          f"--inputs {args.inputs} never uses E"),
     ]
-    for flags, condition, why in rules:
-        given = [f for f in flags if f in explicit]
+    for names, condition, why in rules:
+        given = [f for f in names if f in explicit]
         if condition and given:
-            common.fail(f"--{given[0].replace('_', '-')} conflicts: {why}")
+            value = getattr(args, given[0])
+            shown = f" {value}" if not isinstance(value, bool) else ""
+            common.fail(f"{flags[given[0]]}{shown} conflicts: {why}")
     if not 1 <= args.num_difm <= 4:
         common.fail(f"--num-difm must be 1..4 (got {args.num_difm})")
 
@@ -985,6 +1016,8 @@ def parse_args(argv):
     add("--fuzzy-gamma", type=float, default=4.0, help="membership exponent (reference: 4)")
     add("--fuzzy-eps", type=float, default=1 / 255,
         help="gray levels u = 2x - 1 clipped to +-(1 - eps) (ours: half a gray level)")
+    add("--fuzzy-saturated", choices=["exclude", "clip"], default="exclude",
+        help="pixels exactly 0 or 1: out of the window statistics (ours), or clipped")
     add("--inputs", choices=["ie", "i", "e", "ii"], default="ie",
         help="encoder inputs (paper: ie; Tab. 4: only I, only E, I + I)")
     add("--fusion", choices=["difm", "concat", "input"], default="difm",
@@ -1019,7 +1052,8 @@ def parse_args(argv):
     probe = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
     explicit = {k for k, v in vars(probe).items() if v is not unset}
     args = common.finish_args(parser.parse_args(argv), PAPER_RECIPE, TOY_RECIPE)
-    check_switches(args, explicit)
+    check_switches(args, explicit, {a.dest: a.option_strings[0] for a in parser._actions
+                                    if a.option_strings})
     return args, explicit
 
 

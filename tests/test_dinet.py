@@ -1,6 +1,7 @@
 """Tests of dinet.py: block shapes, one hand-checked case per equation, the paper's parameter
 budget, one optimisation step, and the command line (train, resume, eval, predict, errors)."""
 import json
+import re
 import math
 import subprocess
 import sys
@@ -510,3 +511,213 @@ def test_notebook_executes():
     notebook = nbformat.read(ROOT / "notebooks" / "dinet.ipynb", as_version=4)
     nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+
+
+# ---- wiring (Fig. 2), one test per ablation switch, reductions, gradients ----
+
+@pytest.mark.parametrize("inputs, fusion", [("ie", "difm"), ("i", "difm"), ("e", "difm"),
+                                            ("ii", "difm"), ("ie", "input")])
+def test_encoders_receive_the_images_fig2a(inputs, fusion):
+    model = dinet.build_model("tiny", 4, inputs=inputs, fusion=fusion)
+    seen = {}
+    for name in ("enc_i", "enc_e"):
+        if getattr(model, name) is not None:
+            getattr(model, name).register_forward_hook(
+                lambda m, i, o, name=name: seen.update({name: i[0]}))
+    image, enhanced = torch.rand(2, 3, 32, 24), torch.rand(2, 3, 32, 24)
+    model(image, enhanced)
+    expected = {"ie": (image, enhanced), "i": (image, None), "e": (enhanced, None),
+                "ii": (image, image)}[inputs]
+    if fusion == "input":
+        expected = (torch.cat([image, enhanced], dim=1), None)
+    assert torch.equal(seen["enc_i"], expected[0])
+    assert ("enc_e" in seen) == (expected[1] is not None)
+    if expected[1] is not None:
+        assert torch.equal(seen["enc_e"], expected[1])
+
+
+def test_every_block_receives_what_fig2_says():
+    torch.manual_seed(0)
+    model = randomise(dinet.build_model("tiny", 4), seed=5).eval()
+    seen = {}
+
+    def keep(module, name):
+        module.register_forward_hook(lambda m, i, o: seen.update({name: (i, o)}))
+    for name in ("enc_i", "enc_e", "decoder"):
+        keep(getattr(model, name), name)
+    for s, difm in enumerate(model.difm):
+        for part in ("merge_i", "merge_e", "attn_ie", "attn_ei", "ffn_ie", "ffn_ei"):
+            keep(getattr(difm, part), f"{part}{s}")
+        keep(difm, f"difm{s}")
+    for s, stage in enumerate(model.enc_i.stages):
+        keep(stage, f"stage{s}")
+    for s, edge in enumerate(model.enc_i.edge):
+        keep(edge, f"edge{s}")
+    model(torch.rand(2, 3, 32, 24), torch.rand(2, 3, 32, 24))
+    lows_i, highs_i = seen["enc_i"][1]
+    lows_e, highs_e = seen["enc_e"][1]
+    for s in range(4):
+        maps = seen[f"difm{s}"][0]  # Fig. 2a: edge and shape maps of both encoders, stage s
+        for got, want in zip(maps, (lows_i[s], highs_i[s], lows_e[s], highs_e[s])):
+            assert torch.equal(got, want)
+        m_i, m_e = seen[f"merge_i{s}"][1], seen[f"merge_e{s}"][1]  # Eq. (1), low first
+        assert torch.equal(seen[f"merge_i{s}"][0][0], torch.cat([lows_i[s], highs_i[s]], 1))
+        assert torch.equal(seen[f"merge_e{s}"][0][0], torch.cat([lows_e[s], highs_e[s]], 1))
+        q_ie, kv_ie = seen[f"attn_ie{s}"][0]  # Fig. 2b: I queries E, E queries I
+        q_ei, kv_ei = seen[f"attn_ei{s}"][0]
+        assert torch.equal(q_ie, m_i) and torch.equal(kv_ie, m_e)
+        assert torch.equal(q_ei, m_e) and torch.equal(kv_ei, m_i)
+        assert torch.equal(seen[f"ffn_ie{s}"][0][0], seen[f"attn_ie{s}"][1])
+        assert torch.equal(seen[f"ffn_ei{s}"][0][0], seen[f"attn_ei{s}"][1])
+        gate = dinet.global_spatial_attention  # Fig. 2d on each direction, then the sum
+        fused = gate(seen[f"ffn_ie{s}"][1]) + gate(seen[f"ffn_ei{s}"][1])
+        assert torch.allclose(seen[f"difm{s}"][1], fused)
+        assert torch.equal(seen["decoder"][0][0][s], seen[f"difm{s}"][1])
+    for s in range(1, 4):  # the edge pool of stage s reads stage s-1's output (spec 3)
+        assert torch.equal(seen[f"edge{s - 1}"][0][0], seen[f"stage{s - 1}"][1])
+        assert torch.equal(seen[f"stage{s}"][0][0], seen[f"stage{s - 1}"][1])
+        assert torch.equal(lows_i[s], seen[f"edge{s - 1}"][1])
+        assert torch.equal(highs_i[s], seen[f"stage{s}"][1])
+
+
+# switch -> (state-dict keys it removes, keys it adds); every ablation must change the output
+ABLATIONS = [
+    ({"inputs": "i"}, r"^enc_e\.|\.merge_e\.|\.attn_ei\.|\.ffn_ei\.", None),
+    ({"inputs": "e"}, r"^enc_e\.|\.merge_e\.|\.attn_ei\.|\.ffn_ei\.", None),
+    ({"inputs": "ii"}, None, None),
+    ({"fusion": "concat"}, r"^difm\.\d\.(?!proj)", r"^difm\.\d\.proj\."),
+    ({"fusion": "input"}, r"^enc_e\.|\.merge_e\.|\.attn_ei\.|\.ffn_ei\.", None),
+    ({"attn": "ie"}, r"\.attn_ei\.|\.ffn_ei\.", None),
+    ({"attn": "ei"}, r"\.attn_ie\.|\.ffn_ie\.", None),
+    ({"cross_attn": False}, r"\.attn_(ie|ei)\.", None),
+    ({"merge": False}, r"\.merge_[ie]\.", None),
+    ({"gsa": False}, None, None),
+    ({"gsa_axis": "global"}, None, None),
+    ({"attn_proj": "lean"}, r"\.qkv_[ab]\.", r"\.attn_(ie|ei)\.(q|kv|out)\."),
+    ({"edge_from": "chain"}, None, None),
+    ({"rel_pos_bias": False}, r"rpb_table", None),
+    ({"num_difm": 3}, r"^enc_[ie]\.(stages\.3|edge\.2)\.|^difm\.3\.|^decoder\.linear_c\.3\.", None),
+    ({"decoder_dropout": 0.5}, None, None),
+]
+
+
+@pytest.mark.parametrize("overrides, removes, adds", ABLATIONS)
+def test_each_ablation_changes_what_it_names_and_nothing_else(overrides, removes, adds):
+    torch.manual_seed(0)
+    base = dinet.build_model("tiny", 4)
+    variant = dinet.build_model("tiny", 4, **overrides)
+    old, new = base.state_dict(), variant.state_dict()
+    assert set(old) - set(new) == {k for k in old if removes and re.search(removes, k)}
+    assert set(new) - set(old) == {k for k in new if adds and re.search(adds, k)}
+    reshaped = {k for k in set(old) & set(new) if old[k].shape != new[k].shape}
+    assert reshaped <= {"enc_i.stem.0.weight", "decoder.linear_fuse.0.weight"}
+    variant.load_state_dict({**new, **{k: old[k] for k in set(old) & set(new) - reshaped}})
+    image, enhanced = torch.rand(2, 3, 32, 24), torch.rand(2, 3, 32, 24)
+    train = "decoder_dropout" in overrides  # dropout acts in training only
+    outputs = []
+    for model in (base.train(train), variant.train(train)):
+        torch.manual_seed(1)
+        outputs.append(model(image, enhanced))
+    assert not torch.allclose(*outputs)
+    if train:
+        assert torch.allclose(base.eval()(image, enhanced), variant.eval()(image, enhanced))
+
+
+@pytest.mark.parametrize("switch", ["no_bnd", "dice_eq8", "bnd_sum"])
+def test_each_loss_switch_changes_only_its_term(switch):
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 4, 12, 10), torch.randint(0, 4, (2, 12, 10))
+    _, base = dinet.total_loss(logits, target)
+    _, parts = dinet.total_loss(logits, target, use_boundary=switch != "no_bnd",
+                                squared_dice=switch != "dice_eq8",
+                                bnd_reduction="sum" if switch == "bnd_sum" else "mean")
+    named = {"no_bnd": "bnd", "dice_eq8": "dice", "bnd_sum": "bnd"}[switch]
+    for key in base:
+        assert (parts[key].item() != base[key].item()) == (key == named), key
+
+
+def test_dice_pools_the_batch_and_boundary_loss_averages_images():
+    # two different masks, uniform x = 0.5: image a all class 0, image b all class 1
+    logits, target = torch.zeros(2, 2, 2, 2), torch.stack([torch.zeros(2, 2), torch.ones(2, 2)])
+    # pooled over the batch (MERIT): per class I = 2, sum x^2 = 2, sum y = 4 -> d = 2/3
+    assert dinet.loss_dice(logits, target.long()).item() == pytest.approx(1 / 3, abs=1e-5)
+    # per image it would be 1 - (4/5 + 0) / 2 = 0.6
+    prob, y = torch.zeros(2, 1, 5, 6), torch.zeros(2, 1, 5, 6)
+    y[0, 0, 2, 3] = 1.0  # an impulse in image a only; image b is predicted exactly
+    # image a: sum |G_H| = sum |G_V| = 8 over 30 pixels; image b: 0 -> batch mean
+    assert dinet.boundary_l1(prob, y, (1,)).item() == pytest.approx(16 / 30 / 2)
+    assert dinet.boundary_l1(prob, y, (1,), "sum").item() == pytest.approx(16 / 2)
+
+
+def test_only_the_used_projection_thirds_and_both_encoders_get_gradients():
+    model = dinet.build_model("tiny", 4)
+    image = torch.rand(2, 3, 32, 24)
+    loss, _ = dinet.total_loss(model(image, torch.rand(2, 3, 32, 24)),
+                               torch.randint(0, 4, (2, 32, 24)))
+    loss.backward()
+    attn, c = model.difm[1].attn_ie, 16
+    assert attn.qkv_a.weight.grad[:c].abs().sum() > 0  # Q third of the query side
+    assert attn.qkv_a.weight.grad[c:].abs().sum() == 0  # its K, V thirds never act
+    assert attn.qkv_b.weight.grad[:c].abs().sum() == 0  # the key side's Q third neither
+    assert attn.qkv_b.weight.grad[c:].abs().sum() > 0
+    for encoder in (model.enc_i, model.enc_e):  # E's encoder learns through the DIFMs
+        assert encoder.stages[3].blocks[0].conv_dw.weight.grad.abs().sum() > 0
+
+
+def test_training_and_testing_see_the_same_enhanced_image():
+    import argparse
+    import common
+    data = dinet.DualImageDataset(common.ToyMulticlass(2, 24, seed=4), 32, "fuzzy",
+                                  fuzzy={"gamma": 3.0})
+    args = argparse.Namespace(img_size=32, enhance="fuzzy", resize="bilinear", fuzzy_m=2,
+                              fuzzy_n=2, fuzzy_gamma=3.0, fuzzy_eps=1 / 255,
+                              fuzzy_patrascu=False, fuzzy_saturated="exclude")
+    model, seen = dinet.build_model("tiny", 9), {}
+    model.register_forward_hook(lambda m, i, o: seen.update(enhanced=i[1]))
+    dinet.predict(model, [data.raw(1)[0]], args, torch.device("cpu"))
+    assert torch.equal(seen["enhanced"][0], data[1]["enhanced"])
+
+
+def test_predict_labels_runs_batch_size_slices_per_forward():
+    import argparse
+    args = argparse.Namespace(img_size=16, enhance="none", resize="bilinear", batch_size=2)
+    model, calls = dinet.build_model("tiny", 4), []
+    model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    labels = dinet.predict_labels(model, np.random.default_rng(0).uniform(0, 1, (5, 20, 18)),
+                                  args, torch.device("cpu"))
+    assert labels.shape == (5, 20, 18) and calls == [2, 2, 1]
+
+
+def test_label_value_at_or_above_k_stops_with_one_line():
+    import argparse
+    import common
+    args = argparse.Namespace(amp=False, no_bnd=False, dice_eq8=False, bnd_reduction="mean",
+                              data="DIR")
+    model = dinet.build_model("tiny", 4)
+    batch = {"image": torch.rand(2, 3, 16, 16), "enhanced": torch.rand(2, 3, 16, 16),
+             "mask": torch.randint(0, 4, (2, 16, 16))}
+    batch["mask"][1, 3, 3] = 4
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(common.UserError, match="label value 4") as error:
+        dinet.train_step(model, batch, optimizer, args, torch.device("cpu"),
+                         dinet.amp_setup(torch.device("cpu"), False))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--fusion", "concat", "--attn", "ie"], "--attn"),
+    (["--fusion", "input", "--inputs", "e"], "--inputs"),
+    (["--inputs", "i", "--attn", "ei"], "--attn"),
+    (["--no-cross-attn", "--attn-proj", "lean"], "--attn-proj"),
+    (["--no-cross-attn", "--no-rel-pos-bias"], "--no-rel-pos-bias"),
+    (["--no-merge", "--edge-from", "chain"], "--edge-from"),
+    (["--no-gsa", "--gsa", "global"], "--gsa global"),
+    (["--no-bnd", "--bnd-reduction", "sum"], "--bnd-reduction"),
+    (["--enhance", "he", "--fuzzy-gamma", "2"], "--fuzzy-gamma"),
+    (["--inputs", "ii", "--enhance", "clahe"], "--enhance"),
+    (["--num-difm", "5"], "--num-difm")])
+def test_conflicting_switches_stop_with_one_line(argv, culprit):
+    import common
+    with pytest.raises(common.UserError) as error:
+        dinet.parse_args(argv)
+    assert culprit in str(error.value) and "\n" not in str(error.value)
