@@ -18,19 +18,30 @@ Public API, by section:
                 save_checkpoint, load_checkpoint, make_loader, progress, benchmark, unwrap
   7. scan       selective_scan, selective_scan_reference, scan_backend, bench_scan
 
+Threads: every script (and this file) sets OMP_WAIT_POLICY=PASSIVE before torch is imported.
+PyTorch's OpenMP threads otherwise spin while they wait; on a machine shared with another busy
+process (a laptop's browser, a second job on a CI box) that made training steps 3-15x slower,
+and passive waiting costs nothing measurable on an idle machine. `setdefault` keeps a value the
+user exported.
+
 Command line of this file:
   python common.py toy --out DIR --kind binary|multiclass   write the toy set to disk
   python common.py bench-scan                                time the selective scan
 """
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see "Threads")
+
 import argparse
 import csv
 import datetime
 import json
 import math
-import os
+import pickle
 import random
 import re
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,8 +51,6 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-Image.MAX_IMAGE_PIXELS = None  # ISIC has >10 MP dermoscopy images; they are not decompression bombs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -774,20 +783,47 @@ def _skip(relative):
             or any(p.endswith("_roi") for p in parts[:-1]))  # PH2 colour-structure ROIs
 
 
-def find_pairs(root):
+FORMAT_FOLDERS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")  # preference order
+
+
+def _format_copies(root):
+    """Folders to skip because a sibling holds the same images in a preferred format.
+
+    The Kaggle mirror of CVC-ClinicDB ships every frame twice, under PNG/ and TIF/ (each with
+    Original/ and Ground Truth/): reading both would pair every frame twice and leak copies of
+    one frame into train and test. Returns (folders to skip, note for the log).
+    """
+    skip, notes = set(), []
+    for parent in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        copies = sorted((c for c in parent.iterdir() if c.is_dir()
+                         and c.name.lower() in FORMAT_FOLDERS),
+                        key=lambda c: FORMAT_FOLDERS.index(c.name.lower()))
+        if len(copies) > 1:
+            skip.update(copies[1:])
+            notes.append(f"the same images are under {', '.join(c.name for c in copies)}/ "
+                         f"in {parent}: reading {copies[0].name}/ only")
+    return skip, notes
+
+
+def find_pairs(root, notes=None):
     """Image/mask pairs under `root`, paired by key within a folder context, never by position.
 
-    Returns a list of dicts {key, image, masks, context} sorted naturally. Stops with one line
-    naming the file when an image has no mask, a mask has no image, or a key repeats.
-    A BUSI image with several masks (`_mask`, `_mask_1`) gets all of them (their union is used).
+    Returns a list of dicts {key, image, masks, context, instance} sorted naturally. Stops with
+    one line naming the file when an image has no mask, a mask has no image, or a key repeats.
+    A BUSI image with several masks (`_mask`, `_mask_1`) gets all of them (their union is used);
+    GlaS `_anno` masks are instance maps (`instance` True: binarised as > 0, whoever loads them).
+    Notes on what was skipped are appended to `notes`.
     """
     root = Path(root)
     if not root.is_dir():
         fail(f"data folder not found: {root}")
+    skip, format_notes = _format_copies(root)
+    if notes is not None:
+        notes.extend(format_notes)
     images, masks = {}, {}
     for path in sorted(root.rglob("*"), key=lambda p: natural_key(str(p))):
         relative = path.relative_to(root)
-        if not path.is_file() or _skip(relative):
+        if not path.is_file() or _skip(relative) or any(s in path.parents for s in skip):
             continue
         roles = [_folder_role(part) for part in relative.parts[:-1]]
         role = next((r for r in reversed(roles) if r), None)
@@ -810,8 +846,47 @@ def find_pairs(root):
     for (context, key), image in images.items():
         if (context, key) not in masks:
             fail(f"image without a mask: {image}")
+        found = masks[(context, key)]
         pairs.append({"key": key, "image": str(image), "context": context,
-                      "masks": [str(p) for p in masks[(context, key)]]})
+                      "masks": [str(p) for p in found],
+                      "instance": all(p.stem.lower().endswith("_anno") for p in found)})
+    return pairs
+
+
+def _header(path):
+    """(width, height) of an image file from its header; one line naming a broken file.
+
+    PNG, BMP and TIFF are also verified (cheap: no decoding); a JPEG must end with its EOI
+    marker, which catches the common truncated download.
+    """
+    try:
+        with Image.open(path) as image:
+            size, kind = image.size, image.format
+            if kind in ("PNG", "BMP", "TIFF"):
+                image.verify()
+        if kind == "JPEG":
+            with open(path, "rb") as f:
+                f.seek(-2, os.SEEK_END)
+                if f.read(2) != b"\xff\xd9":
+                    raise OSError("truncated JPEG (no end-of-image marker)")
+        return size
+    except Exception as error:  # PIL raises many types for broken files
+        fail(f"cannot read image {path}: {type(error).__name__}: {error}")
+
+
+def check_pairs(pairs):
+    """Open every image and mask header before training; stop at the first broken or mis-sized.
+
+    About 0.2 ms a file: 2,000 pairs take well under a few seconds.
+    """
+    for pair in pairs:
+        size = _header(pair["image"])
+        for mask in pair["masks"]:
+            mask_size = _header(mask)
+            if mask_size != size:
+                fail(f"mask {mask} is {mask_size[0]}x{mask_size[1]} but its image "
+                     f"{pair['image']} is {size[0]}x{size[1]}")
+        pair["size"] = size
     return pairs
 
 
@@ -827,13 +902,20 @@ def list_images(folder, flag="--predict"):
     return files
 
 
+SPLIT_WORDS = (("test", {"test", "testdataset"}), ("val", {"val", "valid", "validation"}),
+               ("train", {"train", "training", "traindataset"}))
+
+
 def _split_of(pair, root):
-    """('train'|'val'|'test'|None, test group name) from the path or GlaS file prefix."""
+    """('train'|'val'|'test'|None, test group name) from the path or GlaS file prefix.
+
+    The innermost folder naming a split decides, so a doubly unzipped TestDataset/TestDataset/
+    still yields the five polyp sets as groups.
+    """
     parts = Path(pair["image"]).relative_to(root).parts
-    for index, part in enumerate(parts[:-1]):
-        words = set(re.split(r"[^a-z]+", part.lower()))
-        for split, tokens in (("test", {"test", "testdataset"}), ("val", {"val", "valid",
-                              "validation"}), ("train", {"train", "training", "traindataset"})):
+    for index in reversed(range(len(parts) - 1)):
+        words = set(re.split(r"[^a-z]+", parts[index].lower()))
+        for split, tokens in SPLIT_WORDS:
             if words & tokens:
                 rest = [p for p in parts[index + 1:-1] if _folder_role(p) is None]
                 return split, (rest[0] if split == "test" and rest else "test")
@@ -844,28 +926,87 @@ def _split_of(pair, root):
     return None, None
 
 
-def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1)):
-    """Split pairs into {'train', 'val', 'test': {group: pairs}, 'source', 'official'}.
+# The layouts of datasets.md, each recognised by a folder or file name (first match wins); the
+# name tells a script which row of its protocol table applies. The generic images/ + masks/
+# layout (any other folder of pairs) comes last.
+LAYOUTS = [
+    ("pranet", r"/traindataset/(.|\n)*/testdataset/|/testdataset/(.|\n)*/traindataset/"),
+    ("pranet-test", r"/(cvc-300|cvc-colondb|etis-laribpolypdb)/"),
+    ("isic2016", r"isbi2016_isic_part1"), ("isic2017", r"isic-2017_"),
+    ("isic2018", r"isic2018_task1"), ("ph2", r"imd\d+_lesion/"),
+    ("glas", r"/(train|testa|testb)_\d+_anno\.bmp$"), ("busi", r"/malignant/"),
+    ("clinicdb", r"/ground truth/"), ("vmunet-isic", r"/val/(images|masks)/"),
+    ("kvasir", r"kvasir"),
+]
+
+
+def detect_layout(root, pairs):
+    """The name of the layout in LAYOUTS that `root` holds ('images-masks' when none fits)."""
+    root = Path(root)
+    text = "\n".join(sorted("/" + str(Path(p).relative_to(root)).lower()
+                            for pair in pairs for p in (pair["image"], pair["masks"][0])))
+    text = f"/{root.name.lower()}/\n{text}"
+    for name, pattern in LAYOUTS:
+        if re.search(pattern, text, re.MULTILINE):
+            return name
+    return "images-masks"
+
+
+def _seeded_split(pairs, fractions, rng):
+    """Shuffle `pairs` with `rng` and cut them into train/val/test by `fractions`."""
+    order = list(pairs)
+    rng.shuffle(order)
+    n_train = round(fractions[0] * len(order))
+    n_val = round(fractions[1] * len(order))
+    return {"train": order[:n_train], "val": order[n_train:n_train + n_val],
+            "test": {"test": order[n_train + n_val:]} if n_train + n_val < len(order) else {}}
+
+
+def _assert_disjoint(result):
+    """No image, and no key within one folder context, may sit in two splits."""
+    seen = {}
+    for split, pairs in [("train", result["train"]), ("val", result["val"]),
+                         *((f"test/{g}", p) for g, p in result["test"].items())]:
+        for pair in pairs:
+            context = "/".join(part for part in pair["context"].split("/")
+                               if not any(set(re.split(r"[^a-z]+", part.lower())) & tokens
+                                          for _, tokens in SPLIT_WORDS))
+            for ident in (pair["image"], (context, pair["key"])):
+                if seen.setdefault(ident, split) != split:
+                    raise AssertionError(f"{pair['image']} is in both {seen[ident]} and {split}")
+
+
+def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1), official=True,
+                    all_test=False):
+    """Split pairs into {'train', 'val', 'test': {group: pairs}, 'source', 'official', 'layout'}.
 
     Official splits come from the layout (ISIC Training/Validation/Test folders, VM-UNet's
     train/val where 'val' is the test set, the PraNet TrainDataset/TestDataset/<set> package,
-    GlaS name prefixes). Without one, a seeded 80/10/10 split. When the layout has train and
-    test but no validation set, `val_fraction` of train is held out (0: no validation).
+    GlaS name prefixes). Without one, or with `official=False` (a paper that re-splits), a seeded
+    split by `fractions`. When the layout has train and test but no validation set,
+    `val_fraction` of train is held out (0: no validation). `all_test=True` (a folder given to
+    --eval): every pair is test data, in the layout's groups (the five polyp sets, ...).
+    Every file's header is checked first (`check_pairs`).
     """
     root = Path(root)
-    pairs = find_pairs(root)
+    notes = []
+    pairs = check_pairs(find_pairs(root, notes))
+    layout = detect_layout(root, pairs)
     tagged = [(_split_of(p, root), p) for p in pairs]
     splits = {s for (s, _), _ in tagged}
     rng = random.Random(seed)
-    if None in splits or "train" not in splits or splits == {"train"}:
-        order = list(pairs)
-        rng.shuffle(order)
-        n_train = round(fractions[0] * len(order))
-        n_val = round(fractions[1] * len(order))
-        result = {"train": order[:n_train], "val": order[n_train:n_train + n_val],
-                  "test": {"test": order[n_train + n_val:]}}
-        source = f"seeded {fractions[0]:.0%}/{fractions[1]:.0%}/{fractions[2]:.0%} split, seed {seed}"
-        official = False
+    if all_test:
+        tests = {}
+        for (split, group), pair in tagged:
+            name = group if split == "test" else split or pair["context"].split("/")[0] or "test"
+            tests.setdefault(name, []).append(pair)
+        result = {"train": [], "val": [], "test": tests}
+        source, is_official = f"every pair as test data ({len(tests)} groups)", True
+    elif not official or None in splits or "train" not in splits or splits == {"train"}:
+        result = _seeded_split(pairs, fractions, rng)
+        source = (f"seeded {fractions[0]:.0%}/{fractions[1]:.0%}/{fractions[2]:.0%} split of "
+                  f"all {len(pairs)} pairs, seed {seed}")
+        is_official = False
     else:
         train = [p for (s, _), p in tagged if s == "train"]
         val = [p for (s, _), p in tagged if s == "val"]
@@ -884,10 +1025,12 @@ def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1)):
             val, train = order[:n_val], order[n_val:]
             source += f"; {val_fraction:.0%} of train held out for validation (seed {seed})"
         result = {"train": train, "val": val, "test": tests}
-        official = True
-    if not result["train"]:
+        is_official = True
+    if not result["train"] and not all_test:
         fail(f"no training pairs found under {root}")
-    result["source"], result["official"] = source, official
+    _assert_disjoint(result)
+    source = "; ".join([source, *notes])
+    result.update(source=source, official=is_official, layout=layout)
     return result
 
 
@@ -898,12 +1041,12 @@ def find_slice_files(root):
     test/ folders of *.npz (test files are volumes). Returns None if `root` has neither layout.
     """
     root = Path(root)
-    layouts = [("train_npz", None, "test_vol_h5"), ("train", "valid", "test")]
-    for train_dir, val_dir, test_dir in layouts:
+    layouts = [("train_npz", None, ("test_vol_h5", "test_npz")), ("train", "valid", ("test",))]
+    for train_dir, val_dir, test_dirs in layouts:
         train = sorted((root / train_dir).glob("*.npz"), key=lambda p: natural_key(p.name))
         if train:
-            test_folder = root / test_dir
-            test = sorted(list(test_folder.glob("*.npz")) + list(test_folder.glob("*.h5")),
+            test = sorted([p for d in test_dirs for p in (root / d).glob("*.npz")]
+                          + [p for d in test_dirs for p in (root / d).glob("*.h5")],
                           key=lambda p: natural_key(p.name))
             val = sorted((root / val_dir).glob("*.npz")) if val_dir else []
             return {"train": train, "val": val, "test": test}
@@ -957,14 +1100,17 @@ class PairDataset(torch.utils.data.Dataset):
     def full(self, index, size_hint=None):
         """(image uint8 (H, W, 3), mask bool (H, W) or labels int64) at the original size."""
         pair = self.pairs[index]
-        image = load_image(pair["image"], size_hint)
+        image = load_image(pair["image"], size_hint)  # a JPEG may decode smaller (size_hint)
         if self.labels:
             mask = load_label_map(pair["masks"][0])
         else:
-            mask = np.logical_or.reduce([load_mask(m, self.instance) for m in pair["masks"]])
-        if mask.shape != image.shape[:2] and size_hint is None:
+            instance = self.instance or pair.get("instance", False)
+            mask = np.logical_or.reduce([load_mask(m, instance) for m in pair["masks"]])
+        width, height = pair.get("size") or image.shape[1::-1]
+        if mask.shape != (height, width) or (size_hint is None and image.shape[:2] != (height,
+                                                                                     width)):
             fail(f"mask {pair['masks'][0]} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                 f"{pair['image']} is {image.shape[1]}x{image.shape[0]}")
+                 f"{pair['image']} is {width}x{height}")
         return image, mask
 
     def __getitem__(self, index):
@@ -1215,12 +1361,16 @@ def write_toy(out, kind="binary", n=100, size=256, seed=0):
 
 
 def load_data(args, task="binary", augment=None, toy_sizes=(160, 20, 40), instance=False,
-              mean=IMAGENET_MEAN, std=IMAGENET_STD, channels=3):
-    """The train/val/test data for a run: {'train', 'val', 'test': {group: dataset}, 'source'}.
+              mean=IMAGENET_MEAN, std=IMAGENET_STD, channels=3, official=True,
+              fractions=(0.8, 0.1, 0.1)):
+    """The data of a run: {'train', 'val', 'test': {group: dataset}, 'source', 'splits',
+    'layout', 'pairs'}.
 
     `args.data` is 'toy' (built-in data) or a folder. Binary tasks read image/mask pairs
-    (`discover_splits`); multi-class tasks read TransUNet npz/h5 files (`find_slice_files`) or
-    pairs of images and label-map PNGs. Test sets of multi-class tasks are VolumeDatasets.
+    (`discover_splits`: `official=False` re-splits the layout by `fractions`); multi-class tasks
+    read TransUNet npz/h5 files (`find_slice_files`) or pairs of images and label-map PNGs. Test
+    sets of multi-class tasks are VolumeDatasets. With `args.eval` set, the folder is all test
+    data: every group in it, in full.
     """
     size, seed = args.img_size, args.seed
     if args.data == "toy":
@@ -1230,29 +1380,35 @@ def load_data(args, task="binary", augment=None, toy_sizes=(160, 20, 40), instan
         else:
             make = lambda n, s, aug: ToyMulticlass(n, size, s, aug, channels)  # noqa: E731
         return {"train": make(n_train, seed + 1, augment), "val": make(n_val, seed + 2, None),
-                "test": {"toy": make(n_test, seed + 3, None)},
+                "test": {"toy": make(n_test, seed + 3, None)}, "layout": "toy", "pairs": None,
                 "source": f"built-in {task} toy data (seed {seed})", "splits": None}
     root = Path(args.data)
     if not root.exists():
         fail(f"--data {args.data}: no such folder (give a data folder, or 'toy')")
     if not root.is_dir():
         fail(f"--data {args.data}: not a folder")
+    evaluating = bool(getattr(args, "eval", None))
     if task != "binary":
         files = find_slice_files(root)
         if files is not None:
+            if evaluating:  # every file of the folder is test data
+                files = {"train": [], "val": [], "test": files["test"] or files["train"]}
             val = SliceDataset(files["val"], size, None, channels) if files["val"] else None
             tests = {"test": VolumeDataset(files["test"])} if files["test"] else {}
+            layout = "synapse" if (root / "train_npz").is_dir() else "acdc"
             return {"train": SliceDataset(files["train"], size, augment, channels, seed),
-                    "val": val, "test": tests, "splits": None,
+                    "val": val, "test": tests, "splits": None, "layout": layout, "pairs": None,
                     "source": f"TransUNet-style slices in {root} ({len(files['train'])} train)"}
-    split = discover_splits(root, seed, getattr(args, "val_fraction", 0.1))
+    split = discover_splits(root, seed, getattr(args, "val_fraction", 0.1), fractions, official,
+                            all_test=evaluating)
     labels = task != "binary"
     make = lambda pairs, aug: PairDataset(pairs, size, aug, labels, instance, mean, std,  # noqa
                                           seed)
     return {"train": make(split["train"], augment),
             "val": make(split["val"], None) if split["val"] else None,
             "test": {g: make(p, None) for g, p in split["test"].items()},
-            "source": f"{root}: {split['source']}",
+            "source": f"{root}: {split['source']}", "layout": split["layout"],
+            "pairs": {"train": split["train"], "val": split["val"], "test": split["test"]},
             "splits": {"train": [p["image"] for p in split["train"]],
                        "val": [p["image"] for p in split["val"]],
                        "test": {g: [p["image"] for p in ps] for g, ps in split["test"].items()}}}
@@ -1260,11 +1416,12 @@ def load_data(args, task="binary", augment=None, toy_sizes=(160, 20, 40), instan
 
 # ==== 6. Run plumbing: flags, seeding, device, DDP, run folder, checkpoints ====
 
-def add_common_args(parser, paper, source):
+def add_common_args(parser, paper, source, pretrained_default="none"):
     """The command line every script shares (DESIGN.md); `paper` holds the paper's recipe values.
 
     Flags left unset are filled by `finish_args`: the paper's value with real data, the script's
-    toy value with the toy data.
+    toy value with the toy data. A script whose paper starts from pretrained weights passes
+    `pretrained_default=None`: then `--pretrained` means 'auto' with real data, 'none' on toy data.
     """
     group = parser.add_argument_group("shared flags (common.py)")
     group.add_argument("--data", default="toy", help="data folder, or 'toy' (default: toy)")
@@ -1285,8 +1442,9 @@ def add_common_args(parser, paper, source):
     group.add_argument("--checkpoint", default=None, metavar="CKPT")
     group.add_argument("--amp", action="store_true", help="mixed precision (CUDA fp16, CPU bf16)")
     group.add_argument("--bench", action="store_true", help="print one JSON line of speed, exit")
-    group.add_argument("--pretrained", default="none",
-                       help="backbone weights: auto (download), none, or a file path")
+    auto = "auto with real data, none on toy data" if pretrained_default is None else "none"
+    group.add_argument("--pretrained", default=pretrained_default,
+                       help=f"backbone weights: auto (download), none, or a file (default: {auto})")
     group.add_argument("--val-fraction", type=float, default=0.1,
                        help="share of train held out when the layout has no validation set")
     group.add_argument("--limit-batches", type=int, default=0,
@@ -1294,8 +1452,20 @@ def add_common_args(parser, paper, source):
     return parser
 
 
+def _check_writable(out):
+    """Stop with one line when the folder `out` cannot be created or written."""
+    parent = Path(out).absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"--out {out}: cannot write there ({parent} is not a writable folder)")
+
+
 def finish_args(args, paper, toy):
-    """Fill unset flags (paper values with real data, `toy` values with toy data); check them."""
+    """Fill unset flags (paper values with real data, `toy` values with toy data); check them.
+
+    Every check here runs before any data is read or any folder is made.
+    """
     args.data = "toy" if args.data in (None, "", "toy") else args.data
     defaults = toy if args.data == "toy" else paper
     for name in ("epochs", "batch_size", "lr", "img_size"):
@@ -1306,18 +1476,67 @@ def finish_args(args, paper, toy):
         args.preset_reason = "toy data" if args.data == "toy" else "real data"
     else:
         args.preset_reason = "--preset"
+    if getattr(args, "pretrained", "none") is None:
+        args.pretrained = "none" if args.data == "toy" else "auto"
     for name in ("epochs", "batch_size", "img_size"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.lr <= 0:
         fail(f"--lr must be positive (got {args.lr})")
+    if args.workers < 0:
+        fail(f"--workers must be 0 or more (got {args.workers})")
+    if not 0 <= getattr(args, "val_fraction", 0) < 1:
+        fail(f"--val-fraction must lie in [0, 1) (got {args.val_fraction})")
     if args.predict and not args.checkpoint:
         fail("--predict DIR needs --checkpoint CKPT")
+    if args.out:
+        _check_writable(args.out)
+    choose_device(args.device)  # a missing GPU is a one-line error now, not after loading data
+    return args
+
+
+def explicit_flags(parser, argv=None):
+    """The `dest` names the command line `argv` sets explicitly (not left at their defaults)."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(given))
+
+
+def adopt_config(args, checkpoint, keys, explicit, flag):
+    """Take the checkpoint's values of `keys` (and its preset); an explicit, different flag stops.
+
+    The weights only fit the architecture they were trained with, so a flag that would change it
+    is a mistake worth one clear line rather than a shape-mismatch traceback.
+    """
+    config = checkpoint.get("config", {})
+    for key in keys:
+        if key not in config:
+            continue
+        if key in explicit and getattr(args, key) != config[key]:
+            fail(f"{flag} {getattr(args, flag.lstrip('-').replace('-', '_'), '')}: "
+                 f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's "
+                 f"{config[key]} (it changes the architecture)")
+        setattr(args, key, config[key])
+    if checkpoint.get("preset"):
+        if "preset" in explicit and args.preset != checkpoint["preset"]:
+            fail(f"{flag}: --preset {args.preset} differs from the checkpoint's "
+                 f"{checkpoint['preset']}")
+        args.preset, args.preset_reason = checkpoint["preset"], "the checkpoint's"
     return args
 
 
 def seed_everything(seed):
-    """Seed Python, NumPy and PyTorch."""
+    """Seed Python, NumPy and PyTorch; each torchrun rank gets its own stream (seed + rank).
+
+    Models still start identical on every rank: DistributedDataParallel copies rank 0's weights.
+    """
+    seed = seed + int(os.environ.get("RANK", 0))
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -1325,57 +1544,284 @@ def seed_everything(seed):
 
 def choose_device(name="auto"):
     """torch.device for 'auto' (CUDA, then MPS, then CPU) or an explicit choice."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible")
+    if name == "mps" and not mps:
+        fail("--device mps: no Apple GPU (MPS) is available")
     if name == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
 
 
+# ---- Checkpoints and weight files: loading never runs code from the file ----
+
+def _plain(value):
+    """`value` with numpy numbers, paths and other objects turned into plain Python and tensors,
+    so that `torch.load(..., weights_only=True)` reads the checkpoint back."""
+    if isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, float,
+                                                                            str)):
+        return value
+    if isinstance(value, dict):
+        if all(isinstance(v, torch.Tensor) for v in value.values()):
+            return value  # a state dict: keep its type and metadata
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value) if type(value) in (list, tuple) else [
+            _plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(_plain(v) for v in value)
+    if isinstance(value, argparse.Namespace):
+        return _plain(vars(value))
+    return str(value)
+
+
 def save_checkpoint(path, state):
-    """torch.save `state` atomically: write a temporary file, fsync, then rename over `path`."""
+    """torch.save `state` atomically: a temporary file, fsync, then rename over `path`.
+
+    An interrupted save leaves `path` as it was and removes its temporary file.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(_plain(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path, script=None):
-    """Load a checkpoint dict; stop with one line if it is missing, truncated or foreign."""
+def load_checkpoint(path, script=None, flag="--checkpoint", **expect):
+    """A checkpoint of this repository, read with `weights_only=True`; one line when it is not.
+
+    `expect` names fields that must match (e.g. `stage="recon"`).
+    """
     path = Path(path)
     if not path.is_file():
-        fail(f"checkpoint not found: {path}")
+        fail(f"{flag} {path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        fail(f"{flag} {path}: not a checkpoint of this repository (it pickles "
+             f"{_first_global(error)}, which is never unpickled here)")
     except Exception as error:
-        fail(f"cannot read checkpoint {path} (truncated or not a PyTorch file): "
-             f"{type(error).__name__}")
+        fail(f"{flag} {path}: cannot read it (truncated or not a PyTorch file: "
+             f"{type(error).__name__})")
     if not isinstance(state, dict) or "model" not in state:
-        fail(f"{path} is not a checkpoint of this repository (no 'model' entry)")
+        fail(f"{flag} {path}: not a checkpoint of this repository (no 'model' entry)")
     if script and state.get("script") != script:
-        fail(f"{path} was written by {state.get('script')}, not {script}")
+        fail(f"{flag} {path}: written by {state.get('script')}, not {script}")
+    for key, wanted in expect.items():
+        if state.get(key) != wanted:
+            fail(f"{flag} {path}: its {key} is {state.get(key)!r}, expected {wanted!r}")
     return state
 
 
-def make_loader(dataset, batch_size, train, workers=0, seed=0, drop_last=False):
-    """A DataLoader; in a torchrun job the training loader shards the data across processes."""
+def _first_global(error):
+    """The class named in torch's weights-only refusal, for the one-line message."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return match.group(1) if match else "a Python object"
+
+
+class Foreign(dict):
+    """Inert stand-in for a class pickled in a published weight file (e.g. yacs' CfgNode).
+
+    It keeps what the pickle gave it (`args`, `state`, items) and runs none of the class's code.
+    """
+    origin = "?"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.args, self.kwargs, self.items_list = args, kwargs, []
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def append(self, item):
+        """Keep a list item the pickle appends."""
+        self.items_list.append(item)
+
+    def extend(self, items):
+        """Keep list items the pickle appends."""
+        self.items_list.extend(items)
+
+    def __repr__(self):
+        return f"<Foreign {self.origin}>"
+
+
+_SAFE_BUILTINS = {"set", "frozenset", "slice", "complex", "range", "bytearray", "tuple", "list",
+                  "dict", "int", "float", "str", "bool"}
+_SAFE_NUMPY = {"_reconstruct", "scalar", "ndarray", "dtype"}
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """Rebuilds tensors, numpy arrays and plain containers; every other class is a Foreign."""
+
+    def find_class(self, module, name):
+        """The real class for tensors and plain containers, a Foreign stand-in for any other."""
+        top = module.split(".")[0]
+        if top == "torch" and (name.startswith("_rebuild") or name.endswith("Storage")
+                               or name in ("Size", "device")
+                               or isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        if (module, name) in (("collections", "OrderedDict"), ("_codecs", "encode")) or (
+                module == "builtins" and name in _SAFE_BUILTINS) or (
+                top == "numpy" and name in _SAFE_NUMPY):
+            return super().find_class(module, name)
+        return type(name, (Foreign,), {"origin": f"{module}.{name}"})
+
+
+class _RestrictedPickle:
+    """A `pickle_module` for torch.load that only knows `_WeightsUnpickler`."""
+    __name__ = "restricted_pickle"
+    Unpickler = _WeightsUnpickler
+
+    @staticmethod
+    def load(file, **kwargs):
+        """pickle.load with the restricted unpickler."""
+        return _WeightsUnpickler(file, **kwargs).load()
+
+
+def load_weights(path, flag="--pretrained"):
+    """A published weight file's contents, tensors intact, without running code from the file.
+
+    `weights_only=True` first; files that pickle other objects (VMamba's yacs config, a training
+    script's argparse.Namespace) are read by a restricted unpickler that turns every such object
+    into an inert `Foreign`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        fail(f"{flag} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    except Exception as error:
+        fail(f"{flag} {path}: cannot read it ({type(error).__name__})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False,
+                          pickle_module=_RestrictedPickle)
+    except Exception as error:
+        fail(f"{flag} {path}: cannot read it ({type(error).__name__}: {error})")
+
+
+def tensor_dict(obj, keys=("model", "state_dict", "model_state_dict", "net", "params")):
+    """The name -> tensor mapping in a loaded weight file (itself, or under one of `keys`)."""
+    def is_tensors(x):
+        """True for a non-empty dict of tensors."""
+        return isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) for v in x.values())
+    if is_tensors(obj):
+        return obj
+    if isinstance(obj, dict):
+        for key in keys:
+            if is_tensors(obj.get(key)):
+                return obj[key]
+    return None
+
+
+def fetch_weights(url, filename, log, is_main=True, barrier=None):
+    """Path of `url` downloaded once into torch's hub cache (rank 0 downloads, others wait).
+
+    None, after one log line, when it cannot be had: training then starts from scratch.
+    """
+    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    reason = None
+    if is_main and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(path), progress=False)
+        except Exception as error:  # offline, proxy, HTTP error: all mean 'no weights'
+            reason = f"{type(error).__name__}: {str(error)[:80]}"
+    if barrier is not None:
+        barrier()
+    if path.exists():
+        return path
+    log(f"pretrained: cannot download {url} ({reason or 'not found'}); "
+        "training starts from scratch")
+    return None
+
+
+def load_matching(module, tensors, what, source, log, prefix=""):
+    """Load the tensors of `tensors` whose names (minus `prefix`) and shapes fit `module`.
+
+    Logs 'what: 318 of 320 tensors from SOURCE'; returns (loaded, tensors in the module).
+    """
+    own = module.state_dict()
+    fits = {}
+    for name, value in tensors.items():
+        name = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        if name in own and tuple(own[name].shape) == tuple(value.shape):
+            fits[name] = value
+    if not fits:
+        fail(f"--pretrained {source}: none of its {len(tensors)} tensors fits the {what}")
+    module.load_state_dict(fits, strict=False)
+    missing = [name for name in own if name not in fits]
+    note = f" (not in the file: {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+    log(f"{what}: {len(fits)} of {len(own)} tensors from {source}" + (note if missing else ""))
+    return len(fits), len(own)
+
+
+def set_lr(optimizer, lr):
+    """Set the learning rate of every parameter group (times the group's `lr_scale`, if any).
+
+    Scripts compute each epoch's (or step's) rate from the epoch and the total `--epochs`, so a
+    run resumed with a larger `--epochs` follows the new total's schedule from the next epoch on.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# ---- Data loaders: every worker and every rank draws its own augmentation ----
+
+def _reseed(dataset, seed, depth=0):
+    """Give `dataset` (and datasets it wraps) a fresh `rng` seeded with `seed`."""
+    if isinstance(getattr(dataset, "rng", None), random.Random):
+        dataset.rng = random.Random(seed)
+    if depth < 3:
+        for value in vars(dataset).values() if hasattr(dataset, "__dict__") else ():
+            if isinstance(value, torch.utils.data.Dataset):
+                _reseed(value, seed, depth + 1)
+
+
+def seed_worker(worker_id):
+    """DataLoader `worker_init_fn`: seed this worker from the seed PyTorch gave it.
+
+    PyTorch hands each worker base_seed + worker_id, base_seed drawn from the loader's generator,
+    so workers differ from each other while a run with the same seed repeats itself. Defined at
+    module level so that spawn/forkserver workers can unpickle it.
+    """
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    _reseed(torch.utils.data.get_worker_info().dataset, seed)
+
+
+def make_loader(dataset, batch_size, train, workers=0, seed=0, drop_last=False, context=None):
+    """A DataLoader; in a torchrun job the training loader shards the data across processes.
+
+    Augmentation draws from `dataset.rng` (a random.Random): reseeded here per rank and in every
+    worker by `seed_worker`.
+    """
+    rank = int(os.environ.get("RANK", 0))
     sampler = None
     if train and torch.distributed.is_available() and torch.distributed.is_initialized():
         sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=True, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
+    if train:
+        _reseed(dataset, seed * 1000 + rank)  # the main process's stream when workers == 0
+    generator = torch.Generator().manual_seed(seed * 1000 + rank)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
         num_workers=workers, drop_last=drop_last and train, generator=generator,
-        worker_init_fn=lambda w: seed_everything(seed * 100 + w),
+        worker_init_fn=seed_worker if workers > 0 else None,
+        multiprocessing_context=context if workers > 0 else None,
         persistent_workers=workers > 0)
 
 
@@ -1391,14 +1837,18 @@ def progress(iterable, desc, enabled=True, total=None):
                 mininterval=1.0)
 
 
+# ---- The run: folder, log, checkpoints, resume ----
+
 class Run:
     """One run: device, torchrun rank, the run folder and its files (config, log, metrics).
 
-    Only rank 0 writes files and prints; `Run.log` and the file methods are no-ops elsewhere.
+    The folder is made on the first file written, so a run stopped by bad input leaves nothing;
+    its default name `runs/<script>/<time>-<pid>` is never shared by two runs. Only rank 0
+    writes files and prints.
     """
 
     def __init__(self, args, script):
-        self.script = script
+        self.args, self.script = args, script
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.distributed = self.world > 1
@@ -1409,11 +1859,44 @@ class Run:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
         self.is_main = self.rank == 0
+        self.best, self._made = None, False
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.out = Path(args.out or Path("runs") / script / stamp)
-        if self.is_main:
-            (self.out / "predictions").mkdir(parents=True, exist_ok=True)
-        self.log_path = self.out / "log.csv"
+        name = [str(Path("runs") / script / f"{stamp}-{os.getpid()}")]
+        if self.distributed:  # every rank reads files from rank 0's folder
+            torch.distributed.broadcast_object_list(name, src=0)
+        self.fixed = bool(args.out)
+        self.path = Path(args.out) if args.out else Path(name[0])  # not made yet
+
+    @property
+    def out(self):
+        """The run folder, made (with predictions/) on first use: after the inputs are checked."""
+        return self.folder()
+
+    @property
+    def log_path(self):
+        """<out>/log.csv."""
+        return self.out / "log.csv"
+
+    def folder(self):
+        """The run folder, made now if it does not exist yet (rank 0)."""
+        if self.is_main and not self._made:
+            try:
+                if self.fixed:
+                    self.path.mkdir(parents=True, exist_ok=True)
+                else:
+                    base, n = self.path, 1
+                    while True:
+                        try:
+                            self.path.mkdir(parents=True)
+                            break
+                        except FileExistsError:  # another run took the name this very second
+                            n += 1
+                            self.path = base.with_name(f"{base.name}-{n}")
+                (self.path / "predictions").mkdir(exist_ok=True)
+            except OSError as error:
+                fail(f"--out {self.path}: cannot create the run folder ({error.strerror})")
+            self._made = True
+        return self.path
 
     def log(self, *message):
         """Print on the main process."""
@@ -1442,6 +1925,56 @@ class Run:
         """Save `state` (plus the script name) atomically as <out>/<name> on the main process."""
         if self.is_main:
             save_checkpoint(self.out / name, dict(state, script=self.script))
+
+    def restore(self, checkpoint, model, optimizer=None, scaler=None, path=None):
+        """Continue from a `--resume` checkpoint: load its states, return the next epoch.
+
+        Resumed into a new folder, the run starts with the old run's best.pt beside it (or the
+        resumed state, if there is none), so the best-so-far is never lost.
+        """
+        unwrap(model).load_state_dict(checkpoint["model"])
+        if optimizer is not None and checkpoint.get("optimizer"):
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        self.best = checkpoint.get("best")
+        source = Path(path or self.args.resume)
+        if self.is_main and not (self.out / "best.pt").exists():
+            old = source.parent / "best.pt"
+            if old.exists():
+                shutil.copyfile(old, self.out / "best.pt")
+            else:
+                save_checkpoint(self.out / "best.pt", checkpoint)
+        start = checkpoint["epoch"] + 1
+        self.log(f"resumed from {source} at epoch {start} of {self.args.epochs}")
+        return start
+
+    def end_epoch(self, epoch, row, state, score=None, higher_is_better=True):
+        """Log the epoch's row, write last.pt, and best.pt when `score` improves; True if it did.
+
+        `score` None (or nan) means no validation: best.pt is then the last epoch.
+        """
+        if score is not None and math.isnan(score):
+            score = None
+        improved = (score is None or self.best is None
+                    or (score > self.best if higher_is_better else score < self.best))
+        if improved and score is not None:
+            self.best = score
+        self.log_epoch(row)
+        self.log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in row.items()))
+        full = dict(state, epoch=epoch, best=self.best)
+        self.checkpoint("last.pt", full)
+        if improved:
+            self.checkpoint("best.pt", full)
+        self.barrier()
+        return improved
+
+    def final_weights(self, select="last"):
+        """The model weights of this run's best.pt ('best') or last.pt ('last'), for the test."""
+        state = load_checkpoint(self.out / f"{select}.pt", self.script, "test weights")
+        self.log(f"testing {select}.pt (epoch {state.get('epoch')})")
+        return state["model"]
 
     def barrier(self):
         """Wait for every process of a torchrun job."""
