@@ -475,56 +475,41 @@ class ConvNeXtEncoder(nn.Module):
         return lows, highs
 
 
-def convnext_key(name):
-    """A key of Meta's ConvNeXt checkpoint (or timm's) -> this encoder's name for it (spec 3)."""
-    for pattern, new in ((r"^module\.", ""), ("dwconv", "conv_dw"), (r"pwconv(\d)", r"mlp.fc\1"),
-                         (r"^downsample_layers\.0\.", "stem."),
-                         (r"^downsample_layers\.(\d)\.", r"stages.\1.downsample."),
-                         (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.")):
-        name = re.sub(pattern, new, name)
-    return name
-
-
-def load_convnext_weights(encoder, state):
-    """Copy ImageNet ConvNeXt weights into an encoder where names and shapes match (spec 3).
-
-    The edge pools start as copies of the main pooling layers of the same stage; the 3x3 stem
-    conv has no counterpart (the checkpoint's is 4x4) and stays random. Returns (loaded, random).
-    """
-    source = {convnext_key(k): v for k, v in state.get("model", state).items()}
-    for key in list(source):
-        match = re.match(r"stages\.([1-3])\.downsample\.(.*)", key)
+def convnext_tensors(tensors):
+    """Meta's (or timm's) ConvNeXt names -> this encoder's (spec 3); the edge pools start as
+    copies of the main pooling layer of their stage."""
+    source = {}
+    for name, value in tensors.items():
+        for pattern, new in ((r"^module\.", ""), ("dwconv", "conv_dw"),
+                             (r"pwconv(\d)", r"mlp.fc\1"), (r"^downsample_layers\.0\.", "stem."),
+                             (r"^downsample_layers\.(\d)\.", r"stages.\1.downsample."),
+                             (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.")):
+            name = re.sub(pattern, new, name)
+        source[name] = value
+        match = re.match(r"stages\.([1-3])\.downsample\.(.*)", name)
         if match:
-            source[f"edge.{int(match[1]) - 1}.{match[2]}"] = source[key]
-    own = encoder.state_dict()
-    if source.get("stem.0.weight", own["stem.0.weight"]).shape != own["stem.0.weight"].shape:
-        source.pop("stem.0.bias", None)  # the stem conv stays random as a whole (ours)
-    loaded = {k: source[k] for k, v in own.items() if k in source and source[k].shape == v.shape}
-    encoder.load_state_dict({**own, **loaded})
-    return list(loaded), [k for k in own if k not in loaded]
+            source[f"edge.{int(match[1]) - 1}.{match[2]}"] = value
+    return source
 
 
-def load_pretrained(model, spec, log):
-    """--pretrained auto|none|PATH: ImageNet ConvNeXt-B weights into every encoder."""
+def load_pretrained(model, spec, log, is_main=True, barrier=None):
+    """--pretrained auto|none|FILE: ImageNet ConvNeXt-B weights into every encoder (spec 3)."""
     if spec in (None, "", "none"):
         return
-    if spec != "auto" and not Path(spec).is_file():
-        common.fail(f"--pretrained {spec}: no such file (auto, none or a checkpoint path)")
-    try:
-        state = (torch.hub.load_state_dict_from_url(CONVNEXT_B_URL, map_location="cpu")
-                 if spec == "auto" else torch.load(spec, map_location="cpu", weights_only=False))
-    except Exception as error:  # offline machine, blocked URL, not a PyTorch file
-        if spec != "auto":
-            common.fail(f"--pretrained {spec}: cannot read it ({type(error).__name__})")
-        log(f"pretrained: cannot download {CONVNEXT_B_URL} ({type(error).__name__}); "
-            "training from scratch")
+    path = spec if spec != "auto" else common.fetch_weights(
+        CONVNEXT_B_URL, Path(CONVNEXT_B_URL).name, log, is_main, barrier)
+    if path is None:  # no download: fetch_weights said so in one line
         return
-    for encoder in [e for e in (model.enc_i, model.enc_e) if e is not None]:
-        loaded, random_init = load_convnext_weights(encoder, state if isinstance(state, dict)
-                                                    else {})
-        if not loaded:
-            common.fail(f"--pretrained {spec}: no tensor matches a ConvNeXt encoder")
-        log(f"pretrained: {len(loaded)} tensors loaded; random: {', '.join(random_init)}")
+    source = convnext_tensors(common.tensor_dict(common.load_weights(path)) or {})
+    for name, encoder in (("I", model.enc_i), ("E", model.enc_e)):
+        if encoder is None:
+            continue
+        tensors = dict(source)
+        if tensors.get("stem.0.weight", encoder.stem[0].weight).shape != encoder.stem[0].weight.shape:
+            tensors.pop("stem.0.weight"), tensors.pop("stem.0.bias", None)  # both or neither
+            log(f"encoder {name}: stem conv random, weight and bias (the file's is "
+                f"{'x'.join(map(str, source['stem.0.weight'].shape[1:]))})")
+        common.load_matching(encoder, tensors, f"encoder {name}", path, log)
 
 
 # ==== 6. Losses (Sec. 3.2, Eqs. 7-10, 15) ====
@@ -779,17 +764,42 @@ class DualImageDataset(torch.utils.data.Dataset):
 
 
 def class_names(args, task):
-    """(K, foreground class names, data set name) of the data in args.data."""
+    """(K, foreground class names) of the data in args.data."""
     if task == "binary":
-        return 2, ["fg"], "binary"
+        return 2, ["fg"]
     if args.data == "toy":
-        return 9, [n.replace(" ", "_") for n in common.TOY_CLASS_NAMES], "toy"
+        return 9, [n.replace(" ", "_") for n in common.TOY_CLASS_NAMES]
     if (Path(args.data) / "train_npz").is_dir():
-        return 9, SYNAPSE_ORGANS, "Synapse"
+        return 9, SYNAPSE_ORGANS
     if (Path(args.data) / "train").is_dir() and (Path(args.data) / "valid").is_dir():
-        return 4, ACDC_ORGANS, "ACDC"
+        return 4, ACDC_ORGANS
     common.fail(f"--data {args.data}: neither Synapse (train_npz/) nor ACDC (train/, valid/) "
                 "layout; use --task binary for image/mask folders")
+
+
+def make_loaders(data, args):
+    """Training loader (augmented, E cached before workers fork) and validation loader."""
+    binary, fuzzy = args.task == "binary", fuzzy_options(args)
+    train_set = DualImageDataset(data["train"], args.img_size, args.enhance, True, binary, fuzzy,
+                                 args.resize, args.seed)
+    if args.workers > 0:  # fill the E cache first, so that the workers share it
+        for i in range(len(train_set)):
+            train_set.enhanced(i, train_set.raw(i)[0])
+    loader = common.make_loader(train_set, args.batch_size, True, args.workers, args.seed)
+    if data["val"] is None:
+        return loader, None
+    val_set = DualImageDataset(data["val"], args.img_size, args.enhance, False, binary, fuzzy,
+                               args.resize)
+    return loader, common.make_loader(val_set, args.batch_size, False, args.workers)
+
+
+def load_fitting(model, checkpoint, flag, path):
+    """The checkpoint's weights, or one line when they do not fit this model."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:  # written by another version of the script
+        common.fail(f"--{flag} {path}: does not fit the model: "
+                    f"{str(error).splitlines()[-1].strip()}")
 
 
 # ==== 8. Train, evaluate, predict ====
@@ -850,8 +860,8 @@ def predict(model, images, args, device, binary=False):
 
 
 def predict_labels(model, volume, args, device):
-    """Label volume (D, H, W): slices predicted at img_size, argmax, back to H x W nearest
-    (TransUNet's test, spec 9; common.predict_volume cannot pass the second image E)."""
+    """Label volume (D, H, W): --batch-size slices per forward at img_size, argmax, back to
+    H x W nearest (TransUNet's test, spec 9; common.predict_volume cannot pass E)."""
     step = args.batch_size
     labels = [predict(model, list(volume[d:d + step]), args, device).argmax(dim=1).numpy()
               for d in range(0, len(volume), step)]
@@ -874,17 +884,20 @@ def evaluate(model, dataset, args, device, names, convention="transunet", out=No
                            device, binary)
             prob = F.interpolate(prob, size=label.shape, mode="bilinear")[:, 1]  # (1, H, W)
             meter.update(prob[0], label)
-            pred, label, images, stems = prob.numpy() >= 0.5, label[None], image[None], \
-                [dataset.names[i]]
+            pred, label, images = prob.numpy() >= 0.5, label[None], image[None]
+            stems = [dataset.names[i]]
         else:  # a volume (D, H, W) of slices in [0, 1]
             volume, label, name = dataset.volume(i) if hasattr(dataset, "volume") else dataset[i]
+            if int(label.max()) > len(names):
+                common.fail(f"test volume {name}: label value {int(label.max())}, but the task "
+                            f"has {len(names) + 1} classes")
             pred = predict_labels(model, volume, args, device)
             meter.update(pred, label)
             stems = [name] if len(pred) == 1 else [f"{name}_{d:03d}" for d in range(len(pred))]
             images = np.repeat((np.clip(volume, 0, 1)[..., None] * 255).astype(np.uint8), 3, -1)
         for d, stem in enumerate(stems if out is not None else []):
-            save = common.save_mask_png if binary else common.save_label_png
-            save(out / f"{stem}.png", pred[d])
+            (common.save_mask_png if binary else common.save_label_png)(out / f"{stem}.png",
+                                                                       pred[d])
             if overlays < 50:  # a few to look at
                 common.save_overlay(out / f"{stem}_overlay.png", images[d], pred[d], label[d])
                 overlays += 1
@@ -895,8 +908,23 @@ def evaluate(model, dataset, args, device, names, convention="transunet", out=No
             **{n: scores[f"dice_{n}"] * 100 for n in names}}
 
 
+def test_all(model, state, data, args, run, names):
+    """Test the weights `state` on every test group; print and save the paper's columns."""
+    common.unwrap(model).load_state_dict(state)
+    convention = "skip" if args.data == "toy" else "transunet"  # docstring point 11
+    metrics = {}
+    for group, dataset in data["test"].items():
+        metrics[group] = evaluate(common.unwrap(model), dataset, args, run.device, names,
+                                  convention, run.folder() / "predictions")
+        run.log(f"test [{group}] " + "  ".join(f"{k} {v:.2f}" for k, v in metrics[group].items()))
+    run.save_json("test_metrics.json", metrics)
+    return metrics
+
+
 def validate(model, loader, num_classes, device):
     """Mean foreground Dice over validation slices (each scored alone, 'skip' convention)."""
+    if loader is None:
+        return math.nan
     model.eval()
     meter = common.VolumeMeter(num_classes, convention="skip")
     with torch.no_grad():
@@ -907,22 +935,24 @@ def validate(model, loader, num_classes, device):
     return meter.compute()["mean_dice"]
 
 
-def predict_folder(model, folder, out, args, device):
-    """--predict: one PNG per image file in `folder` (label map, or 0/255 mask for binary)."""
-    files = common.list_images(folder)
+def predict_folder(model, args, run):
+    """--predict: one PNG per image file (label map, or 0/255 mask for binary); returns the
+    folder and the count."""
+    files = common.list_images(args.predict)
+    out = Path(args.out) if args.out else run.folder() / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     binary = args.task == "binary"
     for path in files:
         rgb = common.load_image(path)  # (H, W, 3) uint8; gray models see the channel mean
         image = common.resize_image(rgb, args.img_size) / 255.0 if binary else rgb.mean(2) / 255
-        prob = predict(model, [image], args, device, binary)  # (1, K, S, S)
+        prob = predict(model, [image], args, run.device, binary)  # (1, K, S, S)
         if binary:
             prob = F.interpolate(prob, size=rgb.shape[:2], mode="bilinear")
             common.save_mask_png(out / f"{path.stem}.png", prob[0, 1].numpy() >= 0.5)
         else:
             labels = common.resize_mask(prob[0].argmax(0).numpy(), 0, rgb.shape[:2])
             common.save_label_png(out / f"{path.stem}.png", labels)
-    return len(files)
+    return out, len(files)
 
 
 # ==== 9. Command line ====
@@ -930,6 +960,7 @@ def predict_folder(model, folder, out, args, device):
 SWITCHES = ("inputs", "fusion", "attn", "cross_attn", "merge", "gsa", "gsa_axis", "attn_proj",
             "edge_from", "rel_pos_bias", "num_difm", "decoder_dropout")  # DINConfig fields
 FUZZY = ("fuzzy_m", "fuzzy_n", "fuzzy_gamma", "fuzzy_eps", "fuzzy_patrascu", "fuzzy_saturated")
+ADOPTED = ("task", "enhance", *FUZZY, "resize", "img_size", *SWITCHES)  # what weights fit
 
 
 def model_switches(args):
@@ -947,10 +978,9 @@ def fuzzy_options(args):
 def check_switches(args, explicit, flags):
     """One clear line for a switch that the other switches make meaningless (never ignored)."""
     single = args.inputs in ("i", "e") or args.fusion == "input"
-    difm_flags = ("attn", "cross_attn", "merge", "gsa", "gsa_axis", "attn_proj", "edge_from",
-                  "rel_pos_bias")
     rules = [  # (flags given, condition, why they do nothing)
-        (difm_flags, args.fusion == "concat", "--fusion concat replaces the DIFM"),
+        (("attn", "cross_attn", "merge", "gsa", "gsa_axis", "attn_proj", "edge_from",
+          "rel_pos_bias"), args.fusion == "concat", "--fusion concat replaces the DIFM"),
         (("inputs",), args.fusion != "difm" and args.inputs != "ie",
          f"--fusion {args.fusion} fuses I and E"),
         (("attn",), single, "one encoder (--inputs i/e, --fusion input) has one direction"),
@@ -962,7 +992,7 @@ def check_switches(args, explicit, flags):
         (FUZZY, args.enhance != "fuzzy", f"--enhance {args.enhance} is not fuzzy"),
         (("enhance", *FUZZY), args.inputs in ("i", "ii") and args.fusion == "difm",
          f"--inputs {args.inputs} never uses E"),
-    ]
+        (("official_split",), args.task != "binary", "only binary data sets are re-split")]
     for names, condition, why in rules:
         given = [f for f in names if f in explicit]
         if condition and given:
@@ -973,6 +1003,18 @@ def check_switches(args, explicit, flags):
         common.fail(f"--num-difm must be 1..4 (got {args.num_difm})")
 
 
+def protocol_row(args, data):
+    """The docstring's protocol row for this run's data set (printed at start-up)."""
+    name = {"synapse": "Synapse", "acdc": "ACDC", "clinicdb": "ClinicDB",
+            "isic2018": "ISIC18"}.get(data["layout"])
+    if name is None:
+        return (f"protocol: {data['layout']} is none of the paper's data sets; the paper's "
+                "recipe" if args.data != "toy" else "protocol: toy data, the demo recipe")
+    rows = __doc__.split("\nProtocol")[1].split("\nOut of scope")[0].split("\n  ")
+    return "protocol: " + " ".join(" ".join(r.split()) for r in rows
+                                    if r.startswith(name) or r.startswith(" ")).strip()
+
+
 def bench(args, run, explicit):
     """--bench: one training step and one inference on random input, at the paper preset and
     size unless --preset / --img-size / --batch-size say otherwise."""
@@ -981,41 +1023,35 @@ def bench(args, run, explicit):
                    args.batch_size if "batch_size" in explicit else PAPER_RECIPE["batch_size"])
     model = build_model(preset, 9, **model_switches(args)).to(run.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    batch_data = {"image": torch.rand(batch, 3, size, size), "mask": torch.randint(0, 9, (
-        batch, size, size))}
-    batch_data["enhanced"], amp = batch_data["image"], amp_setup(run.device, args.amp)
-    image = batch_data["image"].to(run.device)
-
-    def train_step_():
-        model.train()
-        train_step(model, batch_data, optimizer, args, run.device, amp)
+    image, amp = torch.rand(batch, 3, size, size), amp_setup(run.device, args.amp)
+    data = {"image": image, "enhanced": image, "mask": torch.randint(0, 9, (batch, size, size))}
 
     def infer_step():
         with torch.no_grad():
-            model.eval()(image, image)
+            model.eval()(image.to(run.device), image.to(run.device))
 
-    return common.benchmark(model, train_step_, infer_step, batch, run.device,
-                            repeats=3 if run.device.type == "cuda" else 1, preset=preset,
-                            img_size=size, split_M=parameter_split(model))
+    return common.benchmark(model, lambda: train_step(model.train(), data, optimizer, args,
+                                                      run.device, amp),
+                            infer_step, batch, run.device, preset=preset, img_size=size,
+                            repeats=3 if run.device.type == "cuda" else 1,
+                            split_M=parameter_split(model))
 
 
 def parse_args(argv):
-    """The shared flags plus DIN's switches; returns (args, recipe flags given explicitly)."""
+    """The shared flags plus DIN's switches; returns (args, the flags given explicitly)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(parser, PAPER_RECIPE, "Sec. 4.2")
-    group = parser.add_argument_group("DIN switches (Tabs. 3-5, 7, 8; spec 11)")
-    add = group.add_argument
+    common.add_common_args(parser, PAPER_RECIPE, "Sec. 4.2", pretrained_default=None)
+    add = parser.add_argument_group("DIN switches (Tabs. 3-8; docstring deviations)").add_argument
     add("--task", choices=["multiclass", "binary"], default="multiclass",
         help="Synapse/ACDC slices, or image/mask pairs (ClinicDB, ISIC18; supplement Sec. 7.6)")
     add("--enhance", choices=["fuzzy", "he", "clahe", "none"], default="fuzzy",
         help="how E is made (paper: fuzzy [36]; Tab. 4: he, clahe; none: E = I)")
     add("--fuzzy-patrascu", action="store_true",
-        help="Patrascu's algorithm: (m+1)x(n+1) windows, exact partition, log-model sum")
+        help="[36] as written: (m+1)x(n+1) windows, exact partition, log-model sum")
     add("--fuzzy-m", type=int, default=2, help="fuzzy window grid, rows (reference: 2)")
     add("--fuzzy-n", type=int, default=2, help="fuzzy window grid, columns (reference: 2)")
     add("--fuzzy-gamma", type=float, default=4.0, help="membership exponent (reference: 4)")
-    add("--fuzzy-eps", type=float, default=1 / 255,
-        help="gray levels u = 2x - 1 clipped to +-(1 - eps) (ours: half a gray level)")
+    add("--fuzzy-eps", type=float, default=1 / 255, help="u clipped to +-(1 - eps) (ours)")
     add("--fuzzy-saturated", choices=["exclude", "clip"], default="exclude",
         help="pixels exactly 0 or 1: out of the window statistics (ours), or clipped")
     add("--inputs", choices=["ie", "i", "e", "ii"], default="ie",
@@ -1031,10 +1067,10 @@ def parse_args(argv):
         help="Eq. (6) mean over channels or over H, W (paper: channel; spec 4.4)")
     add("--attn-proj", choices=["budget", "lean"], default="budget",
         help="q/k/v projections (paper budget: budget; spec 4.2)")
-    add("--edge-from", choices=["stage", "chain"], default="stage",
-        help="input of the edge pools (spec 3)")
     add("--no-rel-pos-bias", dest="rel_pos_bias", action="store_false",
         help="window attention without Swin's relative position bias (not in the paper)")
+    add("--edge-from", choices=["stage", "chain"], default="stage",
+        help="input of the edge pools (spec 3)")
     add("--num-difm", type=int, default=4, help="DIFMs kept, smallest maps dropped (Tab. 6)")
     add("--decoder-dropout", type=float, default=0.1, help="before the last 1x1 (SegFormer)")
     add("--resize", choices=["bilinear", "bicubic"], default="bilinear",
@@ -1048,9 +1084,7 @@ def parse_args(argv):
         help="Dice loss as Eq. (8) prints it (default: squared denominator, as MERIT)")
     add("--weight-decay", type=float, default=WEIGHT_DECAY,
         help=f"AdamW weight decay (paper: not stated; MERIT: {WEIGHT_DECAY})")
-    unset = object()  # argparse keeps an attribute that is already there: flags given replace it
-    probe = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
-    explicit = {k for k, v in vars(probe).items() if v is not unset}
+    explicit = common.explicit_flags(parser, argv)
     args = common.finish_args(parser.parse_args(argv), PAPER_RECIPE, TOY_RECIPE)
     check_switches(args, explicit, {a.dest: a.option_strings[0] for a in parser._actions
                                     if a.option_strings})
@@ -1064,118 +1098,62 @@ def main(argv=None):
     if args.bench:
         record = bench(args, run, explicit)
         run.log(json.dumps(record))
-        run.close()
         return record
-
-    checkpoint = None
-    if args.eval or args.resume or args.checkpoint:  # the weights bring their own settings
-        checkpoint = common.load_checkpoint(args.eval or args.resume or args.checkpoint, "dinet")
-        for key in ("task", "enhance", *FUZZY, "resize", "img_size", "seed", *SWITCHES):
-            if key in checkpoint["config"] and key not in explicit:
-                setattr(args, key, checkpoint["config"][key])
-        args.preset, args.preset_reason = checkpoint["preset"], "the checkpoint's"
-    run.log(f"dinet: preset {args.preset} ({args.preset_reason}), device {run.device}, "
-            f"data {args.data}, task {args.task}, enhancement {args.enhance}")
-    num_classes, names, dataset_name = ((checkpoint["num_classes"], checkpoint["names"], "-")
-                                        if args.predict else class_names(args, args.task))
+    checkpoint, flag = None, next((f for f in ("eval", "resume", "checkpoint")
+                                   if getattr(args, f)), None)
+    if flag:  # the weights bring the settings they were trained with
+        checkpoint = common.load_checkpoint(getattr(args, flag), "dinet", f"--{flag}")
+        common.adopt_config(args, checkpoint, ADOPTED, explicit, f"--{flag}")
+    num_classes, names = ((checkpoint["num_classes"], checkpoint["names"]) if args.predict
+                          else class_names(args, args.task))
     model = build_model(args.preset, num_classes, **model_switches(args))
-    split = parameter_split(model)
-    run.log(f"parameters (M): {split} (paper: 323.31 = 178 encoders + 119.94 DIFM + 25.27 "
-            "decoder, Sec. 4.5)")
-    if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as error:  # written by another version of the script
-            common.fail(f"checkpoint does not fit the '{args.preset}' model: "
-                        f"{str(error).splitlines()[-1].strip()}")
-    else:
-        load_pretrained(model, args.pretrained, run.log)
+    run.log(f"dinet: preset {args.preset} ({args.preset_reason}), device {run.device}, task "
+            f"{args.task}, E: {args.enhance}; parameters (M) {parameter_split(model)} (paper: "
+            "323.31 = 178 encoders + 119.94 DIFM + 25.27 decoder, Sec. 4.5)")
+    if checkpoint is not None and not args.resume:
+        load_fitting(model, checkpoint, flag, getattr(args, flag))
+    elif checkpoint is None:
+        load_pretrained(model, args.pretrained, run.log, run.is_main, run.barrier)
     model.to(run.device)
     if args.predict:
-        out = Path(args.out) if args.out else run.out / "predictions"
-        count = predict_folder(model, args.predict, out, args, run.device)
+        out, count = predict_folder(model, args, run)
         run.log(f"wrote {count} masks to {out}")
-        run.close()
         return {"predicted": count, "out": str(out)}
 
-    data = common.load_data(args, args.task, toy_sizes=TOY_SIZES)
-    if data["splits"] is not None:
-        run.save_json("splits.json", data["splits"])
+    data = common.load_data(args, args.task, toy_sizes=TOY_SIZES, fractions=(0.8, 0.1, 0.1),
+                            official=args.official_split or args.task != "binary")
     if not data["test"]:
         common.fail(f"--data {args.data}: no test files found")
-    run.log(f"data: {data['source']} ({dataset_name}); classes: {', '.join(names)}")
-    convention = "skip" if args.data == "toy" else "transunet"  # docstring point 9
-
-    def test(state):
-        """Test the weights `state` on every test group; print and save the paper's columns."""
-        common.unwrap(model).load_state_dict(state)
-        metrics = {}
-        for group, dataset in data["test"].items():
-            metrics[group] = evaluate(common.unwrap(model), dataset, args, run.device, names,
-                                      convention, run.out / "predictions")
-            run.log(f"test [{group}] " + "  ".join(f"{k} {v:.2f}"
-                                                    for k, v in metrics[group].items()))
-        run.save_json("test_metrics.json", metrics)
-        return metrics
-
+    run.log(f"data: {data['source']}; classes: {', '.join(names)}\n{protocol_row(args, data)}")
     if args.eval:
-        metrics = test(checkpoint["model"])
-        run.close()
-        return metrics
-    binary = args.task == "binary"
-    train_set = DualImageDataset(data["train"], args.img_size, args.enhance, True, binary,
-                                 fuzzy_options(args), args.resize, args.seed)
-    if args.workers > 0:  # fill the E cache before the workers fork, so that they share it
-        for i in range(len(train_set)):
-            train_set.enhanced(i, train_set.raw(i)[0])
-    loader = common.make_loader(train_set, args.batch_size, True, args.workers, args.seed)
-    val_loader = None
-    if data["val"] is not None:
-        val_set = DualImageDataset(data["val"], args.img_size, args.enhance, False, binary,
-                                   fuzzy_options(args), args.resize)
-        val_loader = common.make_loader(val_set, args.batch_size, False, args.workers)
+        return test_all(model, checkpoint["model"], data, args, run, names)
+    loader, val_loader = make_loaders(data, args)
     if run.distributed:  # ablations without merge leave the edge pools unused
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     amp = amp_setup(run.device, args.amp)
-    start, best = 0, -1.0
-    if args.resume:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start, best = checkpoint["epoch"] + 1, checkpoint["best"]
-        run.log(f"resumed from {args.resume} at epoch {start}")
-    run.save_json("config.json", {**vars(args), "preset_values": asdict(common.unwrap(model).cfg),
-                                  "num_classes": num_classes, "names": names,
-                                  "data_source": data["source"], "device": str(run.device),
-                                  "parameters_M": split})
-    run.log(f"{len(train_set)} training slices, {args.epochs} epochs, batch {args.batch_size}, "
-            f"AdamW lr {args.lr} (constant), weight decay {args.weight_decay}")
-
+    start = run.restore(checkpoint, model, optimizer, amp[1]) if args.resume else 0
+    if data["splits"] is not None:
+        run.save_json("splits.json", data["splits"])
+    run.save_json("config.json", {**vars(args), "num_classes": num_classes, "names": names,
+                                  "preset_values": asdict(common.unwrap(model).cfg)})
+    run.log(f"{len(loader.dataset)} training samples, {args.epochs} epochs, batch "
+            f"{args.batch_size}, AdamW lr {args.lr} (constant), weight decay {args.weight_decay}")
     for epoch in range(start, args.epochs):
         started = time.perf_counter()
+        common.set_lr(optimizer, args.lr)  # constant (MERIT): the same after any --resume
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         losses = train_one_epoch(model, loader, optimizer, args, run.device, amp, run.is_main)
-        val_dice = (validate(common.unwrap(model), val_loader, num_classes, run.device)
-                    if val_loader is not None else math.nan)
-        improved = (math.isnan(val_dice) or val_dice > best  # no validation set: keep the last
-                    or not (run.out / "best.pt").exists())  # resumed into a new folder
-        best = val_dice if improved else best
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": losses["loss"],
-               "ce": losses["ce"], "dice_loss": losses["dice"], "bnd": losses["bnd"],
+        val_dice = validate(common.unwrap(model), val_loader, num_classes, run.device)
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **losses,
                "val_dice": val_dice, "seconds": time.perf_counter() - started}
-        run.log_epoch(row)
-        run.log(f"epoch {epoch}: loss {losses['loss']:.4f}  val Dice {val_dice:.4f}  "
-                f"({row['seconds']:.0f} s)")
         state = {"model": common.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": None, "epoch": epoch, "best": best, "config": vars(args),
-                 "preset": args.preset, "num_classes": num_classes, "names": names}
-        run.checkpoint("last.pt", state)  # constant lr: no scheduler state
-        if improved:
-            run.checkpoint("best.pt", state)
-        run.barrier()
-    metrics = {}
-    if run.is_main:
-        metrics = test(common.load_checkpoint(run.out / "best.pt", "dinet")["model"])
+                 "scaler": amp[1].state_dict(), "config": vars(args), "preset": args.preset,
+                 "num_classes": num_classes, "names": names}
+        run.end_epoch(epoch, row, state, score=val_dice)  # no validation: best.pt = last
+    metrics = test_all(model, run.final_weights("best"), data, args, run, names) \
+        if run.is_main else {}
     run.close()
     return metrics
 

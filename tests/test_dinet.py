@@ -407,15 +407,17 @@ def test_pretrained_meta_checkpoint_loads_by_name(tmp_path):
     model = dinet.build_model("tiny", 4)
     enc = model.enc_i
     fake = {"downsample_layers.0.0.weight": torch.rand(8, 3, 4, 4),  # 4x4 stem: must be skipped
+            "downsample_layers.0.0.bias": torch.rand(8),  # ... and its bias with it
             "downsample_layers.0.1.weight": torch.rand(8),
             "downsample_layers.1.0.weight": torch.rand(8),
             "downsample_layers.1.1.weight": torch.rand(16, 8, 2, 2),
             "stages.0.0.dwconv.weight": torch.rand(8, 1, 7, 7),
             "stages.0.0.pwconv1.weight": torch.rand(32, 8),
             "stages.0.0.gamma": torch.rand(8), "head.weight": torch.rand(1000, 32)}
-    torch.save({"model": fake}, tmp_path / "convnext.pth")
-    stem_before = enc.stem[0].weight.clone()
-    dinet.load_pretrained(model, str(tmp_path / "convnext.pth"), lambda *a: None)
+    torch.save({"model": fake}, tmp_path / "convnext.pth")  # Meta's published layout
+    stem_before = [p.clone() for p in enc.stem[0].parameters()]
+    lines = []
+    dinet.load_pretrained(model, str(tmp_path / "convnext.pth"), lines.append)
     assert torch.equal(enc.stem[1].weight, fake["downsample_layers.0.1.weight"])
     assert torch.equal(enc.stages[1].downsample[1].weight, fake["downsample_layers.1.1.weight"])
     assert torch.equal(enc.edge[0][1].weight, fake["downsample_layers.1.1.weight"])
@@ -423,7 +425,9 @@ def test_pretrained_meta_checkpoint_loads_by_name(tmp_path):
     assert torch.equal(enc.stages[0].blocks[0].mlp["fc1"].weight,
                        fake["stages.0.0.pwconv1.weight"])
     assert torch.equal(model.enc_e.stages[0].blocks[0].gamma, fake["stages.0.0.gamma"])
-    assert torch.equal(enc.stem[0].weight, stem_before)
+    assert all(torch.equal(a, b) for a, b in zip(enc.stem[0].parameters(), stem_before))
+    assert any("stem conv random, weight and bias" in line for line in lines)
+    assert any(line.startswith("encoder E: ") and "tensors from" in line for line in lines)
 
 
 # ---- budget and optimisation ----
