@@ -6,13 +6,13 @@ reproduces the paper's 323.31 M parameters and 1,860 G multiply-adds.
 
 Idea: each slice I is also enhanced once by fuzzy image enhancement (E, Eqs. 11-12). Two
 ConvNeXt-B encoders with a 3x3 stride-1 stem (Eq. 13, Tab. 14) see I and E and give, per stage,
-an "edge" map (an extra 2x2 pooling) and a "shape" map (the blocks). At each of the four stages a
-dual interactive fusion module (DIFM) merges edge and shape (Eq. 1), lets I's features query E's
-and E's query I's in 7x7 windows (Eqs. 2-3), refines both with a gated FFN (Eqs. 4-5) and a
+an "edge" map (an extra 2x2 pooling) and a "shape" map (the blocks). At each stage a dual
+interactive fusion module (DIFM) merges edge and shape (Eq. 1), lets I's features query E's and
+E's query I's in 7x7 windows (Eqs. 2-3), refines both with a gated FFN (Eqs. 4-5) and a
 parameter-free global spatial attention (Eq. 6), and adds the two directions. A SegFormer MLP
 decoder (Eq. 14) predicts the mask; training adds a multi-scale Sobel boundary loss (Eqs. 9-10).
 
-Equation map:
+Equation map (metrics: common.VolumeMeter, common.PerImageMeter, called by evaluate):
   Eq. (1) -> DIFM.forward (merge_i, merge_e)
   Eq. (2) -> window_attention (called by WindowCrossAttention.forward)
   Eq. (3) -> WindowCrossAttention.forward
@@ -28,8 +28,6 @@ Equation map:
   Eq. (13) -> ConvNeXtBlock.forward
   Eq. (14) -> MLPDecoder.forward
   Eq. (15) -> SOBEL_H, SOBEL_V (applied by sobel)
-  Metrics (not numbered): Dice, HD95 per volume and organ -> common.VolumeMeter; binary Dice ->
-  common.PerImageMeter (both in evaluate).
 
 Symbols (paper preset at 224x224; stage s = 1..4, C_s = 128..1024, H_s = 224 / 2^(s-1)):
   I, E            image, enhanced (B, 3, H, W); grayscale repeated to 3 channels
@@ -41,62 +39,51 @@ Symbols (paper preset at 224x224; stage s = 1..4, C_s = 128..1024, H_s = 224 / 2
   x, y (7-9)      softmax probabilities, one-hot labels (B, K, H, W); K = 9 / 4 / 2
   lambda, tau     lam, tau per fuzzy window W_ij (Eq. 11); I_ij of Eq. 12 = membership w
 
-Protocol (Sec. 4.2, supplement 7.6; the row that applies is printed at start-up). Every row:
-AdamW lr 1e-4, constant [M], weight decay 1e-4 [M], 300 epochs, batch 3, 224 x 224, random
-rotation and flips (MERIT's draw), encoders from ImageNet ConvNeXt-B (--pretrained auto; the
-paper names no source). Tested checkpoint: best mean Dice on validation, else the last epoch.
-  Synapse  | TransUNet split: 18 train (2,211 slices) / 12 test volumes, no validation -> last
-           | epoch (MERIT picks on test) | per volume and organ: Dice, HD95 (TransUNet's test)
-  ACDC     | 70 / 10 / 20 patients (1,304 / 182 slices / 40 volumes) -> best on validation
-           | per volume and class: Dice
-  ClinicDB | 612 images, random seeded 80:10:10 -> best on validation | Dice per image, full size
-  ISIC18   | challenge's 3,694 images pooled, random seeded 80:10:10 (--official-split: its
-           | 2,594 / 100 / 1,000) -> best on validation | Dice per image, full size
-Out of scope: Tab. 4's Zero-DCE row (needs Zero-DCE's trained network), the SwinUNet, FCT and
-MERIT rows of Tabs. 5 and 8 (other networks), the EMCAD decoder of Tabs. 11-12 (a decoder
-paper of its own, beyond this file's length).
+Protocol (Sec. 4.2, supp. 7.6), printed at start-up. All rows: AdamW lr 1e-4 constant, weight
+decay 1e-4 [M], 300 epochs, batch 3, 224 x 224, MERIT's rotation/flip draw, encoders from
+ImageNet ConvNeXt-B (--pretrained auto; the paper names no source); tested: best mean Dice on
+validation, else the last epoch. [M] = MERIT, the base code; [R] = our choice.
+  Synapse  | TransUNet's 18 train (2,211 slices) / 12 test volumes, no validation: last epoch
+           | (MERIT picks on test) | per volume and organ: Dice, HD95 (TransUNet's test)
+  ACDC     | 70 / 10 / 20 patients (1,304 / 182 slices / 40 volumes) | per volume: Dice
+  ClinicDB | 612 images, random seeded 80:10:10 | Dice per image at full size
+  ISIC18   | the challenge's 3,694 images (paper: 3,594) pooled, random seeded 80:10:10
+           | (--official-split: 2,594 / 100 / 1,000) | Dice per image at full size
+Out of scope: Tab. 4's Zero-DCE row (needs its trained network), the SwinUNet, FCT and MERIT
+rows of Tabs. 5 and 8 (other networks), Tabs. 11-12's EMCAD decoder (a paper of its own).
 
-Deviations and the paper's gaps (spec 11), each with its switch ([R] = our choice):
+Deviations and gaps (spec 11), each with its switch:
   1. No code: kernels, window 7, 32 channels per head, pre-attention LayerNorms and the unused
-     q/k/v thirds are the spec's budget match (--attn-proj lean: q, kv, out projections); Swin's
-     relative position bias is not in the paper (--no-rel-pos-bias). Padded window tokens
-     (any size not a multiple of 7 * 8) are masked out of the keys [R].
+     q/k/v thirds are the spec's budget match (--attn-proj lean: q, kv, out); Swin's relative
+     position bias is not in the paper (--no-rel-pos-bias). Padded window keys are masked [R].
   2. Tab. 14 prints x9 blocks in stage 3; the totals need ConvNeXt-B's 27 (build_model(depths=
-     (3, 3, 9, 3)) builds the table literally). The paper's split 178 / 119.94 / 25.27 M does not
-     add up; ours is 180.64 / 119.85 / 22.72 M = 323.20 M (paper 323.31 M).
-  3. E (Eqs. 11-12) follows the public reference code of [36] (ivan-abboud/Image_enhancement_
-     using_fuzzy_logic; a golden array pins it): windows i < m, j < n of degree-m Bernstein
-     memberships divided by their sum + 1e-5 (they fade along the bottom and right edges),
-     ordinary sum, m = n = 2, gamma 4, sigma_u = 1/sqrt3, symmetric rescale (--fuzzy-m, -n,
-     -gamma; --fuzzy-patrascu: [36] as written, (m+1)x(n+1) windows, exact partition, log-model
-     sum). Where its arithmetic breaks, ours [R]: pixels exactly 0 or 1 are left out of the
-     window statistics and kept (--fuzzy-saturated clip), u is clipped at +-(1 - eps) (--fuzzy-
-     eps, half a gray level), gain <= 8 and stretch <= 1 / tanh(sigma_u) (near-constant images
-     stay gray). Training and testing both see E as 8-bit levels (spec 2.7).
-  4. The Dice line tagged Eq. (8) computes MERIT's squared denominator with sums pooled over
-     the batch (--dice-eq8: Eq. (8) as printed). L_bnd (Eq. 9) is a mean per pixel [R]
-     (--bnd-reduction sum: the L1 norm per image).
-  5. Eq. (6) says "channel mean" (a (B, 1, H, W) gate, default); the prose speaks of channel
-     weights (--gsa global: mean over H, W).
+     (3, 3, 9, 3)) builds the table). Ours: 180.64 / 119.85 / 22.72 M = 323.20 M (paper's
+     178 / 119.94 / 25.27 M does not add up to its 323.31 M).
+  3. E follows the public reference code of [36] (ivan-abboud/Image_enhancement_using_fuzzy_
+     logic; pinned by a golden array): windows i < m, j < n of degree-m Bernstein memberships
+     over their sum + 1e-5 (so they fade along the bottom and right edges), ordinary sum,
+     m = n = 2, gamma 4, sigma_u = 1/sqrt3, symmetric rescale (--fuzzy-m, -n, -gamma;
+     --fuzzy-patrascu: [36] as written, (m+1)x(n+1) windows, exact partition, log-model sum).
+     Where its arithmetic breaks [R]: pixels exactly 0 or 1 stay out of the window statistics
+     (--fuzzy-saturated clip), u is clipped at +-(1 - eps) (--fuzzy-eps), gain <= 8, stretch
+     <= 1 / tanh(sigma_u). Training and testing both see E as 8-bit levels (spec 2.7).
+  4. The line tagged Eq. (8) computes MERIT's squared Dice, sums pooled over the batch
+     (--dice-eq8: as printed); L_bnd (Eq. 9) is a mean per pixel [R] (--bnd-reduction sum).
+  5. Eq. (6) says "channel mean" (a (B, 1, H, W) gate); the prose speaks of channel weights
+     (--gsa global: mean over H, W).
   6. Edge pools read the previous stage's output (--edge-from chain: a chain from the stem).
-     Grayscale is repeated to 3 channels (MERIT learns a 1x1 conv instead; no switch).
-  7. PyTorch's default initialisation, not ConvNeXt's trunc-normal(0.02): from scratch the
-     latter stalls on small models; with --pretrained the encoders are ImageNet's anyway. The
-     ImageNet stem is 4x4: our 3x3 stem conv stays random, weight and bias.
-  8. Recipe gaps filled from MERIT (spec 7): constant lr, its rotation/flip draw, no stochastic
-     depth; images resized bilinearly (--resize bicubic, near MERIT's cubic spline); decoder
-     dropout 0.1 is SegFormer's (--decoder-dropout).
-  9. Tab. 6 removes DIFMs "smallest map first": the decoder then sees fewer levels and the
-     encoder stages that only fed them are dropped [R] (--num-difm).
-  10. --amp (not in the paper): bf16 where supported, else fp16 with a gradient scaler.
-  11. Toy slices are scored with VolumeMeter's "skip" convention (a class absent from a slice
-     and its prediction does not count); real volumes with TransUNet's (spec 9).
+     Grayscale is repeated to 3 channels (MERIT learns a 1x1 conv; no switch).
+  7. PyTorch's default initialisation (no switch): ConvNeXt's trunc-normal stalls on small
+     models from scratch. ImageNet's stem is 4x4: our 3x3 stem conv stays random, all of it.
+  8. From MERIT (spec 7): constant lr, its rotation/flip draw, no stochastic depth; resizing
+     is bilinear (--resize bicubic, near MERIT's cubic spline); dropout 0.1 before the last
+     1x1 is SegFormer's (--decoder-dropout).
+  9. Tab. 6 drops DIFMs smallest map first: the decoder sees fewer levels and the stages that
+     fed only them go [R] (--num-difm). --amp: bf16, else fp16 with a gradient scaler [R].
+  10. Toy slices use VolumeMeter's "skip" convention; real volumes TransUNet's (spec 9).
 
-Run:
-  python dinet.py                 # toy data, small preset: ~1.5 min on an idle 2-core CPU
-  python dinet.py --data PATH/Synapse                    # paper recipe (a 48 GB GPU)
-  python dinet.py --data PATH/ACDC --inputs i            # an ablation row (Tabs. 3-8)
-  python dinet.py --data PATH/ClinicDB --task binary     # supplement Tab. 13
+Run (toy data, small preset: ~1.5 min on an idle 2-core CPU; paper recipe: a 48 GB GPU):
+  python dinet.py [--data PATH/Synapse | PATH/ACDC [--inputs i] | PATH/ClinicDB --task binary]
   python dinet.py --eval runs/dinet/<time>/best.pt [--data PATH]
   python dinet.py --predict DIR --checkpoint best.pt --out DIR2
   python dinet.py --bench --batch-size 1                 # paper preset at 224x224, one JSON line
@@ -120,7 +107,6 @@ from scipy import ndimage
 import common
 
 # ==== 2. Presets and recipe ====
-
 
 @dataclass
 class DINConfig:
@@ -170,7 +156,6 @@ CONVNEXT_B_URL = "https://dl.fbaipublicfiles.com/convnext/convnext_base_1k_224_e
 
 # ==== 3. Building blocks (Sec. 3.1: DIFM; Sec. 9.2: decoder) ====
 
-
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, H, W) map (ConvNeXt's channels-first LN)."""
 
@@ -194,12 +179,10 @@ def from_windows(tokens, window, b, h, w):
     return x.reshape(b, c, h, w)
 
 
-def window_attention(q, k, v, bias=None):
+def window_attention(q, k, v, bias=0):
     """softmax(Q K^T / sqrt(d)) V per window and head; q, k, v: (N, heads, T, d)."""
     logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (N, heads, T, T)
-    if bias is not None:
-        logits = logits + bias
-    return logits.softmax(dim=-1) @ v  # Eq. (2)  Atten(Q, K, V) = softmax(Q K^T / sqrt(d)) V
+    return (logits + bias).softmax(dim=-1) @ v  # Eq. (2)  Atten(Q, K, V) = softmax(Q K^T / sqrt(d)) V
 
 
 class WindowCrossAttention(nn.Module):
@@ -219,15 +202,12 @@ class WindowCrossAttention(nn.Module):
         else:
             self.q, self.kv, self.out = (nn.Linear(dim, dim), nn.Linear(dim, 2 * dim),
                                          nn.Linear(dim, dim))
-        self.rpb_table = None
-        if rel_pos_bias:  # Swin's relative position table, one bias per offset and head
-            self.rpb_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, self.heads))
-            nn.init.trunc_normal_(self.rpb_table, std=0.02)
-            yx = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window),
-                                            indexing="ij")).flatten(1)  # (2, T)
+        self.rpb_table = None  # Swin's relative position table, one bias per offset and head
+        if rel_pos_bias:
+            self.rpb_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, self.heads) * 0.02)
+            yx = torch.stack(torch.meshgrid(*[torch.arange(window)] * 2, indexing="ij")).flatten(1)
             offset = yx[:, :, None] - yx[:, None, :] + window - 1  # (2, T, T) in 0..2w-2
-            self.register_buffer("rpb_index", offset[0] * (2 * window - 1) + offset[1],
-                                 persistent=False)
+            self.register_buffer("rpb_index", offset[0] * (2 * window - 1) + offset[1], False)
 
     def forward(self, query_map, kv_map):
         b, c, h, w = query_map.shape
@@ -247,18 +227,15 @@ class WindowCrossAttention(nn.Module):
             q = self.q(self.norm_a(a))
             k, v = self.kv(self.norm_b(kv)).chunk(2, dim=-1)
         heads = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
-        bias = None
+        bias = 0 if mask is None else mask  # (N, 1, 1, T)
         if self.rpb_table is not None:
-            bias = self.rpb_table[self.rpb_index].permute(2, 0, 1)  # (heads, T, T)
-        if mask is not None:
-            bias = mask if bias is None else bias + mask  # (N, heads, T, T)
+            bias = bias + self.rpb_table[self.rpb_index].permute(2, 0, 1)  # (heads, T, T)
         attended = window_attention(heads(q), heads(k), heads(v), bias)  # (N, heads, T, d)
         attended = attended.transpose(1, 2).flatten(2)  # (N, T, C)
         if self.proj == "lean":
             attended = self.out(attended)
         f = attended + q  # Eq. (3)  f~_IE = Atten(Q_i, K_e, V_e) + Q_i
-        f = from_windows(f, self.window, b, h + pad_h, w + pad_w)
-        return f[:, :, :h, :w]
+        return from_windows(f, self.window, b, h + pad_h, w + pad_w)[:, :, :h, :w]
 
 
 class GatedFFN(nn.Module):
@@ -363,7 +340,6 @@ class MLPDecoder(nn.Module):
 
 # ==== 4. Model ====
 
-
 class DINet(nn.Module):
     """I and E -> two encoders -> a fusion module per stage -> MLP decoder (Fig. 2a)."""
 
@@ -371,9 +347,8 @@ class DINet(nn.Module):
         super().__init__()
         self.cfg = cfg
         single = cfg.inputs in ("i", "e") or cfg.fusion == "input"
-        # Tab. 6: fewer DIFMs drop the smallest maps first; their stages feed nothing (ours)
-        dims, depths = cfg.dims[:cfg.num_difm], cfg.depths[:cfg.num_difm]
-        enc_cfg = replace(cfg, dims=dims, depths=depths)
+        dims = cfg.dims[:cfg.num_difm]  # Tab. 6: the smallest maps go first (deviation 9)
+        enc_cfg = replace(cfg, dims=dims, depths=cfg.depths[:cfg.num_difm])
         self.enc_i = ConvNeXtEncoder(enc_cfg, in_channels=6 if cfg.fusion == "input" else 3)
         self.enc_e = None if single else ConvNeXtEncoder(enc_cfg)
         self.difm = nn.ModuleList(ConcatFusion(c) if cfg.fusion == "concat" and not single
@@ -389,9 +364,8 @@ class DINet(nn.Module):
             first, second = torch.cat([image, enhanced], dim=1), None
         lows_i, highs_i = self.enc_i(first)
         lows_e, highs_e = self.enc_e(second) if second is not None else (lows_i, highs_i)
-        fused = [module(*maps) for module, maps in zip(self.difm,
-                                                       zip(lows_i, highs_i, lows_e, highs_e))]
-        return self.decoder(fused, image.shape[-2:])
+        maps = zip(lows_i, highs_i, lows_e, highs_e)
+        return self.decoder([module(*m) for module, m in zip(self.difm, maps)], image.shape[-2:])
 
 
 def build_model(preset="paper", num_classes=9, **overrides):
@@ -404,15 +378,13 @@ def build_model(preset="paper", num_classes=9, **overrides):
 def parameter_split(model):
     """Parameters (millions) of the encoders, the four fusion modules and the decoder (Sec. 4.5)."""
     count = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters()) / 1e6  # noqa
-    split = {"encoders": count(model.enc_i) + count(model.enc_e), "difm": count(model.difm),
-             "decoder": count(model.decoder)}
-    split["total"] = count(model)
-    return {k: round(v, 3) for k, v in split.items()}
+    return {"encoders": round(count(model.enc_i) + count(model.enc_e), 3),
+            **{k: round(count(m), 3) for k, m in (("difm", model.difm),
+                                                  ("decoder", model.decoder), ("total", model))}}
 
 
 # ==== 5. Backbone (not this paper's contribution): modified ConvNeXt-B (Sec. 9.1, Tab. 14) ====
 # Parameter names follow timm's ConvNeXt, so ImageNet weights load by name (spec 3, 12).
-
 
 class ConvNeXtBlock(nn.Module):
     """Conv-block of Eq. (13): 7x7 depthwise conv, LN, 1x1 (4C), GELU, 1x1 (C), layer scale."""
@@ -470,8 +442,7 @@ class ConvNeXtEncoder(nn.Module):
             if i > 0:
                 low = self.edge[i - 1](low if self.edge_from == "chain" else x)  # (B, C_s, ...)
             x = stage(x)  # f_shape (B, C_s, H_s, W_s)
-            lows.append(low)
-            highs.append(x)
+            lows, highs = lows + [low], highs + [x]
         return lows, highs
 
 
@@ -579,7 +550,6 @@ def total_loss(logits, target, use_boundary=True, squared_dice=True, bnd_reducti
 
 # ==== 7. Data: image enhancement (Sec. 8, Tab. 4) and paired augmentation ====
 
-
 @functools.lru_cache(maxsize=8)
 def fuzzy_memberships(height, width, m=2, n=2, gamma=4.0, patrascu=False):
     """Fuzzy windows W_ij as memberships w_ij (I, J, H, W) (spec 2.3).
@@ -599,18 +569,14 @@ def fuzzy_memberships(height, width, m=2, n=2, gamma=4.0, patrascu=False):
 
 def fuzzy_enhance(image, m=2, n=2, gamma=4.0, eps=1 / 255, patrascu=False, saturated="exclude",
                   sigma_u=math.sqrt(1 / 3), max_gain=8.0, rescale=True):
-    """Fuzzy image enhancement of ref. [36] (Patrascu) with the reference code's arithmetic.
+    """Fuzzy image enhancement of ref. [36] with the reference code's arithmetic (deviation 3).
 
-    image (H, W) or (H, W, 3) in [0, 1] -> E of the same shape in [0, 1]. Gray levels u = 2x - 1
-    live in (-1, 1) with the logarithmic model u (+) v = tanh(phi(u) + phi(v)), phi = atanh, so
-    everything is computed in phi-space. Colour: window statistics from the luminosity (mean
-    phi of r, g, b), the same transform on each channel (spec 2.6). Where the reference's
-    arithmetic breaks down, ours (docstring deviation 3): saturated pixels (exactly 0 or 1 in
-    every channel: CT air, MRI background) are left out of the window statistics and kept
-    as they are (saturated="clip": treated as gray levels like any other); u is clipped to
-    [-1 + eps, 1 - eps] (phi(+-1) = +-inf); a window's gain sigma_u / sigma is at most
-    max_gain, and the map back to [0, 1] stretches by at most 1 / tanh(sigma_u), so that a
-    near-constant image stays near mid-gray. rescale=False returns E_raw before that map.
+    image (H, W) or (H, W, 3) in [0, 1] -> E, same shape, in [0, 1]. Gray levels u = 2x - 1 live
+    in (-1, 1) with the logarithmic model u (+) v = tanh(phi(u) + phi(v)), phi = atanh: all is
+    computed in phi-space. Colour: window statistics of the luminosity (mean phi of r, g, b),
+    the same transform on each channel (spec 2.6). Saturated pixels (0 or 1 in every channel:
+    CT air, MRI background) carry no gray level: they stay out of the statistics and as they
+    are. rescale=False returns E_raw before the map back to [0, 1].
     """
     image = np.asarray(image, np.float64)
     phi = np.arctanh(np.clip(2 * image - 1, -1 + eps, 1 - eps))  # gray level -> log-model space
@@ -665,7 +631,6 @@ def clahe(image, tiles=8, clip_limit=2.0):
     limit = max(clip_limit * th * tw / 256, 1.0)
     excess = np.clip(hist - limit, 0, None).sum(axis=-1, keepdims=True)
     lut = (np.minimum(hist, limit) + excess / 256).cumsum(axis=-1) / (th * tw)  # (T, T, 256)
-
     # each pixel interpolates the CDFs of its four nearest tile centres (clamped at the border)
     rows = np.clip((np.arange(h) + 0.5) / th - 0.5, 0, tiles - 1)[:, None]
     cols = np.clip((np.arange(w) + 0.5) / tw - 0.5, 0, tiles - 1)[None, :]
@@ -673,11 +638,8 @@ def clahe(image, tiles=8, clip_limit=2.0):
 
 
 def enhance(image, method="fuzzy", **fuzzy):
-    """E of a (H, W) or (H, W, 3) image in [0, 1] (Tab. 4: fuzzy, HE, CLAHE), as 8-bit levels.
-
-    Training and testing both call this, so both see E quantised the same way (spec 2.7).
-    `fuzzy`: keyword arguments of fuzzy_enhance (m, n, gamma, eps, patrascu).
-    """
+    """E of a (H, W[, 3]) image in [0, 1] (Tab. 4: fuzzy, HE, CLAHE) as 8-bit levels: training
+    and testing both call this, so both see E quantised alike (spec 2.7)."""
     if method == "fuzzy":
         e = fuzzy_enhance(image, **fuzzy)
     elif method == "none":
@@ -741,8 +703,8 @@ class DualImageDataset(torch.utils.data.Dataset):
         """(image (H, W) or (H, W, 3) in [0, 1], label (H, W) int64) before augmentation."""
         if self.binary:
             image, mask = self.base.full(index, self.size)
-            image = common.resize_image(image, self.size) / 255.0
-            return image, common.resize_mask(mask, self.size).astype(np.int64)
+            return (common.resize_image(image, self.size) / 255.0,
+                    common.resize_mask(mask, self.size).astype(np.int64))
         image, label, _ = self.reader[index] if self.reader else self.base.volume(index)
         return image[0], label[0]  # one-slice volume -> slice
 
@@ -803,7 +765,6 @@ def load_fitting(model, checkpoint, flag, path):
 
 
 # ==== 8. Train, evaluate, predict ====
-
 
 def amp_setup(device, enabled, dtype=None):
     """--amp: (autocast dtype, gradient scaler). bf16 where the device supports it; else fp16
@@ -869,12 +830,12 @@ def predict_labels(model, volume, args, device):
 
 
 def evaluate(model, dataset, args, device, names, convention="transunet", out=None):
-    """The paper's columns on one test set, computed its way; PNGs into `out` if given.
+    """The paper's columns on one test set, computed its way; PNGs (a few overlays) into `out`.
 
     Multi-class: per volume and organ, Dice and HD95 (TransUNet's protocol, Tabs. 1-2, via
     common.VolumeMeter). Binary: Dice per image, at the original size (Tab. 13).
     """
-    binary, overlays = args.task == "binary", 0
+    binary = args.task == "binary"
     meter = (common.PerImageMeter(threshold=0.5) if binary else
              common.VolumeMeter(len(names) + 1, names, convention=convention))
     for i in range(len(dataset)):
@@ -884,8 +845,7 @@ def evaluate(model, dataset, args, device, names, convention="transunet", out=No
                            device, binary)
             prob = F.interpolate(prob, size=label.shape, mode="bilinear")[:, 1]  # (1, H, W)
             meter.update(prob[0], label)
-            pred, label, images = prob.numpy() >= 0.5, label[None], image[None]
-            stems = [dataset.names[i]]
+            pred, label, images, stems = prob.numpy() >= 0.5, label[None], image[None], [i]
         else:  # a volume (D, H, W) of slices in [0, 1]
             volume, label, name = dataset.volume(i) if hasattr(dataset, "volume") else dataset[i]
             if int(label.max()) > len(names):
@@ -896,11 +856,11 @@ def evaluate(model, dataset, args, device, names, convention="transunet", out=No
             stems = [name] if len(pred) == 1 else [f"{name}_{d:03d}" for d in range(len(pred))]
             images = np.repeat((np.clip(volume, 0, 1)[..., None] * 255).astype(np.uint8), 3, -1)
         for d, stem in enumerate(stems if out is not None else []):
+            stem = dataset.names[stem] if binary else stem
             (common.save_mask_png if binary else common.save_label_png)(out / f"{stem}.png",
                                                                        pred[d])
-            if overlays < 50:  # a few to look at
+            if i < 50:  # overlays of the first few to look at
                 common.save_overlay(out / f"{stem}_overlay.png", images[d], pred[d], label[d])
-                overlays += 1
     scores = meter.compute()
     if binary:
         return {"Dice": scores["dice"] * 100}
@@ -911,7 +871,7 @@ def evaluate(model, dataset, args, device, names, convention="transunet", out=No
 def test_all(model, state, data, args, run, names):
     """Test the weights `state` on every test group; print and save the paper's columns."""
     common.unwrap(model).load_state_dict(state)
-    convention = "skip" if args.data == "toy" else "transunet"  # docstring point 11
+    convention = "skip" if args.data == "toy" else "transunet"  # docstring point 10
     metrics = {}
     for group, dataset in data["test"].items():
         metrics[group] = evaluate(common.unwrap(model), dataset, args, run.device, names,
@@ -936,22 +896,20 @@ def validate(model, loader, num_classes, device):
 
 
 def predict_folder(model, args, run):
-    """--predict: one PNG per image file (label map, or 0/255 mask for binary); returns the
-    folder and the count."""
-    files = common.list_images(args.predict)
+    """--predict: a PNG per image file (label map, or 0/255 mask); returns (folder, count)."""
+    files, binary = common.list_images(args.predict), args.task == "binary"
     out = Path(args.out) if args.out else run.folder() / "predictions"
     out.mkdir(parents=True, exist_ok=True)
-    binary = args.task == "binary"
     for path in files:
         rgb = common.load_image(path)  # (H, W, 3) uint8; gray models see the channel mean
         image = common.resize_image(rgb, args.img_size) / 255.0 if binary else rgb.mean(2) / 255
-        prob = predict(model, [image], args, run.device, binary)  # (1, K, S, S)
-        if binary:
-            prob = F.interpolate(prob, size=rgb.shape[:2], mode="bilinear")
-            common.save_mask_png(out / f"{path.stem}.png", prob[0, 1].numpy() >= 0.5)
+        prob = predict(model, [image], args, run.device, binary)[0]  # (K, S, S)
+        if binary:  # as evaluate: probabilities to full size; labels nearest (TransUNet)
+            prob = F.interpolate(prob[None], size=rgb.shape[:2], mode="bilinear")[0]
+            common.save_mask_png(out / f"{path.stem}.png", prob[1].numpy() >= 0.5)
         else:
-            labels = common.resize_mask(prob[0].argmax(0).numpy(), 0, rgb.shape[:2])
-            common.save_label_png(out / f"{path.stem}.png", labels)
+            common.save_label_png(out / f"{path.stem}.png",
+                                  common.resize_mask(prob.argmax(0).numpy(), 0, rgb.shape[:2]))
     return out, len(files)
 
 
@@ -1007,12 +965,11 @@ def protocol_row(args, data):
     """The docstring's protocol row for this run's data set (printed at start-up)."""
     name = {"synapse": "Synapse", "acdc": "ACDC", "clinicdb": "ClinicDB",
             "isic2018": "ISIC18"}.get(data["layout"])
-    if name is None:
-        return (f"protocol: {data['layout']} is none of the paper's data sets; the paper's "
-                "recipe" if args.data != "toy" else "protocol: toy data, the demo recipe")
-    rows = __doc__.split("\nProtocol")[1].split("\nOut of scope")[0].split("\n  ")
-    return "protocol: " + " ".join(" ".join(r.split()) for r in rows
-                                    if r.startswith(name) or r.startswith(" ")).strip()
+    row = name and re.search(rf"^  {name} +(\|.*(\n {{4,}}\|.*)*)", __doc__, re.MULTILINE)
+    if not row:
+        return f"protocol: {data['layout']} is none of the paper's data sets" + (
+            "" if args.data == "toy" else " (their recipe applies)")
+    return f"protocol [{name}]: " + " ".join(row[1].split()) + " (docstring: recipe)"
 
 
 def bench(args, run, explicit):
@@ -1043,11 +1000,10 @@ def parse_args(argv):
     common.add_common_args(parser, PAPER_RECIPE, "Sec. 4.2", pretrained_default=None)
     add = parser.add_argument_group("DIN switches (Tabs. 3-8; docstring deviations)").add_argument
     add("--task", choices=["multiclass", "binary"], default="multiclass",
-        help="Synapse/ACDC slices, or image/mask pairs (ClinicDB, ISIC18; supplement Sec. 7.6)")
+        help="Synapse/ACDC slices, or image/mask pairs (ClinicDB, ISIC18; supp. Sec. 7.6)")
     add("--enhance", choices=["fuzzy", "he", "clahe", "none"], default="fuzzy",
         help="how E is made (paper: fuzzy [36]; Tab. 4: he, clahe; none: E = I)")
-    add("--fuzzy-patrascu", action="store_true",
-        help="[36] as written: (m+1)x(n+1) windows, exact partition, log-model sum")
+    add("--fuzzy-patrascu", action="store_true", help="[36] as written (deviation 3)")
     add("--fuzzy-m", type=int, default=2, help="fuzzy window grid, rows (reference: 2)")
     add("--fuzzy-n", type=int, default=2, help="fuzzy window grid, columns (reference: 2)")
     add("--fuzzy-gamma", type=float, default=4.0, help="membership exponent (reference: 4)")
@@ -1056,34 +1012,27 @@ def parse_args(argv):
         help="pixels exactly 0 or 1: out of the window statistics (ours), or clipped")
     add("--inputs", choices=["ie", "i", "e", "ii"], default="ie",
         help="encoder inputs (paper: ie; Tab. 4: only I, only E, I + I)")
-    add("--fusion", choices=["difm", "concat", "input"], default="difm",
-        help="fusion strategy (paper: difm; Tab. 5)")
-    add("--attn", choices=["dual", "ie", "ei"], default="dual",
-        help="cross-attention directions (paper: dual; Tab. 7)")
+    add("--fusion", choices=["difm", "concat", "input"], default="difm", help="Tab. 5")
+    add("--attn", choices=["dual", "ie", "ei"], default="dual", help="directions (Tab. 7)")
     add("--no-cross-attn", dest="cross_attn", action="store_false", help="Tab. 3 without (a)")
     add("--no-merge", dest="merge", action="store_false", help="Tab. 3 without (b)")
     add("--no-gsa", dest="gsa", action="store_false", help="Tab. 3 without (c)")
     add("--gsa", dest="gsa_axis", choices=["channel", "global"], default="channel",
         help="Eq. (6) mean over channels or over H, W (paper: channel; spec 4.4)")
-    add("--attn-proj", choices=["budget", "lean"], default="budget",
-        help="q/k/v projections (paper budget: budget; spec 4.2)")
+    add("--attn-proj", choices=["budget", "lean"], default="budget", help="spec 4.2")
     add("--no-rel-pos-bias", dest="rel_pos_bias", action="store_false",
-        help="window attention without Swin's relative position bias (not in the paper)")
-    add("--edge-from", choices=["stage", "chain"], default="stage",
-        help="input of the edge pools (spec 3)")
+        help="no Swin relative position bias (not in the paper)")
+    add("--edge-from", choices=["stage", "chain"], default="stage", help="spec 3")
     add("--num-difm", type=int, default=4, help="DIFMs kept, smallest maps dropped (Tab. 6)")
     add("--decoder-dropout", type=float, default=0.1, help="before the last 1x1 (SegFormer)")
-    add("--resize", choices=["bilinear", "bicubic"], default="bilinear",
-        help="image resizing (MERIT: cubic spline)")
+    add("--resize", choices=["bilinear", "bicubic"], default="bilinear", help="MERIT: cubic")
     add("--official-split", action="store_true",
         help="binary data: the layout's own split (paper: random 80:10:10, Sec. 7.6)")
     add("--no-bnd", action="store_true", help="train without L_bnd (Tabs. 3, 8)")
     add("--bnd-reduction", choices=["mean", "sum"], default="mean",
         help="L_bnd per pixel (ours) or the L1 norm per image (Eq. 9 literally)")
-    add("--dice-eq8", action="store_true",
-        help="Dice loss as Eq. (8) prints it (default: squared denominator, as MERIT)")
-    add("--weight-decay", type=float, default=WEIGHT_DECAY,
-        help=f"AdamW weight decay (paper: not stated; MERIT: {WEIGHT_DECAY})")
+    add("--dice-eq8", action="store_true", help="Dice as Eq. (8) prints it (MERIT: squared)")
+    add("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW (MERIT; not stated)")
     explicit = common.explicit_flags(parser, argv)
     args = common.finish_args(parser.parse_args(argv), PAPER_RECIPE, TOY_RECIPE)
     check_switches(args, explicit, {a.dest: a.option_strings[0] for a in parser._actions
