@@ -182,7 +182,7 @@ def from_windows(tokens, window, b, h, w):
 def window_attention(q, k, v, bias=0):
     """softmax(Q K^T / sqrt(d)) V per window and head; q, k, v: (N, heads, T, d)."""
     logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (N, heads, T, T)
-    return (logits + bias).softmax(dim=-1) @ v  # Eq. (2)  Atten(Q, K, V) = softmax(Q K^T / sqrt(d)) V
+    return (logits + bias).softmax(dim=-1) @ v  # Eq. (2)  softmax(Q K^T / sqrt(d)) V
 
 
 class WindowCrossAttention(nn.Module):
@@ -475,8 +475,8 @@ def load_pretrained(model, spec, log, is_main=True, barrier=None):
     for name, encoder in (("I", model.enc_i), ("E", model.enc_e)):
         if encoder is None:
             continue
-        tensors = dict(source)
-        if tensors.get("stem.0.weight", encoder.stem[0].weight).shape != encoder.stem[0].weight.shape:
+        tensors, stem = dict(source), encoder.stem[0].weight
+        if tensors.get("stem.0.weight", stem).shape != stem.shape:
             tensors.pop("stem.0.weight"), tensors.pop("stem.0.bias", None)  # both or neither
             log(f"encoder {name}: stem conv random, weight and bias (the file's is "
                 f"{'x'.join(map(str, source['stem.0.weight'].shape[1:]))})")
