@@ -742,26 +742,16 @@ def class_names(args, task):
 def make_loaders(data, args):
     """Training loader (augmented, E cached before workers fork) and validation loader."""
     binary, fuzzy = args.task == "binary", fuzzy_options(args)
-    train_set = DualImageDataset(data["train"], args.img_size, args.enhance, True, binary, fuzzy,
-                                 args.resize, args.seed)
+    make = lambda split, train: DualImageDataset(  # noqa: E731
+        data[split], args.img_size, args.enhance, train, binary, fuzzy, args.resize, args.seed)
+    train_set = make("train", True)
     if args.workers > 0:  # fill the E cache first, so that the workers share it
         for i in range(len(train_set)):
             train_set.enhanced(i, train_set.raw(i)[0])
     loader = common.make_loader(train_set, args.batch_size, True, args.workers, args.seed)
-    if data["val"] is None:
+    if not data["val"]:  # None or empty: no validation set
         return loader, None
-    val_set = DualImageDataset(data["val"], args.img_size, args.enhance, False, binary, fuzzy,
-                               args.resize)
-    return loader, common.make_loader(val_set, args.batch_size, False, args.workers)
-
-
-def load_fitting(model, checkpoint, flag, path):
-    """The checkpoint's weights, or one line when they do not fit this model."""
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:  # written by another version of the script
-        common.fail(f"--{flag} {path}: does not fit the model: "
-                    f"{str(error).splitlines()[-1].strip()}")
+    return loader, common.make_loader(make("val", False), args.batch_size, False, args.workers)
 
 
 # ==== 8. Train, evaluate, predict ====
@@ -952,11 +942,11 @@ def check_switches(args, explicit, flags):
          f"--inputs {args.inputs} never uses E"),
         (("official_split",), args.task != "binary", "only binary data sets are re-split")]
     for names, condition, why in rules:
-        given = [f for f in names if f in explicit]
-        if condition and given:
+        given = [f for f in names if f in explicit and condition]
+        if given:
             value = getattr(args, given[0])
-            shown = f" {value}" if not isinstance(value, bool) else ""
-            common.fail(f"{flags[given[0]]}{shown} conflicts: {why}")
+            common.fail(f"{flags[given[0]]}{'' if isinstance(value, bool) else f' {value}'} "
+                        f"conflicts: {why}")
     if not 1 <= args.num_difm <= 4:
         common.fail(f"--num-difm must be 1..4 (got {args.num_difm})")
 
@@ -983,15 +973,11 @@ def bench(args, run, explicit):
     image, amp = torch.rand(batch, 3, size, size), amp_setup(run.device, args.amp)
     data = {"image": image, "enhanced": image, "mask": torch.randint(0, 9, (batch, size, size))}
 
-    def infer_step():
-        with torch.no_grad():
-            model.eval()(image.to(run.device), image.to(run.device))
-
+    infer = torch.no_grad()(lambda: model.eval()(image.to(run.device), image.to(run.device)))
     return common.benchmark(model, lambda: train_step(model.train(), data, optimizer, args,
-                                                      run.device, amp),
-                            infer_step, batch, run.device, preset=preset, img_size=size,
-                            repeats=3 if run.device.type == "cuda" else 1,
-                            split_M=parameter_split(model))
+                                                      run.device, amp), infer, batch,
+                            run.device, repeats=3 if run.device.type == "cuda" else 1,
+                            preset=preset, img_size=size, split_M=parameter_split(model))
 
 
 def parse_args(argv):
@@ -1059,8 +1045,8 @@ def main(argv=None):
     run.log(f"dinet: preset {args.preset} ({args.preset_reason}), device {run.device}, task "
             f"{args.task}, E: {args.enhance}; parameters (M) {parameter_split(model)} (paper: "
             "323.31 = 178 encoders + 119.94 DIFM + 25.27 decoder, Sec. 4.5)")
-    if checkpoint is not None and not args.resume:
-        load_fitting(model, checkpoint, flag, getattr(args, flag))
+    if checkpoint is not None and not args.resume:  # adopt_config made the architectures equal
+        model.load_state_dict(checkpoint["model"])
     elif checkpoint is None:
         load_pretrained(model, args.pretrained, run.log, run.is_main, run.barrier)
     model.to(run.device)
