@@ -575,8 +575,8 @@ def fuzzy_enhance(image, m=2, n=2, gamma=4.0, eps=1 / 255, patrascu=False, satur
     in (-1, 1) with the logarithmic model u (+) v = tanh(phi(u) + phi(v)), phi = atanh: all is
     computed in phi-space. Colour: window statistics of the luminosity (mean phi of r, g, b),
     the same transform on each channel (spec 2.6). Saturated pixels (0 or 1 in every channel:
-    CT air, MRI background) carry no gray level: they stay out of the statistics and as they
-    are. rescale=False returns E_raw before the map back to [0, 1].
+    CT air, MRI background) carry no gray level: they stay out of the window statistics and
+    of the rescale range, and are clipped. rescale=False returns E_raw before that rescale.
     """
     image = np.asarray(image, np.float64)
     phi = np.arctanh(np.clip(2 * image - 1, -1 + eps, 1 - eps))  # gray level -> log-model space
@@ -585,7 +585,7 @@ def fuzzy_enhance(image, m=2, n=2, gamma=4.0, eps=1 / 255, patrascu=False, satur
     valid = np.ones_like(lum, bool) if saturated == "clip" else (
         (image > 0).reshape(*lum.shape, -1).any(-1) & (image < 1).reshape(*lum.shape, -1).any(-1))
     if not valid.any():
-        return image
+        return np.asarray(image, np.float64)
     w = fuzzy_memberships(*lum.shape, m, n, gamma, patrascu)  # (I, J, H, W)
     card = np.maximum((w * valid).sum(axis=(2, 3)), 1e-300)
     mu = (w * valid * lum).sum(axis=(2, 3)) / card  # fuzzy mean per window (phi-space)
@@ -604,8 +604,7 @@ def fuzzy_enhance(image, m=2, n=2, gamma=4.0, eps=1 / 255, patrascu=False, satur
     inside = e_raw[valid]  # (pixels, [C]): the range of the enhanced support
     centre = 0.0 if image.ndim == 2 else (inside.max() + inside.min()) / 2  # gray: symmetric
     half = max(np.abs(inside - centre).max(), math.tanh(sigma_u))  # [-M, M] or [min, max]
-    e = 0.5 + 0.5 * (e_raw - centre) / half  # -> [0, 1]
-    return np.where(valid if image.ndim == 2 else valid[..., None], e, image)
+    return np.clip(0.5 + 0.5 * (e_raw - centre) / half, 0, 1)  # saturated pixels may overshoot
 
 
 def histogram_equalize(image):
