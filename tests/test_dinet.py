@@ -67,8 +67,8 @@ def test_eq1_merge_concatenates_low_first():
         difm.merge_i.weight[0, 0, 1, 1] = difm.merge_i.weight[1, 1, 1, 1] = 1.0
     captured = {}
     difm.merge_i.register_forward_hook(lambda m, i, o: captured.update(out=o))
-    low, high = torch.rand(1, 2, 4, 4), torch.rand(1, 2, 4, 4)
-    difm(low, high, low, high)
+    low, high = torch.rand(2, 2, 4, 6), torch.rand(2, 2, 4, 6)  # batch 2, non-square
+    difm(low, high, torch.rand(2, 2, 4, 6), torch.rand(2, 2, 4, 6))
     assert torch.allclose(captured["out"], low)  # channels 0, 1 of concat(low, high) are low
 
 
@@ -88,8 +88,8 @@ def test_eq3_adds_the_projected_query():
             p.zero_()
         attn.qkv_a.bias[:4] = 1.0
         attn.qkv_b.bias[8:] = 2.0
-    out = attn(torch.rand(1, 4, 4, 4), torch.rand(1, 4, 4, 4))
-    assert out.shape == (1, 4, 4, 4) and torch.allclose(out, torch.full_like(out, 3.0))
+    out = attn(torch.rand(2, 4, 4, 6), torch.rand(2, 4, 4, 6))
+    assert out.shape == (2, 4, 4, 6) and torch.allclose(out, torch.full_like(out, 3.0))
 
 
 def randomise(module, seed=0):
@@ -178,7 +178,7 @@ def test_eq4_eq5_gated_ffn_by_hand():
         ffn.fc_in.bias.copy_(torch.tensor([1.0, 1.0, 2.0, 2.0]))
         ffn.fc_out.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
         ffn.fc_out.bias.zero_()
-    f = torch.rand(1, 2, 3, 3)
+    f = torch.rand(2, 2, 3, 5)
     gelu_1 = 0.5 * (1 + math.erf(1 / math.sqrt(2)))  # GELU(1) = 0.8413
     assert torch.allclose(ffn(f), f + 2 * gelu_1)  # F^ = conv(GELU(1) * 2) + f
 
@@ -346,7 +346,7 @@ def test_eq13_convnext_block_residual_by_hand():
         block.gamma.fill_(1.0)
         block.mlp["fc2"].weight.zero_()
         block.mlp["fc2"].bias.fill_(0.5)
-    x = torch.rand(1, 3, 5, 5)
+    x = torch.rand(2, 3, 5, 7)
     assert torch.allclose(block(x), x + 0.5)  # y = conv(...) + x with conv(...) = 0.5
 
 
