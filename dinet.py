@@ -824,7 +824,7 @@ def evaluate(model, dataset, args, device, names, convention="transunet", out=No
     Multi-class: per volume and organ, Dice and HD95 (TransUNet's protocol, Tabs. 1-2, via
     common.VolumeMeter). Binary: Dice per image, at the original size (Tab. 13).
     """
-    binary = args.task == "binary"
+    binary, overlays = args.task == "binary", 0
     meter = (common.PerImageMeter(threshold=0.5) if binary else
              common.VolumeMeter(len(names) + 1, names, convention=convention))
     for i in range(len(dataset)):
@@ -848,8 +848,9 @@ def evaluate(model, dataset, args, device, names, convention="transunet", out=No
             stem = dataset.names[stem] if binary else stem
             (common.save_mask_png if binary else common.save_label_png)(out / f"{stem}.png",
                                                                        pred[d])
-            if i < 50:  # overlays of the first few to look at
+            if overlays < 50:  # a few to look at
                 common.save_overlay(out / f"{stem}_overlay.png", images[d], pred[d], label[d])
+                overlays += 1
     scores = meter.compute()
     if binary:
         return {"Dice": scores["dice"] * 100}
