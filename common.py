@@ -682,11 +682,15 @@ def _mask_values(image):
 
 
 def load_mask(path, instance=False):
-    """A binary mask (H, W) bool: v >= 128 if max > 1 else v > 0; instance maps (GlaS): v > 0."""
+    """A binary mask (H, W) bool: v > 128 if max > 1 else v > 0; instance maps (GlaS): v > 0.
+
+    `> 128` is the polyp toolboxes' rule (PraNet's eval/main.m, PySODMetrics' prepare_data); JPEG
+    masks (Kvasir) carry compression noise around 0 and 255, which it removes.
+    """
     values = _mask_values(_open(path))
     if instance or values.max() <= 1:
         return values > 0
-    return values >= 128  # JPEG masks (Kvasir) carry compression noise around 0 and 255
+    return values > 128
 
 
 def load_label_map(path):

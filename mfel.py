@@ -41,30 +41,49 @@ Symbols (shapes at a 256 input, paper preset, C = (64, 128, 256)):
   gamma           EM skip scale (one learnable scalar)
   I_f', I_b', I_r'  recon_fg, recon_bg, recon_image (B, 3, H, W); I_s' = logits (B, 1, H, W)
 
-Deviations (all from the spec; the paper leaves these open):
+Protocol (the default run on each data set of the paper; P = paper, S = spec / our choice):
+  all       from scratch: the paper names no pretrained weights (P), --pretrained auto loads
+            none; 150 epochs, batch 4, Adam lr 1e-3, linear warm-up 10 epochs (S) then cosine
+            to 1e-5, set every iteration (P, Sec. 4.1.3); flips and a rot90, p = 0.5 each (S);
+            the last epoch is tested (P: no validation set; --select best); threshold 0.5 at
+            the network size (S), per image (S, printed first) and global (S), both reported
+  glas      official split, train 85 / test 80 (testA 60 + testB 20), 128 x 128 (P, Table 1);
+            a last batch of one image is dropped: 21 iterations an epoch (spec 5)
+  isic2016  official split, train 900 / test 379, 256 x 256 (P, Table 2)
+  isic2017  official split, train 2000 / test 600, 256 x 256 (P, Table 4); the official
+            150-image validation folder is scored each epoch for the log only (P ignores it)
+  ph2       all 200 images, 256 x 256, test the ISIC 2016 model (P, Table 3): --data ISIC2016
+            --test-data PH2, or --eval isic2016.pt --data PH2
+  toy       ours: built-in blobs, 128 train / 16 val / 40 test at 64 px; 4 epochs, batch 8,
+            lr 2e-3, 1 warm-up epoch; small preset; the last epoch is tested
+
+Ablations (Tables 5-6 on GlaS and ISIC 2016; each switch removes what it names, nothing else):
+  row 1     --no-fiir: E_f, E_b, E_r, AFM, BFM, D_f, D_b, D_r and L_rec go (F-_s = F_s). The
+            coarse head and L_coarse stay, so this row differs from our full model in FIIR
+            alone. --no-fiir --no-coarse-head is the paper's literal network without FIIR
+            (E_s, EM, decoder; L_mask only), which also drops our deep supervision of F_s^3.
+  rows 2-6  --afm sum | concat, --bfm sum | concat, --no-em (EM -> identity)
+
+Deviations (from the spec; the paper leaves these open):
   1. I_m of Eq. 1 is the model's own coarse mask (1x1 conv on F_s^3, > 0.5), trained by an extra
-     BCE + Dice term L_coarse (spec G5): the ground truth never enters the network at test time.
-     Switches: --mask-source-train gt, --coarse-weight; --oracle feeds the ground truth at test
-     time (a diagnostic; its numbers are marked not reportable).
-  2. BFM keys/values are average-pooled to at most 32x32 tokens (spec G8): --kv-grid 0 = none.
-  3. Eq. 6 pairs each attention map with the values of its key stream (spec G8); the printed,
-     crossed pairing is --bfm-literal-eq6.
-  4. Widths, U-Net blocks, decoders, AFM internals (sigmoid on alpha), BFM norms and heads, the
-     coarse head: our choices (spec G2-G10). Two LayerNorms in EM where UltraLight's PVM layer
-     reuses one (G9). Mamba keeps its own init (no global trunc-normal re-init).
-  5. L1 terms are means, not sums (spec G11).
-  6. Input in [0, 1] without mean/std (G1); 10 warm-up epochs; flips + rot90; metrics per image
-     at the network resolution (--metric-mode global, --eval-resolution original); no held-out
-     validation by default, so the last epoch is tested (spec 5; --val-fraction 0.1 to select).
-  7. No pretrained weights exist: --pretrained auto trains from scratch, PATH loads a file of ours.
+     BCE + Dice term L_coarse (spec G5), so the ground truth never enters at test time
+     (--mask-source-train gt, --coarse-weight; --mask-source-eval oracle: a diagnostic only).
+  2. BFM keys/values average-pooled to <= 32x32 tokens (G8; --kv-grid 0 = none). Eq. 6 pairs
+     each map with the values of its key stream (G8); --bfm-literal-eq6 = the printed pairing.
+  3. Widths, U-Net blocks, decoders, AFM internals (sigmoid on alpha), BFM norms, the heads: our
+     choices (G2-G10). EM: two LayerNorms where UltraLight's PVM layer reuses one; Mamba keeps
+     its own init; its scan runs in ONE direction over the H/8 x W/8 tokens (row-major,
+     causal), as in PVM, not VMamba's four-direction SS2D (G9). L1 terms are means (G11);
+     the input is in [0, 1], no mean/std, so Eq. 1's background is black (G1).
+  4. --resume: each iteration's LR is computed from (epoch, --epochs), so a run resumed with a
+     larger --epochs follows the new total's schedule from its next epoch on.
 
 Run:
   python mfel.py                                   # toy data, small preset, CPU, minutes
-  python mfel.py --data PATH/GlaS                  # paper recipe (GlaS: 128x128, instance masks)
+  python mfel.py --data PATH/GlaS                  # Table 1 (GlaS: 128x128, instance masks)
   python mfel.py --data PATH/ISIC2016 --test-data PATH/PH2Dataset   # Tables 2 and 3 at once
   python mfel.py --data PATH --no-em               # an ablation row (Tables 5-6)
-  python mfel.py --data PATH --eval runs/mfel/<time>/best.pt
-  python mfel.py --predict DIR --checkpoint best.pt --out DIR2
+  python mfel.py --data PATH --eval runs/mfel/<time>/last.pt  # or --predict DIR --checkpoint F
   python mfel.py --bench [--no-em]                 # paper preset, 256x256, one JSON line
 """
 import argparse
@@ -74,6 +93,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: on a shared
@@ -127,10 +147,7 @@ TOY_RECIPE = {"epochs": 4, "batch_size": 8, "lr": 2e-3, "img_size": 64, "warmup_
 # ==== 3. Building blocks (paper order: FIIR Sec. 3.1, then FRIS Sec. 3.2) ====
 
 def split_foreground_background(image, mask):
-    """Sec. 3.1.1: foreground and background images from a binary mask.
-
-    image (B, 3, H, W), mask (B, 1, H, W) in {0, 1} -> (I_f, I_b), each (B, 3, H, W).
-    """
+    """Sec. 3.1.1: image (B, 3, H, W), binary mask (B, 1, H, W) -> I_f, I_b (B, 3, H, W)."""
     return image * mask, image * (1 - mask)  # Eq. (1)  I_f = I_s * I_m, I_b = I_s * (1 - I_m)
 
 
@@ -148,9 +165,9 @@ class ConvBlock(nn.Sequential):
 class Encoder(nn.Module):
     """E_s, E_f, E_b and E_r (spec G3, G4): three levels of ConvBlock + 2x2 max-pool.
 
-    (B, 3, H, W) -> [(B, C_1, H/2, W/2), (B, C_2, H/4, W/4), (B, C_3, H/8, W/8)].
-    Strides 2-4-8 rather than U-Net's 1-2-4: a full-resolution level 1 would make the level-1
-    BFM attend over all H*W tokens. The four encoders share this design, not their weights.
+    (B, 3, H, W) -> [(B, C_i, H/2^i, W/2^i) for i = 1..3]. Strides 2-4-8, not U-Net's 1-2-4: a
+    full-resolution level 1 would make the level-1 BFM attend over all H*W tokens. The four
+    encoders share this design, not their weights.
     """
 
     def __init__(self, widths):
@@ -185,13 +202,10 @@ class Decoder(nn.Module):
 
     def forward(self, features):
         level1, level2, x = features
-
-        def up(x, size):
-            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        x = self.up32(torch.cat([up(x, level2.shape[-2:]), level2], 1))  # (B, C_2, H/4, W/4)
-        x = self.up21(torch.cat([up(x, level1.shape[-2:]), level1], 1))  # (B, C_1, H/2, W/2)
-        size = (2 * level1.shape[-2], 2 * level1.shape[-1])
-        x = self.head(self.up10(up(x, size)))  # (B, out, H, W)
+        up = partial(F.interpolate, mode="bilinear", align_corners=False)
+        x = self.up32(torch.cat([up(x, size=level2.shape[-2:]), level2], 1))  # (B, C_2, H/4, W/4)
+        x = self.up21(torch.cat([up(x, size=level1.shape[-2:]), level1], 1))  # (B, C_1, H/2, W/2)
+        x = self.head(self.up10(up(x, scale_factor=2)))  # (B, out, H, W)
         return torch.sigmoid(x) if self.sigmoid else x
 
 
@@ -202,10 +216,9 @@ class AdaptiveFeatureModulation(nn.Module):
     ablations of Tables 5-6, rows 2-3 (spec G12).
     """
 
-    def __init__(self, channels, mode="afm"):
+    def __init__(self, c, mode="afm"):
         super().__init__()
         self.mode = mode
-        c = channels
         if mode == "afm":  # dual-stream 1x1 conv blocks on the pooled descriptor
             self.alpha_stream = nn.Sequential(nn.Conv2d(3 * c, c, 1), nn.ReLU(inplace=True),
                                               nn.Conv2d(c, c, 1), nn.Sigmoid())
@@ -238,9 +251,8 @@ class BidirectionalFusion(nn.Module):
     rows 4-5; literal_eq6 swaps the value streams as Eq. 6 is printed.
     """
 
-    def __init__(self, channels, head_dim=32, kv_grid=32, mode="attn", literal_eq6=False):
+    def __init__(self, c, head_dim=32, kv_grid=32, mode="attn", literal_eq6=False):
         super().__init__()
-        c = channels
         self.mode, self.kv_grid, self.literal_eq6 = mode, kv_grid, literal_eq6
         self.heads = max(1, c // head_dim)
         if mode == "attn":  # one LayerNorm per input of each direction (Fig. 3's "Norm")
@@ -253,12 +265,10 @@ class BidirectionalFusion(nn.Module):
             self.fuse = nn.Sequential(nn.Conv2d(2 * c, c, 3, padding=1, bias=False),
                                       nn.BatchNorm2d(c), nn.ReLU(inplace=True))
 
-    def _tokens(self, x):
-        """(B, C, h, w) -> (B, h*w, C), row-major."""
+    def _tokens(self, x):  # (B, C, h, w) -> (B, h*w, C), row-major
         return x.flatten(2).transpose(1, 2)
 
-    def _heads(self, x):
-        """(B, N, C) -> (B, heads, N, C / heads)."""
+    def _heads(self, x):  # (B, N, C) -> (B, heads, N, C / heads)
         return x.unflatten(2, (self.heads, -1)).transpose(1, 2)
 
     def _pooled(self, x):
@@ -280,18 +290,20 @@ class BidirectionalFusion(nn.Module):
         k_r, v_r = map(self._heads, self.kv_r(self.norm_kv_r(self._pooled(f_r_hat))).chunk(2, -1))
         q_r = self._heads(self.q_r(self.norm_q_r(self._tokens(f_r_hat))))
         k_s, v_s = map(self._heads, self.kv_s(self.norm_kv_s(self._pooled(f_s))).chunk(2, -1))
-        if self.literal_eq6:  # printed Eq. 6: Attn_r with V_s and Attn_s ("Attn_t") with V_r
-            v_r, v_s = v_s, v_r
+        # the values each map weighs: those of its key stream (spec G8), or crossed as printed
+        v_attn_r, v_attn_s = (v_s, v_r) if self.literal_eq6 else (v_r, v_s)
         # Eq. (5), Attn_r: segmentation queries read the reconstruction stream
-        out_s = cross_attention(q_s, k_r, v_r)  # (B, heads, hw, d)
+        out_s = cross_attention(q_s, k_r, v_attn_r)  # (B, heads, hw, d)
         # Eq. (5), Attn_s: reconstruction queries read the segmentation stream
-        out_r = cross_attention(q_r, k_s, v_s)
+        out_r = cross_attention(q_r, k_s, v_attn_s)
 
         def to_map(x):
             return x.transpose(1, 2).reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)
         # the residuals add the un-normalised streams (the LayerNorms only feed Q, K, V)
-        f_s_tilde = self.c11_s(to_map(out_s)) + f_s  # Eq. (6)  F~_s = C11(Attn_r x V_r) + F_s
-        f_r_tilde = self.c11_r(to_map(out_r)) + f_r_hat  # Eq. (6)  F~_r = C11(Attn_s V_s) + F^_r
+        # Eq. (6)  F~_s = C11(Attn_r x V) + F_s, F~_r = C11(Attn_s x V) + F^_r; V = V_r, V_s
+        # (spec G8, the default) or V_s, V_r (the printed Eq. 6, --bfm-literal-eq6)
+        f_s_tilde = self.c11_s(to_map(out_s)) + f_s
+        f_r_tilde = self.c11_r(to_map(out_r)) + f_r_hat
         return self.fuse(torch.cat([f_r_tilde, f_s_tilde], dim=1))  # F-_s (B, C, h, w)
 
 
@@ -374,20 +386,23 @@ class MultiBranchVisionMamba(nn.Module):
 class MFEL(nn.Module):
     """The whole network (Fig. 1): FIIR (three auto-encoders + AFM) and FRIS (E_s, BFM, EM).
 
-    forward(image (B, 3, H, W), mask=None) -> dict with 'logits' (B, 1, H, W) and, with FIIR,
-    'coarse_logits', 'mask_split', 'image_fg', 'image_bg', 'recon_fg', 'recon_bg',
-    'recon_image'. `mask` (B, 1, H, W) replaces the coarse mask in Eq. 1 (ground-truth training
-    or the oracle diagnostic); None = the model's own coarse mask (spec G5).
+    forward(image (B, 3, H, W), mask=None) -> {'logits' (B, 1, H, W), 'coarse_logits' and, with
+    FIIR, 'mask_split', 'image_fg', 'image_bg', 'recon_fg', 'recon_bg', 'recon_image'}. `mask`
+    replaces the coarse mask in Eq. 1 (gt training, the oracle); None = the model's own (G5).
     """
 
     def __init__(self, preset, num_classes=1, fiir=True, afm="afm", bfm="attn", em=True,
-                 literal_eq6=False):
+                 literal_eq6=False, coarse_head=True):
         super().__init__()
         c = preset.widths
+        if fiir and not coarse_head:
+            common.fail("FIIR takes Eq. 1's mask from the coarse head: --no-coarse-head needs "
+                        "--no-fiir")
         self.fiir = fiir
         self.encoder_seg = Encoder(c)
+        # spec G5: I_m at test time, supervised by L_coarse
+        self.coarse_head = nn.Conv2d(c[2], 1, 1) if coarse_head else None
         if fiir:
-            self.coarse_head = nn.Conv2d(c[2], 1, 1)  # spec G5: I_m at test time
             self.encoder_fg, self.encoder_bg, self.encoder_rec = (Encoder(c) for _ in range(3))
             self.afm = nn.ModuleList(AdaptiveFeatureModulation(ci, afm) for ci in c)
             self.bfm = nn.ModuleList(BidirectionalFusion(ci, preset.head_dim, preset.kv_grid,
@@ -401,9 +416,11 @@ class MFEL(nn.Module):
     def forward(self, image, mask=None):
         f_s = self.encoder_seg(image)  # F_s^i, (B, C_i, H/2^i, W/2^i)
         out = {}
-        if self.fiir:
+        if self.coarse_head is not None:
             coarse = F.interpolate(self.coarse_head(f_s[2]), size=image.shape[-2:],
                                    mode="bilinear", align_corners=False)  # (B, 1, H, W)
+            out["coarse_logits"] = coarse
+        if self.fiir:
             # the threshold passes no gradient; the coarse head learns from L_coarse alone
             mask_split = (torch.sigmoid(coarse) > 0.5).float().detach() if mask is None else mask
             image_fg, image_bg = split_foreground_background(image, mask_split)
@@ -412,7 +429,7 @@ class MFEL(nn.Module):
             # the streams run in parallel: AFM and BFM outputs feed decoders, not deeper encoders
             f_r_hat = [afm(*fs) for afm, fs in zip(self.afm, zip(f_r, f_f, f_b))]
             f_s_bar = [bfm(s, r) for bfm, s, r in zip(self.bfm, f_s, f_r_hat)]
-            out.update(coarse_logits=coarse, mask_split=mask_split, image_fg=image_fg,
+            out.update(mask_split=mask_split, image_fg=image_fg,
                        image_bg=image_bg, recon_fg=self.decoder_fg(f_f),
                        recon_bg=self.decoder_bg(f_b), recon_image=self.decoder_rec(f_r_hat))
         else:  # Tables 5-6 row 1: F-_s = F_s (spec G12)
@@ -422,7 +439,7 @@ class MFEL(nn.Module):
         return out
 
 
-MODEL_SWITCHES = ("fiir", "afm", "bfm", "em", "literal_eq6")
+MODEL_SWITCHES = ("fiir", "afm", "bfm", "em", "literal_eq6", "coarse_head")
 
 
 def build_model(preset="paper", num_classes=1, **overrides):
@@ -433,14 +450,14 @@ def build_model(preset="paper", num_classes=1, **overrides):
     unknown = set(overrides) - set(asdict(PRESETS[preset]))
     if unknown:
         common.fail(f"build_model: unknown override(s) {sorted(unknown)}")
-    config = replace(PRESETS[preset], **overrides)
-    return MFEL(config, num_classes, **switches)
+    return MFEL(replace(PRESETS[preset], **overrides), num_classes, **switches)
 
 
 # ==== 5. Losses (Sec. 3.3) ====
 
 def loss_foreground_background(recon_fg, image_fg, recon_bg, image_bg):
-    """L_f and L_b: L1 between the reconstructed and the masked images, mean (spec G11)."""
+    """L_f and L_b: L1 of the reconstructed vs the masked images, a mean (spec G11: a sum over
+    3 x 256^2 values would dwarf BCE + Dice at the paper's unit weights)."""
     error_f = (recon_fg - image_fg).abs()  # (B, 3, H, W)
     error_b = (recon_bg - image_bg).abs()
     return error_f.mean(), error_b.mean()  # Eq. (2)  L_f = |I_f' - I_f|_1, L_b = |I_b' - I_b|_1
@@ -477,19 +494,18 @@ def loss_mask(logits, target):
 
 def total_loss(out, image, target, coarse_weight=1.0):
     """L_total of Sec. 3.3.2 plus the spec's coarse-mask term; returns (loss, parts dict)."""
-    # every L1 term is a mean: a sum over 3 x 256^2 values would dwarf BCE + Dice at the
-    # paper's unit weights (spec G11)
     out = {k: v.float() for k, v in out.items()}
-    l_mask = loss_mask(out["logits"], target)
-    if "recon_image" not in out:  # w/o FIIR: L_total = L_mask (spec G12)
-        return l_mask, {"mask": l_mask.item()}
-    l_f, l_b = loss_foreground_background(out["recon_fg"], out["image_fg"], out["recon_bg"],
-                                          out["image_bg"])
-    l_s = loss_image_reconstruction(out["recon_image"], image)
-    l_rec = loss_reconstruction(l_s, l_f, l_b)
-    l_coarse = loss_mask(out["coarse_logits"], target)  # spec G5, not in the paper
-    loss = l_rec + l_mask + coarse_weight * l_coarse  # Eq. (13)  L_total = L_rec + L_mask (+)
-    return loss, {"rec": l_rec.item(), "mask": l_mask.item(), "coarse": l_coarse.item()}
+    parts = {"mask": loss_mask(out["logits"], target)}
+    if "recon_image" in out:  # w/o FIIR there is no L_rec (spec G12)
+        l_f, l_b = loss_foreground_background(out["recon_fg"], out["image_fg"],
+                                              out["recon_bg"], out["image_bg"])
+        l_s = loss_image_reconstruction(out["recon_image"], image)
+        parts["rec"] = loss_reconstruction(l_s, l_f, l_b)
+    if "coarse_logits" in out:  # spec G5, not in the paper
+        parts["coarse"] = loss_mask(out["coarse_logits"], target)
+    # Eq. (13)  L_total = L_rec + L_mask (+ coarse_weight L_coarse)
+    loss = parts.get("rec", 0) + parts["mask"] + coarse_weight * parts.get("coarse", 0)
+    return loss, {k: v.item() for k, v in parts.items()}
 
 
 # ==== 6. Data handling for MFEL ====
@@ -498,8 +514,12 @@ INPUT_MEAN, INPUT_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # spec G1: image in [0
 
 
 def augment(image, mask, rng):
-    """Random flips and rot90, identical for image and mask (spec 5; the paper names none)."""
-    return common.random_flip_rotate(image, mask, rng, rot90=True)
+    """Flips (p = 0.5 each) and a rot90 (p = 0.5), same for image and mask (spec 5; paper: none)."""
+    image, mask = common.random_flip_rotate(image, mask, rng)
+    if rng.random() < 0.5:  # (random_flip_rotate's rot90 would rotate with p = 3/4)
+        k = rng.randrange(1, 4)  # 90, 180 or 270 degrees
+        image, mask = np.rot90(image, k), np.rot90(mask, k)
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 
 def is_glas(root):
@@ -508,28 +528,17 @@ def is_glas(root):
                for p in Path(root).rglob("*_anno.*"))
 
 
-def external_test_set(path, size, instance=False):
-    """All image/mask pairs under `path` as one test set (Table 3: PH2, all 200 images)."""
-    pairs = common.find_pairs(path)
-    return common.PairDataset(pairs, size, None, False, instance, INPUT_MEAN, INPUT_STD)
-
-
-def image_tensor(image, size):
-    """uint8 (H, W, 3) -> (1, 3, size, size) float in [0, 1], as the datasets give it."""
-    x = torch.from_numpy(np.array(common.resize_image(image, size)))  # a writable copy
-    return x.permute(2, 0, 1).float()[None] / 255.0
-
-
 # ==== 7. Train, evaluate, predict ====
 
-def warmup_cosine(step, total_steps, warmup_steps, lr, min_lr):
-    """Sec. 4.1.3: linear warm-up min_lr -> lr, then cosine lr -> min_lr; a factor of lr."""
-    if step < warmup_steps:
-        value = min_lr + (lr - min_lr) * step / warmup_steps
-    else:
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        value = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-    return value / lr
+def lr_at(epoch, step, steps_per_epoch, args):
+    """Sec. 4.1.3's LR at iteration `step` of `epoch`: linear warm-up min_lr -> lr, then cosine
+    lr -> min_lr. It depends on (epoch, --epochs) alone, so a run resumed with a larger
+    --epochs follows the new total's schedule from its first epoch on."""
+    t, warm = epoch * steps_per_epoch + step, round(args.warmup_epochs * steps_per_epoch)
+    if t < warm:
+        return args.min_lr + (args.lr - args.min_lr) * t / warm
+    progress = min(1.0, (t - warm) / max(1, args.epochs * steps_per_epoch - warm))
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def autocast(device, enabled):
@@ -538,28 +547,26 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device, mask_source="coarse",
+def train_one_epoch(model, loader, optimizer, lr_at, device, mask_source="coarse",
                     coarse_weight=1.0, amp=False, scaler=None, limit_batches=0,
                     show_progress=False):
-    """One pass over `loader`, the scheduler stepped per iteration; returns mean losses."""
+    """One pass over `loader`, the LR set per iteration to lr_at(step); returns mean losses."""
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     model.train()
     sums, count = {}, 0
     for step, batch in enumerate(common.progress(loader, "train", show_progress)):
         if limit_batches and step >= limit_batches:
             break
+        # per iteration, so that the warm-up is smooth even over GlaS's 21 batches an epoch
+        common.set_lr(optimizer, lr_at(step))
         image, target = batch["image"].to(device), batch["mask"].to(device)
         with autocast(device, amp):
             out = model(image, target if mask_source == "gt" else None)
         loss, parts = total_loss(out, image, target, coarse_weight)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        scheduler.step()  # per iteration, so the warm-up is smooth even with 21 GlaS batches
+        scaler.scale(loss).backward()  # a disabled scaler (no --amp, or CPU) passes through
+        scaler.step(optimizer)
+        scaler.update()
         for key, value in dict(parts, loss=loss.item()).items():
             sums[key] = sums.get(key, 0.0) + value
         count += 1
@@ -567,17 +574,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, mask_source="co
 
 
 @torch.no_grad()
-def evaluate(model, dataset, device, metric_mode="per-image", resolution="network",
-             oracle=False, batch_size=4, amp=False, save_dir=None, max_overlays=50):
-    """The paper's columns F1, IoU, Precision, Recall (Eqs. 14-17) on `dataset`, in %.
-
-    metric_mode 'per-image' averages each image's scores (spec 7), 'global' pools one confusion
-    matrix. resolution 'network' scores at the input size against the resized mask (spec 6),
-    'original' upsamples the logits to each image's own size. oracle feeds the ground truth
-    into Eq. 1 (diagnostic only). save_dir: one mask PNG per image (+ overlays) at original size.
-    """
+def evaluate(model, dataset, device, resolution="network", oracle=False, batch_size=4,
+             amp=False, save_dir=None, max_overlays=50):
+    """{'per-image': columns, 'global': columns}: the paper's F1, IoU, Precision, Recall in %
+    (Eqs. 14-17), averaged over images (spec 7's primary) or from one pooled confusion matrix
+    (its secondary, UltraLight's engine.py). resolution 'network' scores at the input size
+    against the resized mask (spec 6), 'original' at each image's own size (logits upsampled).
+    oracle: the ground truth into Eq. 1 (a diagnostic). save_dir: mask PNGs at original size."""
     model.eval()
-    meter = common.PerImageMeter(0.5) if metric_mode == "per-image" else common.GlobalMeter(0.5)
+    meters = {"per-image": common.PerImageMeter(0.5), "global": common.GlobalMeter(0.5)}
     if save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
     for batch in common.make_loader(dataset, batch_size, train=False):
@@ -585,38 +590,47 @@ def evaluate(model, dataset, device, metric_mode="per-image", resolution="networ
         with autocast(device, amp):
             logits = model(image, target if oracle else None)["logits"].float()
         for j, index in enumerate(batch["index"].tolist()):
-            if resolution == "network":
-                meter.update(torch.sigmoid(logits[j, 0]), target[j, 0])
+            prob, gt = torch.sigmoid(logits[j, 0]), target[j, 0]  # network resolution
             if resolution == "original" or save_dir is not None:
                 full_image, full_mask = dataset.full(index)
-                prob = torch.sigmoid(F.interpolate(logits[j:j + 1], size=full_mask.shape,
-                                                   mode="bilinear", align_corners=False))[0, 0]
-                if resolution == "original":
-                    meter.update(prob, full_mask)
+                full_prob = torch.sigmoid(F.interpolate(
+                    logits[j:j + 1], size=full_mask.shape, mode="bilinear",
+                    align_corners=False))[0, 0]
+            if resolution == "original":
+                prob, gt = full_prob, full_mask
+            for meter in meters.values():
+                meter.update(prob, gt)
             if save_dir is not None:
-                pred = (prob >= 0.5).cpu().numpy()
+                pred = (full_prob >= 0.5).cpu().numpy()
                 name = dataset.names[index]
                 common.save_mask_png(Path(save_dir) / f"{name}.png", pred)
                 if index < max_overlays:
                     common.save_overlay(Path(save_dir) / f"{name}_overlay.png", full_image, pred,
                                         full_mask)
-    scores = meter.compute()
-    return {"F1": 100 * scores["dice"],  # Eq. (16)  F1 = 2TP / (2TP + FP + FN)
-            "IoU": 100 * scores["iou"],  # Eq. (17)  IoU = TP / (TP + FP + FN)
-            "Precision": 100 * scores["precision"],  # Eq. (14)  TP / (TP + FP)
-            "Recall": 100 * scores["recall"]}  # Eq. (15)  TP / (TP + FN)
+    columns = {}
+    for mode, meter in meters.items():
+        scores = meter.compute()
+        columns[mode] = {"F1": 100 * scores["dice"],  # Eq. (16)  F1 = 2TP / (2TP + FP + FN)
+                         "IoU": 100 * scores["iou"],  # Eq. (17)  IoU = TP / (TP + FP + FN)
+                         "Precision": 100 * scores["precision"],  # Eq. (14)  TP / (TP + FP)
+                         "Recall": 100 * scores["recall"]}  # Eq. (15)  TP / (TP + FN)
+    return columns
 
 
 @torch.no_grad()
 def predict(model, image, img_size, device):
     """Binary mask (H, W) bool for one uint8 image (H, W, 3); Eq. 1 uses the coarse mask."""
     model.eval()
-    logits = model(image_tensor(image, img_size).to(device))["logits"].float()
+    x = torch.from_numpy(np.array(common.resize_image(image, img_size)))  # a writable copy
+    logits = model(x.permute(2, 0, 1).float()[None].to(device) / 255.0)["logits"].float()
     logits = F.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
     return (torch.sigmoid(logits)[0, 0] >= 0.5).cpu().numpy()
 
 
 # ==== 8. Command line ====
+
+ARCHITECTURE = ("no_fiir", "no_coarse_head", "afm", "bfm", "no_em", "bfm_literal_eq6", "kv_grid")
+
 
 def parse_args(argv):
     """The shared flags plus MFEL's switches (spec 9); fills paper or toy defaults."""
@@ -624,49 +638,40 @@ def parse_args(argv):
                                      "guided segmentation with AFM, BFM and a multi-branch Mamba")
     common.add_common_args(parser, PAPER_RECIPE, "Sec. 4.1.3")
     parser.set_defaults(val_fraction=0.0)  # the paper trains on all training images (spec 5)
-    group = parser.add_argument_group("MFEL switches (ablations of Tables 5-6, spec 9)")
-    group.add_argument("--no-fiir", action="store_true", help="Tab. 5/6 row 1: no FIIR")
-    group.add_argument("--afm", choices=["afm", "sum", "concat"], default="afm",
-                       help="AFM or its ablations, rows 2-3 (paper: afm, Sec. 3.1.2)")
-    group.add_argument("--bfm", choices=["attn", "sum", "concat"], default="attn",
-                       help="BFM or its ablations, rows 4-5 (paper: attn, Sec. 3.2.1)")
-    group.add_argument("--no-em", action="store_true", help="Tab. 5/6 row 6: EM -> identity")
-    group.add_argument("--bfm-literal-eq6", action="store_true",
-                       help="Eq. 6 as printed: Attn_r with V_s, Attn_s with V_r (spec G8)")
-    group.add_argument("--kv-grid", type=int, default=None,
-                       help="BFM K/V pooled to at most N x N tokens, 0 = none (spec G8: 32)")
-    group.add_argument("--mask-source-train", choices=["coarse", "gt"], default="coarse",
-                       help="I_m of Eq. 1 in training (spec G5: coarse)")
-    group.add_argument("--mask-source-eval", choices=["coarse", "oracle"], default="coarse",
-                       help="I_m at test time; oracle = ground truth, NOT reportable (spec G5)")
-    group.add_argument("--oracle", action="store_true", help="= --mask-source-eval oracle")
-    group.add_argument("--coarse-weight", type=float, default=1.0,
-                       help="weight of L_coarse, the coarse mask head's BCE + Dice (spec G5: 1)")
-    group.add_argument("--warmup-epochs", type=float, default=None,
-                       help=f"linear warm-up epochs (spec 5: {WARMUP_EPOCHS})")
-    group.add_argument("--min-lr", type=float, default=MIN_LR, help="final LR (Sec. 4.1.3)")
-    group.add_argument("--metric-mode", choices=["per-image", "global"], default="per-image",
-                       help="average scores per image, or one confusion matrix (spec 7)")
-    group.add_argument("--eval-resolution", choices=["network", "original"], default="network",
-                       help="score at the input size (spec 6) or at each image's own size")
-    group.add_argument("--test-data", action="append", default=[], metavar="PATH",
-                       help="extra test folder, all pairs (Tab. 3: the ISIC2016 model on PH2)")
-    group.add_argument("--instance-masks", choices=["auto", "on", "off"], default="auto",
-                       help="masks are instance maps (> 0 is foreground); auto: on for GlaS")
+    add = parser.add_argument_group("MFEL switches (spec 9; Tables 5-6 rows)").add_argument
+    add("--no-fiir", action="store_true", help="row 1: no FIIR (the coarse head stays)")
+    add("--no-coarse-head", action="store_true", help="with --no-fiir: no coarse head, L_coarse")
+    add("--afm", choices=["afm", "sum", "concat"], default="afm", help="rows 2-3 (Sec. 3.1.2)")
+    add("--bfm", choices=["attn", "sum", "concat"], default="attn", help="rows 4-5 (Sec. 3.2.1)")
+    add("--no-em", action="store_true", help="row 6: EM -> identity")
+    add("--bfm-literal-eq6", action="store_true", help="Eq. 6's printed V pairing (spec G8)")
+    add("--kv-grid", type=int, help="BFM K/V pooled to <= N x N tokens, 0 = none (G8: 32)")
+    add("--mask-source-train", choices=["coarse", "gt"], default="coarse", help="I_m (G5)")
+    add("--mask-source-eval", choices=["coarse", "oracle"], default="coarse",
+        help="I_m at test time; oracle = ground truth, NOT reportable (spec G5)")
+    add("--coarse-weight", type=float, default=1.0, help="weight of L_coarse (spec G5: 1)")
+    add("--warmup-epochs", type=float, help=f"linear warm-up (spec 5: {WARMUP_EPOCHS})")
+    add("--min-lr", type=float, default=MIN_LR, help="final LR (Sec. 4.1.3)")
+    add("--select", choices=["last", "best"], default="last", help="tested: last or best val")
+    add("--metric-mode", choices=["per-image", "global"], default="per-image",
+        help="printed first, scores validation; both are reported (spec 7)")
+    add("--eval-resolution", choices=["network", "original"], default="network",
+        help="score at the input size (spec 6) or at each image's own size")
+    add("--test-data", action="append", default=[], metavar="PATH",
+        help="extra test folder, all pairs (Tab. 3: the ISIC2016 model on PH2)")
     raw = parser.parse_args(argv)
-    raw.given = {k for k in ("preset", "img_size", "batch_size") if getattr(raw, k) is not None}
-    raw.glas = raw.data not in (None, "toy") and Path(raw.data).is_dir() and is_glas(raw.data)
-    if raw.glas and raw.img_size is None:
+    raw.explicit = common.explicit_flags(parser, argv)
+    glas = raw.data not in (None, "toy") and Path(raw.data).is_dir() and is_glas(raw.data)
+    if glas and raw.img_size is None:
         raw.img_size = GLAS_IMG_SIZE
     if raw.bench:  # the paper preset at the paper size unless told otherwise
         raw.preset = raw.preset or "paper"
         raw.img_size = raw.img_size or PAPER_RECIPE["img_size"]
         raw.batch_size = raw.batch_size or PAPER_RECIPE["batch_size"]
     args = common.finish_args(raw, PAPER_RECIPE, TOY_RECIPE)
-    if args.bench and "preset" not in args.given:
+    if args.bench and "preset" not in args.explicit:
         args.preset_reason = "--bench default"
-    args.oracle = args.oracle or args.mask_source_eval == "oracle"
-    args.instance = args.glas if args.instance_masks == "auto" else args.instance_masks == "on"
+    args.oracle = args.mask_source_eval == "oracle"
     if args.warmup_epochs is None:
         args.warmup_epochs = TOY_RECIPE["warmup_epochs"] if args.data == "toy" else WARMUP_EPOCHS
     if args.img_size % 8:
@@ -674,7 +679,8 @@ def parse_args(argv):
     if args.kv_grid is not None and args.kv_grid < 0:
         common.fail(f"--kv-grid must be >= 0, got {args.kv_grid}")
     if args.no_fiir and (args.oracle or args.mask_source_train == "gt"):
-        common.fail("--oracle / --mask-source-train gt need FIIR's Eq. 1: drop --no-fiir")
+        common.fail("--mask-source-eval oracle / --mask-source-train gt need FIIR's Eq. 1: "
+                    "drop --no-fiir")
     for path in args.test_data:
         if not Path(path).is_dir():
             common.fail(f"--test-data {path}: no such folder")
@@ -686,7 +692,8 @@ def model_config(args):
     overrides = {} if args.kv_grid is None else {"kv_grid": args.kv_grid}
     return {"preset": args.preset, "overrides": overrides,
             "switches": {"fiir": not args.no_fiir, "afm": args.afm, "bfm": args.bfm,
-                         "em": not args.no_em, "literal_eq6": args.bfm_literal_eq6}}
+                         "em": not args.no_em, "literal_eq6": args.bfm_literal_eq6,
+                         "coarse_head": not args.no_coarse_head}}
 
 
 def model_from(config):
@@ -694,25 +701,83 @@ def model_from(config):
     return build_model(config["preset"], 1, **config["overrides"], **config["switches"])
 
 
-def load_weights(model, state, source):
-    """Load a state_dict, or stop with one line naming the file."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        common.fail(f"{source} does not fit this model ({str(error).splitlines()[0][:120]})")
-
-
-def from_checkpoint(path, args, run):
-    """(model, checkpoint) from a checkpoint of this script, with its img_size and batch size."""
-    state = common.load_checkpoint(path, "mfel")
-    model = model_from(state["model_config"])
-    load_weights(model, state["model"], path)
-    for name in ("img_size", "batch_size"):  # kernels sum in a batch-dependent order
-        if name not in args.given:
+def from_checkpoint(path, args, run, flag):
+    """(model, checkpoint) for --eval, --resume, --predict: the architecture flags are the
+    checkpoint's (a different explicit one stops), so are img_size and batch_size unless given
+    (kernels sum in a batch-dependent order)."""
+    state = common.load_checkpoint(path, "mfel", flag)
+    common.adopt_config(args, state, ARCHITECTURE, args.explicit, flag)
+    for name in ("img_size", "batch_size"):
+        if name not in args.explicit:
             setattr(args, name, state["config"][name])
-    run.log(f"loaded {path}: preset {state['model_config']['preset']}, epoch {state['epoch']}, "
-            f"img_size {args.img_size}")
+    model = model_from(model_config(args))
+    model.load_state_dict(state["model"])  # the architecture is the checkpoint's: it fits
+    run.log(f"loaded {path}: preset {args.preset}, epoch {state['epoch']}, img {args.img_size}")
     return model.to(run.device), state
+
+
+def initialise(model, args, data, run, fresh):
+    """--pretrained (the paper names no pretrained weights: auto = none); log the size and
+    write config.json. Returns the plain settings saved with every checkpoint."""
+    if fresh and args.pretrained in ("auto", "none"):
+        run.log("pretrained: none, the paper names no pretrained weights; training from scratch")
+    elif fresh:  # a file of ours (a checkpoint or a bare state_dict)
+        tensors = common.tensor_dict(common.load_weights(args.pretrained))
+        if tensors is None:
+            common.fail(f"--pretrained {args.pretrained}: no tensors in the file")
+        common.load_matching(model, tensors, "MFEL", args.pretrained, run.log)
+    params = sum(p.numel() for p in model.parameters())
+    run.log(f"MFEL: {params / 1e6:.3f} M parameters, switches {model_config(args)['switches']}")
+    settings = {k: v for k, v in vars(args).items() if k != "explicit"}
+    run.save_json("config.json", {**settings, "model_config": model_config(args),
+                                  "params": params, "data_source": data["source"],
+                                  "preset_values": asdict(PRESETS[args.preset])})
+    return settings
+
+
+def protocol_row(layout):
+    """The docstring's protocol rows that apply: the shared one, then the data set's."""
+    rows = dict(re.findall(r"\n  (\w+) +(.*(?:\n {12}.*)*)", __doc__.split("Protocol")[1]
+                           .split("\n\n")[0]))
+    return "\n".join(f"  {key:<10}{rows.get(key, 'not a data set of the paper')}"
+                     for key in ("all", layout))
+
+
+def load_mfel_data(args, run):
+    """(data, test sets) with --test-data; prints the settings and the protocol row."""
+    run.log(f"preset {args.preset} ({args.preset_reason}), img_size {args.img_size}, epochs "
+            f"{args.epochs}, batch {args.batch_size}, lr {args.lr} -> {args.min_lr}, warm-up "
+            f"{args.warmup_epochs:g} epochs, device {run.device}")
+    extra = {Path(p).name or p: common.PairDataset(common.find_pairs(p), args.img_size,
+                                                   mean=INPUT_MEAN, std=INPUT_STD)
+             for p in args.test_data}  # Table 3: every pair of the folder (PH2: all 200)
+    data = common.load_data(args, "binary", augment=augment, mean=INPUT_MEAN, std=INPUT_STD,
+                            toy_sizes=TOY_RECIPE["toy_sizes"])
+    run.log("protocol (mfel.py docstring):\n" + protocol_row(data["layout"]))
+    tests = {**data["test"], **extra}
+    run.log(f"data: {data['source']}; train {len(data['train'])}, val "
+            f"{len(data['val']) if data['val'] else 0}, test "
+            + ", ".join(f"{g} {len(d)}" for g, d in tests.items()))
+    if args.eval:
+        return data, tests
+    if args.select == "best" and data["val"] is None:
+        common.fail("--select best needs a validation set: this data has none "
+                    "(hold one out with --val-fraction F)")
+    if data["val"] is not None and args.select == "last":
+        run.log(f"validation ({len(data['val'])} images) is logged; the last epoch is tested "
+                "as in the paper (--select best to test the best epoch)")
+    if args.epochs <= args.warmup_epochs:
+        run.log(f"WARNING: {args.epochs} epochs end inside the {args.warmup_epochs:g}-epoch "
+                "warm-up, so the LR never anneals: the paper's schedule needs more epochs")
+    if data.get("splits") is not None:
+        run.save_json("splits.json", data["splits"])
+    return data, tests
+
+
+def train_loader(dataset, args):
+    """Shuffled batches; a last batch of one image is dropped (spec 5: GlaS 85 = 21 x 4 + 1)."""
+    return common.make_loader(dataset, args.batch_size, train=True, workers=args.workers,
+                              seed=args.seed, drop_last=len(dataset) % args.batch_size == 1)
 
 
 def bench(args, run):
@@ -720,27 +785,17 @@ def bench(args, run):
     model = model_from(model_config(args)).to(run.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     image = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=run.device)
-    target = (torch.rand(args.batch_size, 1, args.img_size, args.img_size,
-                         device=run.device) > 0.5).float()
-
-    def train_step():
-        model.train()
-        with autocast(run.device, args.amp):
-            out = model(image)
-        loss, _ = total_loss(out, image, target, args.coarse_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    batch = [{"image": image, "mask": (image[:, :1] > 0.5).float()}]
 
     def infer_step():
-        model.eval()
         with torch.no_grad(), autocast(run.device, args.amp):
-            model(image)
-
-    record = common.benchmark(model, train_step, infer_step, args.batch_size, run.device,
-                              script="mfel", preset=args.preset, img_size=args.img_size,
-                              no_em=args.no_em, no_fiir=args.no_fiir,
-                              scan=common.scan_backend(image))
+            model.eval()(image)
+    record = common.benchmark(
+        model, lambda: train_one_epoch(model, batch, optimizer, lambda step: args.lr,
+                                       run.device, coarse_weight=args.coarse_weight,
+                                       amp=args.amp), infer_step, args.batch_size, run.device,
+        script="mfel", preset=args.preset, img_size=args.img_size, no_em=args.no_em,
+        no_fiir=args.no_fiir, scan=common.scan_backend(image))
     print(json.dumps(record), flush=True)
     return record
 
@@ -748,8 +803,8 @@ def bench(args, run):
 def predict_folder(args, run):
     """--predict DIR --checkpoint CKPT: one mask PNG per image in DIR (no masks needed)."""
     files = common.list_images(args.predict)
-    model, _ = from_checkpoint(args.checkpoint, args, run)
-    out = run.out / "predictions"
+    model, _ = from_checkpoint(args.checkpoint, args, run, "--checkpoint")
+    out = run.folder() / "predictions"
     for path in files:
         common.save_mask_png(out / f"{path.stem}.png",
                              predict(model, common.load_image(path), args.img_size, run.device))
@@ -758,20 +813,20 @@ def predict_folder(args, run):
 
 
 def test_all(model, tests, args, run):
-    """Every test group: print the paper's columns, write test_metrics.json and predictions/."""
+    """Every test group, both metric modes (spec 7; --metric-mode is printed first), into
+    test_metrics.json as {group: {'per-image': columns, 'global': columns}}."""
     if args.oracle:
-        run.log("WARNING: --oracle feeds the ground truth into Eq. 1 at test time; "
-                "these numbers are a diagnostic and NOT reportable")
-    metrics = {}
-    run.log(f"{'test set':<16}{'F1':>8}{'IoU':>8}{'Precision':>11}{'Recall':>8}   (%, "
-            f"{args.metric_mode}, {args.eval_resolution} resolution)")
-    for group, dataset in tests.items():
-        metrics[group] = evaluate(model, dataset, run.device, args.metric_mode,
-                                  args.eval_resolution, args.oracle, args.batch_size, args.amp,
-                                  save_dir=run.out / "predictions" / group)
-        m = metrics[group]
-        run.log(f"{group:<16}{m['F1']:>8.2f}{m['IoU']:>8.2f}{m['Precision']:>11.2f}"
-                f"{m['Recall']:>8.2f}")
+        run.log("WARNING: --mask-source-eval oracle feeds the ground truth into Eq. 1 at test "
+                "time; these numbers are a diagnostic and NOT reportable")
+    metrics = {group: evaluate(model, dataset, run.device, args.eval_resolution, args.oracle,
+                               args.batch_size, args.amp,
+                               save_dir=run.folder() / "predictions" / group)
+               for group, dataset in tests.items()}
+    for mode in sorted(("per-image", "global"), key=lambda mode: mode != args.metric_mode):
+        run.log(f"{'test set':<16}" + "".join(f"{c:>11}" for c in ("F1", "IoU", "Precision",
+                "Recall")) + f"   (%, {mode}, {args.eval_resolution} resolution)")
+        for group, m in metrics.items():
+            run.log(f"{group:<16}" + "".join(f"{v:>11.2f}" for v in m[mode].values()))
     if args.oracle:
         metrics["NOT_REPORTABLE"] = "oracle: ground truth used as I_m of Eq. 1 at test time"
     run.save_json("test_metrics.json", metrics)
@@ -781,111 +836,59 @@ def test_all(model, tests, args, run):
 def main(argv=None):
     """Train, validate and test MFEL (or --bench / --predict / --eval); returns the metrics.
 
-    The flow reads top to bottom like nanoGPT's train.py: flags, data, model, optimiser and
-    schedule, the epoch loop (train, validate, checkpoint), then the test with best.pt.
+    The flow reads top to bottom like nanoGPT's train.py: flags, data, model, optimiser, the
+    epoch loop (train, validate, checkpoint), then the test of the checkpoint --select names.
     """
     args = parse_args(argv)
     common.seed_everything(args.seed)
     run = common.Run(args, "mfel")
-    run.log(f"preset {args.preset} ({args.preset_reason}), img_size {args.img_size}, epochs "
-            f"{args.epochs}, batch {args.batch_size}, lr {args.lr} -> {args.min_lr}, warm-up "
-            f"{args.warmup_epochs} epochs, device {run.device}, out {run.out}")
     if args.bench:
         return bench(args, run)
     if args.predict:
         return predict_folder(args, run)
-
-    if args.eval:  # first, so that the data comes at the checkpoint's img_size
-        model, _ = from_checkpoint(args.eval, args, run)
-    extra = {Path(p).name or p: external_test_set(p, args.img_size, args.instance)
-             for p in args.test_data}
-    if args.eval and args.data == "toy" and extra:  # e.g. --eval isic.pt --test-data PH2
-        return test_all(model, extra, args, run)
-    data = common.load_data(args, "binary", augment=augment, toy_sizes=TOY_RECIPE["toy_sizes"],
-                            instance=args.instance, mean=INPUT_MEAN, std=INPUT_STD)
-    tests = {**data["test"], **extra}
-    run.log(f"data: {data['source']}; train {len(data['train'])}, val "
-            f"{len(data['val']) if data['val'] else 0}, test "
-            + ", ".join(f"{g} {len(d)}" for g, d in tests.items())
-            + (" (GlaS: instance masks binarised)" if args.glas else ""))
-    if data["splits"] is not None:
-        run.save_json("splits.json", data["splits"])
+    checkpoint = None
+    if args.eval or args.resume:  # first, so that the data comes at the checkpoint's img_size
+        flag = "--eval" if args.eval else "--resume"
+        model, checkpoint = from_checkpoint(args.eval or args.resume, args, run, flag)
+    data, tests = load_mfel_data(args, run)
     if args.eval:
         return test_all(model, tests, args, run)
-
-    config = model_config(args)
-    if args.resume:  # the network as it was saved, whatever the flags say
-        resumed = common.load_checkpoint(args.resume, "mfel")
-        config = resumed["model_config"]
-    model = model_from(config).to(run.device)
-    if args.pretrained == "auto":
-        run.log("--pretrained auto: MFEL has no published weights or pretrained backbone "
-                "(spec 0); training from scratch")
-    elif args.pretrained != "none":
-        state = common.load_checkpoint(args.pretrained)
-        load_weights(model, state["model"], args.pretrained)
-        run.log(f"initialised from {args.pretrained}")
-    params = sum(p.numel() for p in model.parameters())
-    run.log(f"MFEL: {params / 1e6:.3f} M parameters, switches {config['switches']}")
-    run.save_json("config.json", {**vars(args), "model_config": config, "params": params,
-                                  "preset_values": asdict(PRESETS[config["preset"]]),
-                                  "data_source": data["source"], "device": str(run.device)})
+    if checkpoint is None:
+        model = model_from(model_config(args)).to(run.device)
+    settings = initialise(model, args, data, run, fresh=checkpoint is None)
     net = model  # what trains; `model` (unwrapped) is what validates, tests and is saved
     if run.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    loader = common.make_loader(data["train"], args.batch_size, train=True,
-                                workers=args.workers, seed=args.seed)
-    steps_per_epoch = min(len(loader), args.limit_batches or len(loader))
+    loader = train_loader(data["train"], args)
+    steps = min(len(loader), args.limit_batches or len(loader))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # Sec. 4.1.3
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
-        step, args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch),
-        args.lr, args.min_lr))
-    scaler = torch.amp.GradScaler("cuda") if args.amp and run.device.type == "cuda" else None
-    start, best = 0, -1.0
-    if args.resume:
-        load_weights(model, resumed["model"], args.resume)
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        start, best = resumed["epoch"] + 1, resumed["best"]
-        run.log(f"resumed {args.resume} at epoch {start}")
-    if data["val"] is None:
-        run.log("no validation set: best.pt is the last epoch (the paper reports the last)")
+    scaler = torch.amp.GradScaler(run.device.type, enabled=args.amp and run.device.type == "cuda")
+    start = run.restore(checkpoint, model, optimizer, scaler) if checkpoint else 0
 
     for epoch in range(start, args.epochs):
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         tic = time.time()
-        losses = train_one_epoch(net, loader, optimizer, scheduler, run.device,
-                                 args.mask_source_train, args.coarse_weight, args.amp, scaler,
-                                 args.limit_batches, run.is_main)
+        losses = train_one_epoch(net, loader, optimizer, lambda step: lr_at(epoch, step, steps,
+                                 args), run.device, args.mask_source_train, args.coarse_weight,
+                                 args.amp, scaler, args.limit_batches, run.is_main)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-               "train_loss": losses.get("loss", math.nan),
-               **{f"loss_{k}": v for k, v in losses.items() if k != "loss"}}
-        score = float(epoch)  # no validation: the last epoch is the best
-        if data["val"] is not None and run.is_main:  # rank 0 validates, the others wait below
-            val = evaluate(model, data["val"], run.device, args.metric_mode, "network",
-                           False, args.batch_size, args.amp)
-            row["val_dice"] = score = val["F1"]
+               **{f"loss_{k}" if k != "loss" else "train_loss": v for k, v in losses.items()}}
+        score = None  # no validation: best.pt is the last epoch
+        if data["val"] is not None and run.is_main:  # rank 0 validates, the others wait
+            row["val_dice"] = score = evaluate(model, data["val"], run.device, "network",
+                                               False, args.batch_size,
+                                               args.amp)[args.metric_mode]["F1"]
         row["seconds"] = time.time() - tic
-        run.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                         for k, v in row.items()))
-        run.log_epoch(row)
-        improved = score > best
-        best = max(best, score)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
-                 "config": vars(args), "preset": config["preset"], "model_config": config}
-        run.checkpoint("last.pt", state)
-        if improved:
-            run.checkpoint("best.pt", state)
-        run.barrier()
+        run.end_epoch(epoch, row, {"model": model.state_dict(), "config": settings,
+                                   "optimizer": optimizer.state_dict(), "preset": args.preset,
+                                   "scaler": scaler.state_dict(),
+                                   "model_config": model_config(args)}, score)
 
     metrics = {}
     if run.is_main:
-        best_state = common.load_checkpoint(run.out / "best.pt", "mfel")
-        model.load_state_dict(best_state["model"])
-        run.log(f"testing best.pt (epoch {best_state['epoch']})")
+        model.load_state_dict(run.final_weights(args.select))
         metrics = test_all(model, tests, args, run)
     run.barrier()
     run.close()

@@ -4,12 +4,11 @@ Li, Tang, Chu, Yang, Yu, "ReSeg-UNet: A Reconstruction-Guided Optimization Frame
 Medical Image Segmentation", MICCAI 2025. Code: https://github.com/Li-gzhu/ReSeg-UNet (UNet.zip;
 only the U-Net variant is released; its facts are in ../shared/specs/reseg_unet.md, "spec n").
 
-Idea. Stage 1 trains a plain U-Net to *reconstruct*: it is fed the ground-truth label map and
-regressed with 0.6 MSE + 0.4 L1. Its weights are then frozen. Stage 2 trains a second U-Net of the
-same shape to segment the image, and pulls its features towards the frozen network's features
-of the same slice's label map, crosswise: reconstruction encoder <-> segmentation decoder,
-reconstruction decoder <-> segmentation encoder, and the middle features. The alignment costs
-only a forward pass of the frozen net at training time; inference is the plain U-Net.
+Idea. Stage 1 trains a U-Net to reconstruct the image from the ground-truth label map (0.6
+MSE + 0.4 L1), then freezes it. Stage 2 trains a second U-Net of the same shape to segment, and
+pulls its features towards the frozen net's features of the same slice's label map, crosswise:
+recon encoder <-> seg decoder, recon decoder <-> seg encoder, and the bottlenecks. Inference is
+the plain U-Net.
 
 Equation map (paper number -> code):
     Eq. (1) -> mse_loss
@@ -23,8 +22,9 @@ Equation map (paper number -> code):
 The metrics (Dice, HD95 per volume and organ) are common.VolumeMeter's (common.dice, common.hd95).
 
 Symbols (B batch, K classes, level l = 1 deepest .. 3 shallowest, spec 3.2):
-    x_hat                  labels / recon target       (B, H, W) ids; target (B, K, H, W)
-    x                      recon (recon-net logits)    (B, K, H, W)
+    (stage-1 input)        labels                      (B, H, W) ids, read as intensities
+    x_hat                  recon_target(...)           (B, K, H, W): the slice on K channels
+    x                      recon-net logits            (B, K, H, W)
     alpha, beta            --alpha, --beta             0.6, 0.4 (Eq. 3)
     F^l_{Recon-E}          rec.encoder[3 - l]          (B, C_l, H/2^(4-l), W/2^(4-l))
     F^l_{Seg-D}            seg.decoder[l - 1]          same shape as F^l_{Recon-E}
@@ -32,50 +32,76 @@ Symbols (B batch, K classes, level l = 1 deepest .. 3 shallowest, spec 3.2):
     F_in                   .mid: x5 (bottleneck, (B, 16 C_1, H/16, W/16)) or u1 (authors)
     lambda                 --lam                       0.035 (Eq. 8)
 
-Deviations, each with its switch (--as-released sets all three of the first to the authors'):
-  - Stage-1 target. The paper reconstructs the ground truth from itself (Eqs. 1-3, x_hat = GT);
-    the code maps the label map to the CT/MR *image*, broadcast over the K output channels
-    (spec 7.1). Default: the paper's, read as the one-hot GT (B, K, H, W) against the K-channel
-    head, because the paper is what a student reads next to this file and the head already has K
-    channels; the network's input is the code's (raw ids as intensities), so checkpoints are
-    interchangeable. `--recon-target image` gives the code's label -> image synthesis.
-  - Eq. (6) feature. Paper: the bottleneck (x5, 16 C_1 channels at 1/16). Code: the first decoder
-    stage u1, which Eq. (4) already pulls once (spec 7.2). `--mid-feature up1` for the code's.
-  - Frozen reconstruction net. Paper: frozen, "no parameter updates", read as eval-mode BN.
-    Code: requires_grad off but BN left in training mode (spec 2.4). `--recon-bn batch`.
-  - Fig. 4(a) ablations (`--align-groups`) keep Eq. (7)'s division by 3 (the paper says nothing).
+Protocol, one row per data set (the row that applies is printed at start-up):
+  [synapse] Tab. 1. Split: TransUNet's lists, 18 train volumes (2,211 slices) / 12 test
+    volumes, no validation (spec 6.1). Weights: none, the U-Net is trained from scratch (Sec.
+    3.2). Recipe, each stage: stage 1 150 epochs (--recon-epochs), stage 2 150 (--epochs);
+    batch 24; SGD lr 0.01, momentum 0.9, wd 1e-4, poly 0.9 per iteration; 224 x 224;
+    TransUNet's augmentation (rot90 + flip, or +-20 deg) and cubic resize (spec 5). Tested: the
+    last epoch (the authors hand-picked one, spec 6.3). Evaluation: per volume and organ, Dice
+    and HD95 in voxels, TransUNet's test (cubic in, nearest out, empty-organ rule), mean over
+    volumes, then over the 8 organs.
+  [acdc] Tab. 2. Split: MT-UNet's package, 70 / 10 / 20 cases (paper: 1,930 train slices; the
+    package has 1,304, spec 2.4). Weights: none. Recipe: as Synapse; stage 2 150 epochs, the
+    paper's "baseline's" (the authors' script: 400, --epochs 400). Tested: best validation Dice
+    (ours; the authors chose by test score, spec 6.3). Evaluation: per volume Dice of RV, Myo,
+    LV, as Synapse.
+  [other] Your data (not in the paper). Split: the layout's own, or a seeded --val-fraction of
+    train. K = 1 + the largest label id in every label map, counted at discovery. Weights: none.
+    Recipe and evaluation: as Synapse. Tested: best validation Dice, else the last epoch.
+  [toy] Built-in Synapse-like slices (ours). Split: 400 / 48 / 48 slices. Weights: none. Recipe:
+    stage 1 2 epochs, stage 2 6, batch 8, lr 0.05, 64 x 64, no augmentation. Tested: best
+    validation Dice. Evaluation: one-slice volumes, organs absent from both maps skipped.
+  Reproducing Tab. 1 as the authors ran it: add `--as-released` (= `--mid-feature up1`; the
+  other two defaults below already are the authors').
+
+Readings of the paper and departures, each with its switch:
+  - Stage-1 target: the image (default). Sec. 2.2 feeds the GT in for "image reconstruction",
+    comparing the "reconstructed image" with the "ground truth image" and keeping "edge and
+    texture features" (a label map has none); the authors' code regresses the CT/MR slice on
+    all K output channels (spec 2.1; RGB data: the channel mean). `--recon-target gt`: x_hat
+    read as the one-hot label map (GT -> GT).
+  - Eq. (6): the bottleneck x5 (default; Sec. 2.3 "the bottleneck layer"). The authors' code
+    aligns u1, which Eq. (4) already pulls (spec 3.2): `--mid-feature up1`, behind Tab. 1.
+  - Frozen net's BatchNorm: batch statistics (default, the authors' code, spec 2.4). The paper's
+    frozen is "no parameter updates", true either way. `--recon-bn eval`: running statistics.
+  - Fig. 4(a) ablations (`--align-groups`) keep Eq. (7)'s division by 3 (the paper is silent).
   - Stage 2 loads the *final* stage-1 weights (recon_last.pt), as the authors' code does.
-  - Augmentation: TransUNet's (rot90 + flip, or a +-20 degree rotation), drawn from Python's
-    `random`; slices are resized bilinearly by common.SliceDataset (TransUNet: cubic). On the toy
-    data it is off by default, since flips swap its left/right classes (`--augment on`).
-  - Model selection: best validation Dice where a validation set exists, else the last epoch
-    (the authors chose an epoch by hand on Synapse and by test score on ACDC, spec 6.3).
-  - Toy test "volumes" are single slices missing 0-4 organs, so they are scored with
-    VolumeMeter's "skip" convention (an organ absent from prediction and truth is left out);
-    TransUNet's (both empty -> Dice 0, spec 6.3) would cap the toy score near 0.75. Real data:
-    TransUNet's, as the paper.
+  - Slices are resized as TransUNet does (scipy zoom: cubic image, nearest labels), in training
+    and test; `--resize bilinear`: common.py's torch resize. Augmentation draws from the
+    dataset's `random.Random` (TransUNet: NumPy); off on toy data (flips swap its L/R classes).
+  - Paired baseline (ours): stage 2 draws its initial weights and data order from its own seed,
+    so `--lam 0` (no stage 1) starts stage 2 as the ReSeg run does; `--compare` runs both.
+  - No schedule in checkpoints: each iteration's lr comes from (iteration, epochs), so
+    `--resume --epochs LARGER` follows the new total from the next epoch on.
+  - Toy test "volumes" are one slice missing 0-4 organs: scored with VolumeMeter's "skip" rule
+    (absent from prediction and truth: left out); TransUNet's (Dice 0) on real data.
 
 Run:
     python reseg_unet.py                      # toy data, both stages: ~2 min on an idle 2-core CPU
-    python reseg_unet.py --data data/Synapse --dataset synapse       # paper recipe (150 + 150)
-    python reseg_unet.py --data ACDC --dataset acdc --epochs 400     # authors' ACDC stage 2
-    python reseg_unet.py --stage recon --out runs/r                  # stage 1 only
-    python reseg_unet.py --stage seg --recon-ckpt runs/r/recon_last.pt
-    python reseg_unet.py --lam 0                                      # the plain U-Net baseline
+    python reseg_unet.py --compare            # ReSeg and the --lam 0 baseline, paired; Delta
+    python reseg_unet.py --data data/Synapse --dataset synapse    # Tab. 1 recipe (150 + 150)
+    python reseg_unet.py --data data/Synapse --as-released        # the authors' exact variant
+    python reseg_unet.py --data ACDC --dataset acdc --epochs 400  # the authors' ACDC stage 2
+    python reseg_unet.py --stage recon --recon-epochs 150 --out runs/r            # stage 1 only
+    python reseg_unet.py --stage seg --recon-ckpt runs/r/recon_last.pt            # stage 2 only
     python reseg_unet.py --eval runs/reseg_unet/<time>/best.pt
     python reseg_unet.py --predict my_pngs/ --checkpoint best.pt
     python reseg_unet.py --bench                                      # paper preset, 224 x 224
 """
-import argparse
-import json
 import os
-import sys
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+# before torch loads OpenMP (common.py, "Threads")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: threads that
-# spin while waiting made a toy training step 15x slower on our shared 2-core machine
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections import namedtuple  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -194,16 +220,9 @@ class OutConv(nn.Module):
 # ==== 4. Model ====
 
 
-class UNetOutput(tuple):
-    """(logits, mid, encoder, decoder), a tuple like the authors' 4-tuple, with names."""
-
-    def __new__(cls, logits, mid, encoder, decoder):
-        return super().__new__(cls, (logits, mid, encoder, decoder))
-
-    logits = property(lambda self: self[0])
-    mid = property(lambda self: self[1])
-    encoder = property(lambda self: self[2])  # [x2, x3, x4, x5], shallow -> deep
-    decoder = property(lambda self: self[3])  # [u1, u2, u3], deep -> shallow
+# The authors' 4-tuple, with names: encoder [x2, x3, x4, x5] shallow -> deep, decoder [u1, u2,
+# u3] deep -> shallow, mid F_in of Eq. (6).
+UNetOutput = namedtuple("UNetOutput", "logits mid encoder decoder")
 
 
 class ReSegUNet(nn.Module):
@@ -266,21 +285,20 @@ def build_model(preset="paper", num_classes=9, role="seg", as_released=False, **
     return ReSegUNet(num_classes, role=role, **settings)
 
 
-def load_released_weights(model, path):
-    """Load a plain state_dict of the authors' code (e.g. epoch_149.pth) or our checkpoint."""
+def load_released_weights(model, path, flag="--pretrained"):
+    """Load the authors' plain state_dict (epoch_149.pth; DataParallel's 'module.' dropped) or
+    one under 'model'; strict keys and shapes. Never runs code from the file: a pickled full
+    model or a list is refused in one line."""
+    obj = common.load_weights(path, flag)
+    tensors = common.tensor_dict(obj)
+    if not tensors:
+        common.fail(f"{flag} {path}: holds a {type(obj).__name__}, not a state_dict of tensors "
+                    "(save model.state_dict(), not the model or a list)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        common.fail(f"weights file not found: {path}")
-    except Exception as error:
-        common.fail(f"cannot read weights {path}: {type(error).__name__}")
-    if isinstance(state, dict) and "model" in state:
-        state = state["model"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel saves
-    try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict({k.removeprefix("module."): v for k, v in tensors.items()})
     except RuntimeError as error:
-        common.fail(f"{path} does not fit this U-Net: {str(error).splitlines()[1].strip()}")
+        common.fail(f"{flag} {path}: does not fit this U-Net: "
+                    f"{str(error).splitlines()[1].strip()}")
     return model
 
 
@@ -307,15 +325,15 @@ def recon_loss(x, x_hat, alpha=0.6, beta=0.4):
     return alpha * mse_loss(x, x_hat) + beta * l1_loss(x, x_hat)  # Eq. (3)  a L_MSE + b L_L1
 
 
-def recon_target(labels, images, num_classes, target="gt"):
-    """x_hat of Eqs. (1)-(3): the one-hot GT (paper) or the image on every channel (code).
+def recon_target(labels, images, num_classes, target="image"):
+    """x_hat of Eqs. (1)-(3): the image on every channel (code, default) or the one-hot GT.
 
     labels (B, H, W) int, images (B, 3, H, W) -> (B, K, H, W) float.
     """
-    if target == "gt":
+    if target == "gt":  # the GT -> GT reading of Sec. 2.2
         return F.one_hot(labels, num_classes).permute(0, 3, 1, 2).float()  # (B, K, H, W)
-    # Deviation (authors' code): label -> image synthesis; the gray image is broadcast over K
-    return images[:, :1].expand(-1, num_classes, -1, -1)  # (B, K, H, W)
+    gray = images.float().mean(dim=1, keepdim=True)  # (B, 1, H, W): the slice (RGB: the mean)
+    return gray.expand(-1, num_classes, -1, -1)  # (B, K, H, W), broadcast as the authors do
 
 
 def feature_mse(f_recon, f_seg):
@@ -405,22 +423,81 @@ def transunet_augment(image, label, rng):
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
+def zoom_to(array, shape, order):
+    """scipy.ndimage.zoom of a 2-D map to `shape` (TransUNet's resize); a no-op at that shape."""
+    from scipy.ndimage import zoom
+    if array.shape[:2] == tuple(shape):
+        return array
+    return zoom(array, (shape[0] / array.shape[0], shape[1] / array.shape[1]), order=order)
+
+
+class SlicePrep:
+    """TransUNet's RandomGenerator for a gray slice: augment (optional), then resize to S x S.
+
+    Cubic for the image and nearest for the labels (spec 5.2, step 3), so common.SliceDataset's
+    own bilinear resize finds the slice at its size and does nothing. RGB images (PNG pairs)
+    arrive resized already and only get the augmentation.
+    """
+
+    def __init__(self, size, augment=None, resize="cubic"):
+        self.size, self.augment, self.resize = size, augment, resize
+
+    def __call__(self, image, label, rng):
+        if self.augment is not None:
+            image, label = self.augment(image, label, rng)
+        if self.resize == "cubic" and image.ndim == 2:
+            image = zoom_to(image, (self.size, self.size), 3)  # order 3, as TransUNet
+            label = zoom_to(label, (self.size, self.size), 0)
+        return image, label
+
+
+def label_maps(dataset):
+    """Every label map of a data set as stored, without augmentation (for counting ids)."""
+    for index in range(len(dataset)):
+        if isinstance(dataset, common.SliceDataset):  # read the file: no augment, no resize
+            yield common._read_npz_or_h5(dataset.files[index])[1]
+        else:  # VolumeDataset (image, labels, name); PairDataset.full (image, labels)
+            yield (dataset[index] if isinstance(dataset, common.VolumeDataset)
+                   else dataset.full(index))[1]
+
+
+def dataset_kind(args):
+    """synapse / acdc / toy / other: --dataset, else the data folder's name."""
+    if args.dataset != "auto":
+        return args.dataset
+    lowered = str(args.data).lower()
+    return ("toy" if args.data == "toy" else "synapse" if "synapse" in lowered
+            else "acdc" if "acdc" in lowered else "other")
+
+
 def resolve_classes(args, data):
-    """(K, class names, note) from --dataset, the data folder's name, or the largest label id."""
-    kind = args.dataset
-    if kind == "auto":
-        lowered = str(args.data).lower()
-        kind = ("toy" if args.data == "toy" else "synapse" if "synapse" in lowered
-                else "acdc" if "acdc" in lowered else "scan")
+    """(K, class names, note): the paper's names, or K counted from every label map; checked.
+
+    Unnamed data: K = 1 + the largest id in any training, validation or test label map, so a
+    rare class in a few slices cannot crash training later. Named data (and the toy set) are
+    not scanned; train_one_epoch stops with one line at a batch holding an id >= K.
+    """
+    kind = dataset_kind(args)
     if kind in CLASS_NAMES:
         names = CLASS_NAMES[kind]
         return len(names) + 1, names, f"{kind} classes"
-    train = data["train"]  # unnamed data: K = 1 + the largest id in (up to) 200 training items
-    picks = np.unique(np.linspace(0, len(train) - 1, min(200, len(train))).astype(int))
-    top = max(int(train[int(i)]["mask"].max()) for i in picks)
+    sets = [data["train"], data["val"], *data["test"].values()]
+    top = -1
+    for dataset in (s for s in sets if s is not None):
+        for labels in label_maps(dataset):
+            if labels.min() < 0:
+                common.fail(f"--data {args.data}: a label map holds the negative id "
+                            f"{int(labels.min())}")
+            top = max(top, int(labels.max()))
     if top < 1:
-        common.fail(f"--data {args.data}: no foreground label found in the training label maps")
-    return top + 1, [f"class{c}" for c in range(1, top + 1)], "classes counted from the labels"
+        common.fail(f"--data {args.data}: no foreground label found in the label maps")
+    return top + 1, [f"class{c}" for c in range(1, top + 1)], "counted in every label map"
+
+
+def protocol_row(kind):
+    """The docstring's protocol row for a data-set kind (synapse, acdc, other, toy), one line."""
+    row = re.search(rf"\n  \[{kind}\] (.*?)\n(?!    )", __doc__, re.S).group(1)
+    return f"protocol [{kind}] " + " ".join(row.split())
 
 
 def test_cases(dataset):
@@ -453,25 +530,36 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device, args, stage="seg",
-                    recon_net=None, scaler=None, show=True):
+def poly_lr(base_lr, iteration, total_iterations, power=0.9):
+    """Poly decay of spec 5.1: lr = lr_0 (1 - it / max_it)^power, per iteration."""
+    return base_lr * max(0.0, 1 - iteration / total_iterations) ** power
+
+
+def train_one_epoch(model, loader, optimizer, device, args, stage="seg", recon_net=None,
+                    scaler=None, show=True, iteration=0, total_iterations=1):
     """One epoch of stage 1 (`stage="recon"`, model = recon net) or stage 2 (model = seg net).
 
     In stage 2 `recon_net` is the frozen reconstruction net, fed the same batch's label maps
     (after the same augmentation, spec 3.1): it needs the ground truth, so it runs only while
-    training and inference is the plain U-Net. The poly schedule steps every iteration.
+    training and inference is the plain U-Net. The lr of every step is computed from
+    (iteration, total_iterations), never stored, so a resumed run follows a new --epochs.
     Returns {'loss', 'align'} averaged over batches.
     """
     model.train()
-    if recon_net is not None:  # eval BN (paper: frozen) or batch statistics (code, spec 2.4)
+    if recon_net is not None:  # batch statistics (code, spec 2.4) or the running ones
         recon_net.train(args.recon_bn == "batch")
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     totals, count = {"loss": 0.0, "align": 0.0}, 0
     for step, batch in enumerate(common.progress(loader, f"{stage} train", show)):
         if args.limit_batches and step >= args.limit_batches:
             break
+        common.set_lr(optimizer, poly_lr(args.lr, iteration + step, total_iterations,
+                                  PAPER_RECIPE["poly_power"]))
         images = batch["image"].to(device)  # (B, 3, H, W)
         labels = batch["mask"].to(device)  # (B, H, W) ids
+        if int(labels.max()) >= args.num_classes:
+            common.fail(f"--data {args.data}: a label map holds id {int(labels.max())}, but "
+                        f"{args.num_classes} classes were set (--dataset {args.dataset})")
         with autocast(device, args.amp):
             if stage == "recon":  # Fig. 1(a): the label map in, the target out
                 x = model(labels).logits.float()  # (B, K, H, W)
@@ -484,12 +572,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, args, stage="se
                     with torch.no_grad():  # constant targets; the frozen net gets no gradient
                         rec = recon_net(labels)
                 loss, align = total_loss(seg, labels, rec, args.lam, args.align_groups,
-                                         args.ce_weight, args.dice_weight)
+                                         PAPER_RECIPE["ce_weight"], PAPER_RECIPE["dice_weight"])
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
         totals["loss"] += loss.item()
         totals["align"] += align
         count += 1
@@ -523,22 +610,31 @@ def validate(model, dataset, args, device, stage="seg"):
 
 
 @torch.no_grad()
-def predict(model, image, img_size, device, rgb=False):
-    """Label map of one test case at its own size, slice by slice (as TransUNet's test).
+def predict(model, image, img_size, device, rgb=False, resize="cubic"):
+    """Label map of one test case at its own size, slice by slice (TransUNet's test, spec 6.3).
 
-    image: a volume (D, H, W) float (or one slice (H, W)) -> (D, H, W) int64; or, with
-    rgb=True, a uint8 RGB image (H, W, 3) normalised as in training -> (H, W) int64.
+    image: a volume (D, H, W) float (or one slice (H, W)) -> (D, H, W) int64: each slice is
+    resized to S x S (cubic, or bilinear with resize="bilinear"), argmax, nearest back to H x W.
+    With rgb=True: a uint8 RGB image (H, W, 3) normalised as in training -> (H, W) int64.
     """
     model.eval()
     logits_fn = lambda x: model(x).logits  # noqa: E731  (n, 3, S, S) -> (n, K, S, S)
-    if not rgb:
-        volume = image[None] if image.ndim == 2 else image
+    if rgb:
+        x = common.resize_image(image, img_size).astype(np.float32) / 255.0
+        x = (x - np.array(common.IMAGENET_MEAN)) / np.array(common.IMAGENET_STD)
+        x = torch.from_numpy(x.transpose(2, 0, 1)).float()[None].to(device)  # (1, 3, S, S)
+        pred = logits_fn(x).argmax(1)[0].cpu().numpy()  # (S, S)
+        return common.resize_mask(pred, 0, image.shape[:2])
+    volume = image[None] if image.ndim == 2 else image
+    if resize == "bilinear":
         return common.predict_volume(logits_fn, volume, img_size, 3, device)
-    x = common.resize_image(image, img_size).astype(np.float32) / 255.0
-    x = (x - np.array(common.IMAGENET_MEAN)) / np.array(common.IMAGENET_STD)
-    x = torch.from_numpy(x.transpose(2, 0, 1)).float()[None].to(device)  # (1, 3, S, S)
-    pred = logits_fn(x).argmax(1)[0].cpu().numpy()  # (S, S)
-    return common.resize_mask(pred, 0, image.shape[:2])
+    labels = []
+    for start in range(0, len(volume), 16):
+        chunk = [zoom_to(s, (img_size, img_size), 3) for s in volume[start:start + 16]]
+        x = torch.from_numpy(np.stack(chunk).astype(np.float32))[:, None].to(device)
+        pred = logits_fn(x).argmax(1).cpu().numpy()  # (n, S, S); the 1 channel is repeated
+        labels += [zoom_to(p, volume.shape[1:], 0) for p in pred]
+    return np.stack(labels)
 
 
 def evaluate(model, dataset, args, device, pred_dir=None, max_overlays=50):
@@ -554,7 +650,7 @@ def evaluate(model, dataset, args, device, pred_dir=None, max_overlays=50):
     rgb = isinstance(dataset, common.PairDataset)
     overlays = 0
     for image, labels, name in test_cases(dataset):
-        pred = predict(model, image, args.img_size, device, rgb)
+        pred = predict(model, image, args.img_size, device, rgb, args.resize)
         pred = pred.reshape(labels.shape)
         meter.update(pred, labels)
         if pred_dir is None:
@@ -572,9 +668,6 @@ def evaluate(model, dataset, args, device, pred_dir=None, max_overlays=50):
 
 def predict_folder(args, saved, run):
     """--predict DIR: one label-map PNG per image in DIR, from a stage-2 checkpoint."""
-    if saved.get("stage") != "seg":
-        common.fail(f"{args.checkpoint} is a stage-1 (reconstruction) checkpoint: "
-                    "--predict needs a segmentation checkpoint (best.pt / last.pt)")
     files = common.list_images(args.predict)
     model = build_model(args.preset, args.num_classes, mid_feature=args.mid_feature)
     model.load_state_dict(saved["model"])
@@ -628,18 +721,18 @@ def build_parser():
                        help="MSE weight of Eq. (3) (paper: 0.6)")
     group.add_argument("--beta", type=float, default=PAPER_RECIPE["beta"],
                        help="L1 weight of Eq. (3) (paper: 0.4)")
-    group.add_argument("--ce-weight", type=float, default=PAPER_RECIPE["ce_weight"],
-                       help="CE weight in L_Seg (paper: 0.5, TransUNet's)")
-    group.add_argument("--dice-weight", type=float, default=PAPER_RECIPE["dice_weight"],
-                       help="Dice weight in L_Seg (paper: 0.5, TransUNet's)")
-    group.add_argument("--recon-target", choices=["gt", "image"], default=None,
-                       help="stage-1 target: gt (paper, default) or image (authors' code)")
+    group.add_argument("--recon-target", choices=["image", "gt"], default=None,
+                       help="stage-1 target: image (Sec. 2.2 + authors' code, default) or gt")
     group.add_argument("--mid-feature", choices=["bottleneck", "up1"], default=None,
                        help="F_in of Eq. (6): bottleneck (paper, default) or up1 (authors')")
-    group.add_argument("--recon-bn", choices=["eval", "batch"], default=None,
-                       help="frozen net's BN: eval (paper, default) or batch (authors' code)")
+    group.add_argument("--recon-bn", choices=["batch", "eval"], default=None,
+                       help="frozen net's BN: batch statistics (authors' code, default) or eval")
     group.add_argument("--as-released", action="store_true",
-                       help="all three of the authors' variants (recon target, F_in, BN mode)")
+                       help="the authors' code exactly (= --mid-feature up1; Tab. 1)")
+    group.add_argument("--compare", action="store_true",
+                       help="run ReSeg and the paired --lam 0 baseline; print the Delta")
+    group.add_argument("--resize", choices=["cubic", "bilinear"], default="cubic",
+                       help="slice resizing: cubic (TransUNet's, spec 5.2 / 6.3) or bilinear")
     group.add_argument("--augment", choices=["auto", "on", "off"], default="auto",
                        help="TransUNet augmentation (auto: on for real data, off for toy)")
     group.add_argument("--toy-sizes", default=None, metavar="TRAIN,VAL,TEST",
@@ -647,15 +740,9 @@ def build_parser():
     return parser
 
 
-def explicit_flags(parser, argv):
-    """Destinations of the flags typed on the command line (they win over a checkpoint's)."""
-    typed = {a.split("=")[0] for a in argv if a.startswith("--")}
-    return {action.dest for action in parser._actions if typed & set(action.option_strings)}
-
-
 def finish_method_args(args):
     """Resolve the paper switches after common.finish_args; stop on bad values."""
-    variants = ("image", "up1", "batch") if args.as_released else ("gt", "bottleneck", "eval")
+    variants = ("image", "up1", "batch") if args.as_released else ("image", "bottleneck", "batch")
     for name, value in zip(("recon_target", "mid_feature", "recon_bn"), variants):
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -678,152 +765,197 @@ def finish_method_args(args):
         common.fail(f"--toy-sizes {args.toy_sizes}: give three positive counts, e.g. 80,8,8")
     args.toy_sizes = sizes
     args.aligned = args.lam > 0 and bool(args.align_groups)
+    if args.stage == "recon" and not args.aligned:
+        common.fail("--stage recon with --lam 0 (or no --align-groups): nothing to train")
+    if args.stage == "seg" and args.aligned and not (args.recon_ckpt or args.resume):
+        common.fail("--stage seg needs --recon-ckpt FILE (stage-1 weights), or --lam 0 for "
+                    "the plain baseline")
     return args
 
 
-def load_recon_net(args, path):
-    """The frozen stage-1 network from our recon checkpoint or an authors' state_dict."""
+def load_ours(path, flag, stage=None):
+    """One of our checkpoints, its stage checked (recon_*.pt: "recon"; best/last.pt: "seg")."""
+    expect = {"stage": stage} if stage else {}
+    return common.load_checkpoint(path, SCRIPT, flag, **expect)
+
+
+ARCHITECTURE = ("num_classes", "class_names", "input_kind")  # with the preset: the network
+
+
+def load_recon_net(args, path, flag="--recon-ckpt"):
+    """The frozen stage-1 network: our recon checkpoint (stage and architecture checked) or
+    the authors' plain state_dict (strict keys and shapes)."""
     net = build_model(args.preset, args.num_classes, role="recon", mid_feature=args.mid_feature)
-    load_released_weights(net, path)
+    obj = common.load_weights(path, flag)
+    if not (isinstance(obj, dict) and "script" in obj):  # not ours: the authors' epoch_149.pth
+        return load_released_weights(net, path, flag).requires_grad_(False)
+    state = common.load_checkpoint(path, SCRIPT, flag, stage="recon")
+    common.adopt_config(args, state, ["num_classes"], {"num_classes", "preset"}, flag)  # = ours?
+    net.load_state_dict(state["model"])
     return net.requires_grad_(False)
 
 
-def run_stage(stage, model, data, args, run, recon_net=None, resume=None):
-    """The training loop of one stage; checkpoints recon_last/recon_best.pt or last/best.pt.
+def stage_seed(args, stage):
+    """Each stage's own seed: stage 2 starts alike whether or not stage 1 ran (paired --lam 0)."""
+    return args.seed + {"recon": 1_000, "seg": 2_000}[stage]
 
-    Both stages use the same recipe (spec 2.3, 3.5): SGD with momentum, poly decay, the
-    baseline's batch size. Validation keeps the best epoch (lowest stage-1 loss, highest
-    stage-2 Dice); without a validation set (Synapse) the last epoch is the best. Each stage
-    keeps its own checkpoints, so `--resume` of either file continues that stage.
-    Returns the best score (stage 1: minus the loss).
+
+def new_model(args, role):
+    """A freshly initialised U-Net for a stage, drawn from that stage's seed."""
+    common.seed_everything(stage_seed(args, "recon" if role == "recon" else "seg"))
+    return build_model(args.preset, args.num_classes, role=role, mid_feature=args.mid_feature)
+
+
+def run_stage(stage, model, data, args, run, recon_net=None, resume=None):
+    """The training loop of one stage: recon_last / recon_best.pt, or last / best.pt.
+
+    Both stages use the same recipe (spec 2.3, 3.5): a fresh SGD with momentum, poly decay per
+    iteration, the baseline's batch size, data order and augmentation from the stage's own
+    seed. Validation keeps the best epoch (lowest stage-1 loss, highest stage-2 Dice); without
+    a validation set (Synapse) the last epoch is the best. Each stage keeps its own files, so
+    `--resume` of either continues that stage.
     """
-    prefix, epochs = ("recon_", args.recon_epochs) if stage == "recon" else ("", args.epochs)
-    device = run.device
+    recon = stage == "recon"
+    epochs = args.recon_epochs if recon else args.epochs
     if run.distributed:
         model = nn.parallel.DistributedDataParallel(model)
-    # a fresh SGD per stage (spec 3.5); the frozen net is not part of `model`, so it never moves
+    # the frozen net is not part of `model`, so it never moves
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr,
                                 momentum=PAPER_RECIPE["momentum"],
                                 weight_decay=PAPER_RECIPE["weight_decay"])
-    loader = common.make_loader(data["train"], args.batch_size, train=True,
-                                workers=args.workers, seed=args.seed)
+    loader = common.make_loader(data["train"], args.batch_size, train=True,  # reseeds the rng
+                                workers=args.workers, seed=stage_seed(args, stage))
     per_epoch = min(len(loader), args.limit_batches or len(loader))
-    max_it = epochs * per_epoch  # poly decay per iteration over the whole stage (spec 5.1)
-    poly = lambda it: max(0.0, 1 - it / max_it) ** PAPER_RECIPE["poly_power"]  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
-    scaler = torch.amp.GradScaler(enabled=args.amp and device.type == "cuda")
-    sign = -1 if stage == "recon" else 1  # higher is better after the sign
-    start, best = 0, -float("inf")
-    if resume is not None:
+    scaler = torch.amp.GradScaler(enabled=args.amp and run.device.type == "cuda")
+    start, best = 0, float("inf")  # stage 1's own best (Run.best belongs to stage 2)
+    if resume is not None and recon:  # Run.restore would write a stage-1 best.pt
         common.unwrap(model).load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
         start, best = resume["epoch"] + 1, resume["best"]
-        run.log(f"resuming stage '{stage}' at epoch {start} (best so far {sign * best:.4f})")
+        run.log(f"resumed stage 1 from {args.resume} at epoch {start} of {epochs}")
+    elif resume is not None:
+        start = run.restore(resume, model, optimizer, scaler)
     run.log(f"stage '{stage}': {epochs} epochs x {per_epoch} iterations, lr {args.lr}")
     for epoch in range(start, epochs):
         if hasattr(loader.sampler, "set_epoch"):  # torchrun: a new shard order each epoch
             loader.sampler.set_epoch(epoch)
         tic = time.time()
-        lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(model, loader, optimizer, scheduler, device, args, stage,
-                                recon_net, scaler, run.is_main)
+        lr = poly_lr(args.lr, epoch * per_epoch, epochs * per_epoch, PAPER_RECIPE["poly_power"])
+        train = train_one_epoch(model, loader, optimizer, run.device, args, stage, recon_net,
+                                scaler, run.is_main, epoch * per_epoch, epochs * per_epoch)
         score = None
         if data["val"] is not None and run.is_main:
-            score = sign * validate(common.unwrap(model), data["val"], args, device, stage)
-        improved = score is None or score > best
-        best = score if score is not None and improved else best
+            score = validate(common.unwrap(model), data["val"], args, run.device, stage)
         row = {"stage": stage, "epoch": epoch, "lr": lr, "train_loss": train["loss"],
                "train_align": train["align"], "val_recon_loss": "", "val_dice": "",
                "seconds": round(time.time() - tic, 1)}
-        if score is not None:
-            row["val_recon_loss" if stage == "recon" else "val_dice"] = sign * score
-        run.log_epoch(row)
-        run.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                         for k, v in row.items() if v != ""))
+        row["val_recon_loss" if recon else "val_dice"] = "" if score is None else score
         state = {"model": common.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
                  "config": vars(args), "preset": args.preset, "stage": stage}
-        run.checkpoint(prefix + "last.pt", state)  # atomic: an interrupted run keeps it
+        if not recon:
+            run.end_epoch(epoch, row, state, score)
+            continue
+        improved = score is None or score < best  # Run.end_epoch, with recon_ files
+        best = score if score is not None and improved else best
+        run.log_epoch(row)
+        run.log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in row.items()))
+        state.update(epoch=epoch, best=best)
+        run.checkpoint("recon_last.pt", state)
         if improved:
-            run.checkpoint(prefix + "best.pt", state)
+            run.checkpoint("recon_best.pt", state)
     run.barrier()
-    return best
+
+
+def run_comparison(argv, args):
+    """--compare: the ReSeg run and the paired --lam 0 baseline (same seed), then the Delta.
+
+    Both runs share stage 2's initial weights and data order (stage_seed), so the difference is
+    the alignment's alone, as the paper's Delta rows mean it (Tab. 1, 2).
+    """
+    for flag in ("eval", "resume", "predict", "bench"):
+        if getattr(args, flag):
+            common.fail(f"--compare trains two runs; it cannot be combined with --{flag}")
+    if args.lam == 0 or args.stage != "both":
+        common.fail("--compare needs the ReSeg run: no --lam 0, no --stage")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(args.out or Path("runs") / SCRIPT / f"{stamp}-{os.getpid()}-compare")
+    rest = [item for item in argv if item != "--compare"]  # a later --out / --lam wins
+    reseg = main(rest + ["--out", str(base / "reseg")])
+    plain = main(rest + ["--lam", "0", "--out", str(base / "baseline")])
+    delta = {group: {k: reseg[group][k] - plain[group][k] for k in reseg[group]}
+             for group in reseg}
+    for group in reseg:
+        keys = ["mean_dice", "mean_hd95"] + [k for k in reseg[group] if k.startswith("dice_")]
+        print(f"compare [{group}]: {'':14}{'ReSeg':>9}{'lam 0':>9}{'Delta':>9}")
+        for k in keys:
+            scale = 1 if "hd95" in k else 100
+            print(f"compare [{group}]: {k:14}" + "".join(
+                f"{scale * v:9.2f}" for v in (reseg[group][k], plain[group][k], delta[group][k])))
+    result = {"reseg": reseg, "baseline": plain, "delta": delta, "folder": str(base)}
+    (base / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def run_bench(args, given, run):
-    """--bench: one stage-2 training step (both nets) and one inference, on random input."""
+    """--bench: one stage-2 training step (both nets, train_one_epoch) and one inference."""
     preset = args.preset if "preset" in given else "paper"
     size = args.img_size if "img_size" in given else PAPER_RECIPE["img_size"]
-    cuda = run.device.type == "cuda"
-    batch = args.batch_size if "batch_size" in given else (PAPER_RECIPE["batch_size"] if cuda
-                                                          else 2)
-    k = 4 if args.dataset == "acdc" else 9
-    run.log(f"bench: preset {preset}, {size} x {size}, batch {batch}, {k} classes")
-    seg = build_model(preset, k, mid_feature=args.mid_feature).to(run.device)
-    rec = build_model(preset, k, role="recon", mid_feature=args.mid_feature).to(run.device)
-    rec.requires_grad_(False).train(args.recon_bn == "batch")
-    x = torch.rand(batch, 3, size, size, device=run.device)
-    y = torch.randint(0, k, (batch, size, size), device=run.device)
+    batch = args.batch_size if "batch_size" in given else (
+        PAPER_RECIPE["batch_size"] if run.device.type == "cuda" else 2)
+    args.num_classes = 4 if args.dataset == "acdc" else 9
+    run.log(f"bench: preset {preset}, {size} x {size}, batch {batch}, {args.num_classes} classes")
+    seg = build_model(preset, args.num_classes, mid_feature=args.mid_feature).to(run.device)
+    rec = build_model(preset, args.num_classes, role="recon", mid_feature=args.mid_feature)
+    rec = rec.to(run.device).requires_grad_(False)
+    batches = [{"image": torch.rand(batch, 3, size, size),
+                "mask": torch.randint(0, args.num_classes, (batch, size, size))}]
     optimizer = torch.optim.SGD(seg.parameters(), lr=0.01, momentum=0.9)
-
-    def train_step():
-        seg.train()
-        with autocast(run.device, args.amp):
-            with torch.no_grad():
-                r = rec(y)
-            loss, _ = total_loss(seg(x), y, r, args.lam, args.align_groups)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_step = lambda: train_one_epoch(seg, batches, optimizer, run.device, args,  # noqa
+                                         "seg", rec, show=False)
 
     def infer_step():
-        seg.eval()
         with torch.no_grad(), autocast(run.device, args.amp):
-            seg(x)
+            seg.eval()(batches[0]["image"].to(run.device))
 
     record = common.benchmark(seg, train_step, infer_step, batch, run.device, script=SCRIPT,
-                              preset=preset, img_size=size, num_classes=k,
+                              preset=preset, img_size=size, num_classes=args.num_classes,
                               measured="stage 2: seg fwd/bwd + frozen recon fwd + Eq. (8)")
     print(json.dumps(record))
     return record
 
 
-def main(argv=None):
-    """Train stage 1 and/or 2, or --eval / --predict / --bench; returns the test metrics dict."""
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    given = explicit_flags(parser, argv)
-    # --resume / --eval / --predict start from the settings saved in the checkpoint (preset, image
-    # size, classes, switches), so a bare `--eval best.pt` rebuilds the same network and data;
-    # a flag typed on this command line still wins.
-    saved = None
-    if args.resume or args.eval or args.predict:
-        saved = common.load_checkpoint(args.resume or args.eval or args.checkpoint, SCRIPT)
-        keep = {"resume", "eval", "predict", "checkpoint", "out", "bench", "device", "workers"}
-        for key, value in saved["config"].items():
-            if key not in given and key not in keep:
-                setattr(args, key, value)
-        if args.resume and args.out is None:
-            args.out = str(Path(args.resume).parent)  # continue in the same run folder
-    args = common.finish_args(args, PAPER_RECIPE, TOY_RECIPE)
-    args = finish_method_args(args)
-    if saved is not None and "preset" not in given:
-        args.preset_reason = "from the checkpoint"
-    common.seed_everything(args.seed)
-    run = common.Run(args, SCRIPT)
-    run.log(f"ReSeg-UNet | preset {args.preset} ({args.preset_reason}) | device {run.device} | "
-            f"data {args.data}")
-    if args.bench:
-        return run_bench(args, given, run)
+def adopt_saved(args, given):
+    """--resume / --eval / --predict: the checkpoint (stage checked) and its settings.
 
-    if args.predict:  # one label PNG per image of the folder
-        return predict_folder(args, saved, run)
+    The settings saved with it (preset, image size, classes, switches) rebuild the same network
+    and data, so a bare `--eval best.pt` works; a flag typed on this command line still wins.
+    """
+    if not (args.resume or args.eval or args.predict):
+        return None
+    flag, path, stage = (("--resume", args.resume, None) if args.resume else
+                         ("--eval", args.eval, "seg") if args.eval else
+                         ("--checkpoint", args.checkpoint, "seg"))
+    saved = load_ours(path, flag, stage)
+    common.adopt_config(args, saved, ARCHITECTURE, given, flag)  # preset too; conflicts stop
+    keep = {"resume", "eval", "predict", "checkpoint", "out", "bench", "device", "workers",
+            "compare"}
+    for key, value in saved["config"].items():  # the switches, image size, recipe
+        if key not in given and key not in keep:
+            setattr(args, key, value)
+    if args.resume and args.out is None:
+        args.out = str(Path(args.resume).parent)  # continue in the same run folder
+    return saved
 
+
+def load_method_data(args, run, saved):
+    """The data, the class count (checked against a checkpoint's), and the augmentation."""
     augment = transunet_augment if args.augment == "on" or (
         args.augment == "auto" and args.data != "toy") else None
-    data = common.load_data(args, "multiclass", augment=augment, toy_sizes=args.toy_sizes)
+    prep = SlicePrep(args.img_size, augment, args.resize)
+    data = common.load_data(args, "multiclass", augment=prep, toy_sizes=args.toy_sizes)
+    if getattr(data["val"], "augment", None) is None and hasattr(data["val"], "files"):
+        data["val"].augment = SlicePrep(args.img_size, None, args.resize)  # resize only
     if data["splits"] is not None:
         run.save_json("splits.json", data["splits"])
     if not data["test"]:
@@ -835,70 +967,85 @@ def main(argv=None):
         note = "classes from the checkpoint"
     run.log(f"data: {data['source']} | {args.num_classes} classes ({note}): "
             f"{', '.join(args.class_names)}")
-    run.log(f"stage {args.stage} | recon target {args.recon_target} | F_in {args.mid_feature} | "
-            f"frozen BN {args.recon_bn} | lambda {args.lam} | groups {args.align_groups}")
+    return data
 
-    if args.eval:
-        if saved.get("stage") != "seg":
-            common.fail(f"{args.eval} is a stage-1 (reconstruction) checkpoint: --eval needs "
-                        "a segmentation checkpoint (best.pt / last.pt)")
-        stage = "eval"
-    else:
-        stage = args.stage
-        run.save_json("config.json", {**vars(args), "source": data["source"],
-                                      "device": str(run.device),
-                                      "preset_values": asdict(PRESETS[args.preset])})
-    resume_stage = saved.get("stage") if args.resume else None
 
-    # Stage 1 (Sec. 2.2): skipped for the plain baseline, and when resuming inside stage 2.
-    if stage in ("recon", "both") and args.aligned and resume_stage != "seg":
-        recon = build_model(args.preset, args.num_classes, role="recon",
-                            mid_feature=args.mid_feature).to(run.device)
-        best = run_stage("recon", recon, data, args, run,
-                         resume=saved if resume_stage == "recon" else None)
-        if stage == "recon":
-            run.log(f"stage 1 done: {run.out / 'recon_last.pt'}")
-            run.close()
-            return {"stage": "recon", "best_val_recon_loss": -best if best > -1e30 else None,
-                    "checkpoint": str(run.out / "recon_last.pt")}
-        run.barrier()
-        args.recon_ckpt = str(run.out / "recon_last.pt")  # final stage-1 weights (spec 2.4)
-    elif stage == "recon":
-        common.fail("--stage recon with --lam 0 (or no --align-groups): nothing to train")
-
-    # Stage 2 (Sec. 2.3): a fresh segmentation U-Net, guided by the frozen stage-1 net.
-    if stage in ("seg", "both"):
-        recon_net = None
-        if args.aligned:
-            if not args.recon_ckpt:
-                common.fail("--stage seg needs --recon-ckpt FILE (stage-1 weights), "
-                            "or --lam 0 for the plain baseline")
-            recon_net = load_recon_net(args, args.recon_ckpt).to(run.device)
-            run.log(f"frozen reconstruction net: {args.recon_ckpt}")
-        model = build_model(args.preset, args.num_classes, mid_feature=args.mid_feature)
-        if args.pretrained not in ("none", "auto"):
-            load_released_weights(model, args.pretrained)
-            run.log(f"initialised from {args.pretrained}")
-        elif args.pretrained == "auto":  # Sec. 3.2: the U-Net is trained from scratch
-            run.log("--pretrained auto: the authors publish no weights; training from scratch")
-        model.to(run.device)
-        run_stage("seg", model, data, args, run, recon_net,
-                  resume=saved if resume_stage == "seg" else None)
-        saved = common.load_checkpoint(run.out / "best.pt", SCRIPT)
-
-    # Test with the best stage-2 weights (or the --eval checkpoint), per volume as Tab. 1-2.
+def test_model(args, run, data, state):
+    """Test a stage-2 state dict per volume, as Tab. 1-2; prints and saves the metrics."""
     model = build_model(args.preset, args.num_classes, mid_feature=args.mid_feature)
-    model.load_state_dict(saved["model"])
+    model.load_state_dict(state)
     model.to(run.device)
     metrics = {}
     if run.is_main:
         for group, dataset in data["test"].items():
-            pred_dir = run.out / "predictions" / group if len(data["test"]) > 1 else None
-            pred_dir = pred_dir or run.out / "predictions"
+            pred_dir = run.out / "predictions" / (group if len(data["test"]) > 1 else "")
             pred_dir.mkdir(parents=True, exist_ok=True)
             metrics[group] = evaluate(model, dataset, args, run.device, pred_dir)
             print_table(run, group, metrics[group], args.class_names, args.data == "toy")
         run.save_json("test_metrics.json", metrics)
+    return metrics
+
+
+def main(argv=None):
+    """Train stage 1 and/or 2, or --compare / --eval / --predict / --bench; returns metrics."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = common.explicit_flags(parser, argv)
+    if args.compare:
+        return run_comparison(argv, args)
+    saved = adopt_saved(args, given)
+    args = finish_method_args(common.finish_args(args, PAPER_RECIPE, TOY_RECIPE))
+    if saved is not None and "preset" not in given:
+        args.preset_reason = "from the checkpoint"
+    run = common.Run(args, SCRIPT)
+    run.log(f"ReSeg-UNet | preset {args.preset} ({args.preset_reason}) | device {run.device} | "
+            f"data {args.data}")
+    if args.bench:
+        return run_bench(args, given, run)
+    if args.predict:  # one label PNG per image of the folder
+        return predict_folder(args, saved, run)
+    data = load_method_data(args, run, saved)
+    run.log(protocol_row(dataset_kind(args)))
+    run.log(f"stage {args.stage} | stage 1: {args.recon_epochs} epochs (--recon-epochs) | "
+            f"stage 2: {args.epochs} epochs (--epochs) | recon target {args.recon_target} | "
+            f"F_in {args.mid_feature} | frozen BN {args.recon_bn} | lambda {args.lam} | "
+            f"groups {','.join(args.align_groups)} | resize {args.resize}")
+    if args.eval:
+        return test_model(args, run, data, saved["model"])
+    run.save_json("config.json", {**vars(args), "source": data["source"],
+                                  "device": str(run.device),
+                                  "preset_values": asdict(PRESETS[args.preset])})
+    resume_stage = saved["stage"] if args.resume else None
+    recon_path = args.recon_ckpt  # --stage seg: the given stage-1 file
+
+    # Stage 1 (Sec. 2.2): skipped by the plain baseline and when resuming inside stage 2.
+    if args.stage in ("recon", "both") and args.aligned and resume_stage != "seg":
+        recon = new_model(args, "recon").to(run.device)
+        run_stage("recon", recon, data, args, run,
+                  resume=saved if resume_stage == "recon" else None)
+        if args.stage == "recon":
+            run.log(f"stage 1 done: {run.out / 'recon_last.pt'}")
+            run.close()
+            return {"stage": "recon", "checkpoint": str(run.out / "recon_last.pt")}
+        recon_path = run.out / "recon_last.pt"  # the final stage-1 weights (spec 2.4)
+    elif args.stage == "both" and resume_stage == "seg":
+        recon_path = Path(args.resume).parent / "recon_last.pt"  # this run folder's own file
+
+    # Stage 2 (Sec. 2.3): a fresh segmentation U-Net, guided by the frozen stage-1 net.
+    model = new_model(args, "seg")  # drawn before the frozen net: the same with --lam 0
+    recon_net = None
+    if args.aligned:
+        recon_net = load_recon_net(args, recon_path).to(run.device)
+        run.log(f"frozen reconstruction net: {recon_path}")
+    if args.pretrained not in ("none", "auto"):
+        load_released_weights(model, args.pretrained)
+        run.log(f"initialised from {args.pretrained}")
+    elif args.pretrained == "auto":  # Sec. 3.2: the U-Net is trained from scratch
+        run.log("--pretrained auto: the paper trains the U-Net from scratch; no weights")
+    run_stage("seg", model.to(run.device), data, args, run, recon_net,
+              resume=saved if resume_stage == "seg" else None)
+    metrics = test_model(args, run, data, run.final_weights("best"))
     run.close()
     return metrics
 

@@ -51,7 +51,7 @@ def test_kvasir_layout_with_jpeg_masks(tmp_path):
     pairs = common.find_pairs(root)
     assert [p["key"] for p in pairs] == ["cju1", "cju2", "cju10"]  # natural order
     mask = common.load_mask(pairs[0]["masks"][0])
-    # the 4x3 rectangle survives JPEG noise: exactly 12 foreground pixels after v >= 128
+    # the 4x3 rectangle survives JPEG noise: exactly 12 foreground pixels after v > 128
     assert mask.dtype == bool and mask.sum() == 12
     split = common.discover_splits(root, seed=0)
     assert split["source"].startswith("seeded")
@@ -104,7 +104,7 @@ def test_clinicdb_tiff_glas_instances_busi_union_ph2_vmunet(tmp_path):
     glas = tmp_path / "Warwick QU Dataset (Released 2016_07_08)"
     for name in ("train_1", "train_2", "testA_1", "testB_1"):
         write_image(glas / f"{name}.bmp")
-        write_mask(glas / f"{name}_anno.bmp", fg=3)  # instance label 3: not >= 128
+        write_mask(glas / f"{name}_anno.bmp", fg=3)  # instance label 3: not > 128
     (glas / "Grade.csv").write_text("name, grade\n")
     split = common.discover_splits(glas, val_fraction=0.0)
     assert len(split["train"]) == 2 and len(split["test"]["test"]) == 2
@@ -196,7 +196,7 @@ def test_mask_decoding_rules(tmp_path):
     array[1, 1] = 1
     Image.fromarray(array).save(tmp_path / "m01.png")
     assert common.load_mask(tmp_path / "m01.png").sum() == 1
-    # values 100 and 200: only 200 passes v >= 128 (never v > max/2)
+    # values 100 and 200: only 200 passes v > 128 (never v > max/2)
     array[2, 2], array[1, 1] = 200, 100
     Image.fromarray(array).save(tmp_path / "m.png")
     assert common.load_mask(tmp_path / "m.png").sum() == 1

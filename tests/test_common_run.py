@@ -273,3 +273,13 @@ def test_ranks_draw_differently(monkeypatch):
 def test_workers_start_under_spawn():
     values = draws(2, context="spawn")
     assert len(values) == 8 and len(set(values)) == 8
+
+
+def test_seed_everything_gives_each_rank_its_own_stream(monkeypatch):
+    common.seed_everything(5)
+    rank0 = (random.random(), torch.rand(1).item())
+    common.seed_everything(5)
+    assert (random.random(), torch.rand(1).item()) == rank0
+    monkeypatch.setenv("RANK", "1")
+    common.seed_everything(5)
+    assert random.random() != rank0[0] and torch.rand(1).item() != rank0[1]

@@ -1,11 +1,29 @@
-"""Hand-checked tests of the metrics in common.py; the working is in the comments."""
+"""Tests of the metrics in common.py: hand-worked cases (the working is in the comments) and
+reference values recorded once from MedPy and PySODMetrics (tests/fixtures/metrics_reference.json,
+written by tests/fixtures/record_metrics_reference.py, which says which library, version and
+function gave each number). No expected value here is computed with common.py's own formulas.
+"""
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import common
+
+REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "metrics_reference.json").read_text())
+POLYP = REFERENCE["polyp"]["images"]  # PySODMetrics 1.6.2, see REFERENCE["polyp"]["_source"]
+SURFACES = {name: case for name, case in REFERENCE["surfaces"].items()
+            if not name.startswith("_")}  # MedPy 0.5.2, see REFERENCE["surfaces"]["_source"]
+
+
+def polyp_case(name):
+    """(prob float64, gt bool) of a recorded PySODMetrics case, exactly as the library saw it."""
+    case = POLYP[name]
+    return np.array(case["prob"], np.float64), np.array(case["gt"], bool)
 
 
 def square(shape, rows, cols):
@@ -187,6 +205,52 @@ def test_surface_distance_of_empty_masks_is_nan():
     assert math.isnan(common.assd(empty, empty))
 
 
+# MedPy reference (tests/fixtures, MedPy 0.5.2 medpy.metric.binary, connectivity 1): 2D and 3D,
+# non-square, isotropic and anisotropic spacing, one-pixel objects and objects on the border.
+
+@pytest.mark.parametrize("name", sorted(SURFACES))
+def test_surface_distances_and_overlaps_match_medpy(name):
+    case = SURFACES[name]
+    pred, gt, spacing = np.array(case["pred"], bool), np.array(case["gt"], bool), case["spacing"]
+    assert common.hd95(pred, gt, spacing) == pytest.approx(case["hd95"], rel=1e-12)
+    assert common.hd95(gt, pred, spacing) == pytest.approx(case["hd95"], rel=1e-12)
+    # asd is directional: MedPy's asd(result, reference) averages over the result's surface.
+    assert common.asd(pred, gt, spacing) == pytest.approx(case["asd_pred_to_gt"], rel=1e-12)
+    assert common.asd(gt, pred, spacing) == pytest.approx(case["asd_gt_to_pred"], rel=1e-12)
+    assert common.dice(pred, gt) == pytest.approx(case["dc"], rel=1e-12)
+    assert common.iou(pred, gt) == pytest.approx(case["jc"], rel=1e-12)
+    assert common.precision(pred, gt) == pytest.approx(case["precision"], rel=1e-12)
+    assert common.recall(pred, gt) == pytest.approx(case["recall"], rel=1e-12)
+    assert common.specificity(pred, gt) == pytest.approx(case["specificity"], rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["blobs_2d", "blobs_3d_anisotropic", "tiny_2d_anisotropic"])
+def test_assd_is_the_mean_of_medpys_two_directions(name):
+    # common.assd is MedPy <= 0.4's (asd(a, b) + asd(b, a)) / 2, from the two recorded asd values;
+    # MedPy 0.5's assd (the mean of the pooled distances, also recorded) differs when the two
+    # surfaces have different sizes, as here.
+    case = SURFACES[name]
+    pred, gt, spacing = np.array(case["pred"], bool), np.array(case["gt"], bool), case["spacing"]
+    expected = (case["asd_pred_to_gt"] + case["asd_gt_to_pred"]) / 2
+    assert common.assd(pred, gt, spacing) == pytest.approx(expected, rel=1e-12)
+    assert expected != pytest.approx(case["assd_medpy_0.5"], rel=1e-6)
+
+
+def test_empty_masks_against_medpy():
+    # MedPy raises RuntimeError ("does not contain any binary object") for hd95/asd with an empty
+    # mask; common returns nan so that the meters can apply a paper's convention.
+    case = REFERENCE["surfaces"]["_empty_masks"]
+    empty, some = np.array(case["pred"], bool), np.array(case["gt"], bool)
+    assert case["hd95_empty_pred"].startswith("RuntimeError")
+    assert case["asd_empty_gt"].startswith("RuntimeError")
+    assert math.isnan(common.hd95(empty, some)) and math.isnan(common.asd(some, empty))
+    assert common.dice(empty, some) == case["dc_empty_pred"] == 0.0
+    # Two empty masks: MedPy's jc says 1.0, as common does for dice and iou. (MedPy 0.5.2's dc and
+    # precision return nan there under numpy 2, a 0/0 that their ZeroDivisionError guard misses.)
+    assert common.iou(empty, empty) == case["jc_both_empty"] == 1.0
+    assert common.dice(empty, empty) == 1.0
+
+
 # ---- Probability maps (polyp benchmark) ----
 
 def test_mae():
@@ -212,6 +276,12 @@ def test_dice_iou_curves_by_hand():
     np.testing.assert_allclose(iou_curve, np.repeat([1 / 2, 1 / 3, 2 / 3, 1 / 2], counts))
     # mDice of this one image = (65 * 2/3 + 128 * 1/2 + 63 * 4/5) / 256.
     assert dice_curve.mean() == pytest.approx((65 * 2 / 3 + 64 + 63 * 0.8) / 256)
+    # Empty gt: tp = 0 at every threshold, so the toolbox scores 0 both where the binarised map
+    # has false positives (0 / fp) and where it is empty too (0 / 0, levels above 191 here): the
+    # MATLAB toolbox's Fmeasure_calu sets Dice = IoU = 0 whenever tp = 0, PySODMetrics' divide
+    # gives 0 for 0/0. (Scoring two empty masks 1, as common.dice does, would lift mDice.)
+    empty_curves = common.dice_iou_curves(np.array([[0.75, 0.0, 0.25]]), np.zeros((1, 3)))
+    np.testing.assert_array_equal(empty_curves, np.zeros((2, 256)))
 
 
 def test_e_measure_by_hand():
@@ -229,6 +299,12 @@ def test_e_measure_by_hand():
     np.testing.assert_allclose(curve[:255], expected)  # levels >= 255 .. >= 1: F as above
     # Adaptive threshold min(2 * mean(P), 1) = 0.5 gives the same binary map.
     assert common.adaptive_e_measure(prob, gt) == pytest.approx(expected)
+    # A pixel exactly at the adaptive threshold is foreground (the toolboxes binarise P >= T).
+    # P = [0.5, 0.25, 0.25, 0]: mean 1/4, T = 1/2, so F = [1, 0, 0, 0] = G: psi = 1 on all four
+    # pixels, E = 4 / 3. (With P > T, F would be empty: phi = 0, psi = 1/4, E = 1/3.)
+    row_gt = np.array([[1, 0, 0, 0]])
+    assert common.adaptive_e_measure(np.array([[0.5, 0.25, 0.25, 0.0]]), row_gt) == (
+        pytest.approx(4 / 3))
 
 
 def test_e_measure_of_perfect_and_empty_cases():
@@ -280,6 +356,19 @@ def test_s_measure_by_hand():
     assert common.s_measure(prob, gt) == pytest.approx(0.815)
 
 
+def test_s_measure_with_the_centroid_on_the_last_row():
+    # gt = the bottom-right pixel of a 2x3, P = 0.5 there. Object: O_fg = 2 * 0.5 / (0.25 + 1)
+    # = 0.8, O_bg = 1 (1 - P = 1 on the five others): S_o = 1/6 * 0.8 + 5/6 = 29/30. Region: the
+    # centroid (1, 2) + 1 cuts at (2, 3), so the first block is the whole image and the other
+    # three are empty; P = G / 2 gives SSIM 0.8 * 0.8 = 0.64 (as in test_s_measure_by_hand).
+    # S = (29/30 + 0.64) / 2. PySODMetrics returns nan here (recorded): its SSIM of an empty
+    # block is nan, and nan * (weight 0) stays nan; common skips the empty blocks.
+    case = REFERENCE["deviations"]["s_measure_centroid_on_last_row"]
+    prob, gt = np.array(case["prob"], np.float64), np.array(case["gt"], bool)
+    assert math.isnan(case["pysodmetrics_s_measure"])
+    assert common.s_measure(prob, gt) == pytest.approx((29 / 30 + 0.64) / 2)
+
+
 def test_weighted_f_measure():
     gt = square((9, 9), slice(3, 6), slice(2, 7))
     assert common.weighted_f_measure(gt.astype(float), gt) == pytest.approx(1.0, abs=1e-6)
@@ -300,6 +389,83 @@ def test_weighted_f_measure():
     assert common.weighted_f_measure(np.ones((3, 3)), gt) == pytest.approx(2 * p_w / (1 + p_w))
     assert common.weighted_f_measure(np.ones((3, 3)), gt, beta2=0.3) == pytest.approx(
         1.3 * p_w / (1 + 0.3 * p_w))
+
+
+# PySODMetrics reference (tests/fixtures, PySODMetrics 1.6.2, normalize=False): eight images of
+# different shapes, including an empty gt, an all-zero prediction, a one-pixel object, an
+# all-foreground gt, an object on the border and a binary map with exact 0.5 and 1.0 values.
+
+@pytest.mark.parametrize("name", sorted(POLYP))
+def test_polyp_metrics_match_pysodmetrics(name):
+    prob, gt = polyp_case(name)
+    case = POLYP[name]
+    assert common.mae(prob, gt) == pytest.approx(case["mae"], rel=1e-12, abs=1e-15)
+    # Smeasure(alpha=0.5); alpha = 1 keeps the object term only, alpha = 0 the region term only.
+    assert common.s_measure(prob, gt) == pytest.approx(case["s_measure"], rel=1e-12, abs=1e-15)
+    assert common.s_measure(prob, gt, alpha=1.0) == pytest.approx(case["s_measure_alpha_1"],
+                                                                 rel=1e-12, abs=1e-15)
+    assert common.s_measure(prob, gt, alpha=0.0) == pytest.approx(case["s_measure_alpha_0"],
+                                                                 rel=1e-12, abs=1e-15)
+    assert common.adaptive_e_measure(prob, gt) == pytest.approx(case["adaptive_e_measure"],
+                                                                rel=1e-12, abs=1e-15)
+    np.testing.assert_allclose(common.e_measure_curve(prob, gt), case["e_measure_curve"],
+                               rtol=1e-12, atol=1e-15)
+    assert common.weighted_f_measure(prob, gt) == pytest.approx(case["weighted_f_measure"],
+                                                                rel=1e-12, abs=1e-15)
+    assert common.weighted_f_measure(prob, gt, beta2=0.3) == pytest.approx(
+        case["weighted_f_measure_beta2_0.3"], rel=1e-12, abs=1e-15)
+    # FmeasureV2 with DICEHandler / IOUHandler (with_dynamic): thresholds >= 255 .. >= 0.
+    dice_curve, iou_curve = common.dice_iou_curves(prob, gt)
+    np.testing.assert_allclose(dice_curve, case["dice_curve"], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(iou_curve, case["iou_curve"], rtol=1e-12, atol=1e-15)
+
+
+def test_reference_cases_exercise_the_edges():
+    # Guards the fixture itself: the recorded curves must separate the rules the tests are for.
+    # Empty gt: every 0/0 on the Dice/IoU curves is 0 (PySODMetrics and the MATLAB toolbox),
+    # including the thresholds where the prediction is empty too (levels above the map's maximum).
+    empty_gt = POLYP["empty_gt_8x10"]
+    assert max(empty_gt["dice_curve"]) == 0.0 and max(empty_gt["iou_curve"]) == 0.0
+    assert empty_gt["e_measure_curve"][0] == pytest.approx(80 / 79)  # all right: N / (N - 1)
+    # An all-zero prediction: the curves are 0 at every threshold but level >= 0 (everything in).
+    missed = POLYP["empty_prediction_7x12"]
+    assert max(missed["dice_curve"][:255]) == 0.0 and missed["dice_curve"][255] > 0
+    # The object and region terms differ, so a wrong alpha changes S.
+    for name in ("ellipse_9x13", "two_objects_9x13", "tiny_object_10x11"):
+        assert abs(POLYP[name]["s_measure_alpha_1"] - POLYP[name]["s_measure_alpha_0"]) > 0.2
+
+
+def test_polyp_meter_matches_pysodmetrics_over_a_dataset():
+    # PySODMetrics' dataset results over the eight images (maxEm is the max of the image-averaged
+    # curve, not the mean of per-image maxima). The two 9x13 images go in as one (2, 1, H, W)
+    # torch batch; the rest one by one, split over two meters that are merged.
+    names = list(POLYP)
+    assert names[:2] == ["ellipse_9x13", "two_objects_9x13"]
+    batch = [polyp_case(name) for name in names[:2]]
+    first, second = common.PolypMeter(), common.PolypMeter()
+    first.update(torch.tensor(np.stack([p for p, _ in batch])[:, None]),
+                 torch.tensor(np.stack([g for _, g in batch])[:, None]))
+    for index, name in enumerate(names[2:]):
+        (first if index < 3 else second).update(*polyp_case(name))
+    first.merge(second.state())
+    result = first.compute()
+    assert first.state()["images"] == 8
+    assert result == pytest.approx(REFERENCE["polyp"]["dataset"], rel=1e-12)
+
+
+def test_per_image_and_global_meters_match_pysodmetrics():
+    # PySODMetrics' binary handlers (pred > 0.5; no recorded pixel is exactly 0.5): sample_based
+    # averages per image, otherwise one confusion matrix over the three images. Three different
+    # images (two of them as one batch), so the two averages differ.
+    reference = REFERENCE["binary_meters"]
+    cases = [polyp_case(name) for name in reference["images"]]
+    per_image, pooled = common.PerImageMeter(), common.GlobalMeter()
+    for meter in (per_image, pooled):
+        meter.update(np.stack([cases[0][0], cases[1][0]]), np.stack([cases[0][1], cases[1][1]]))
+        meter.update(*cases[2])
+    assert per_image.compute() == pytest.approx(reference["per_image"], rel=1e-12)
+    assert pooled.compute() == pytest.approx(reference["global"], rel=1e-12)
+    assert reference["per_image"]["dice"] != pytest.approx(reference["global"]["dice"], rel=1e-3)
 
 
 def test_polyp_meter_perfect_predictions_and_batches():
@@ -324,23 +490,6 @@ def test_polyp_meter_perfect_predictions_and_batches():
     assert batch.compute() == pytest.approx(result)
 
 
-def test_polyp_meter_averages_curves_over_images_and_merges():
-    rng = np.random.default_rng(0)
-    gts = [rng.random((12, 12)) > 0.6 for _ in range(4)]
-    probs = [np.clip(g * 0.7 + rng.random((12, 12)) * 0.5, 0, 1) for g in gts]
-    single = common.PolypMeter()
-    first, second = common.PolypMeter(), common.PolypMeter()
-    for i, (prob, gt) in enumerate(zip(probs, gts)):
-        single.update(prob, gt)
-        (first if i < 2 else second).update(prob, gt)
-    first.merge(second.state())
-    assert first.compute() == pytest.approx(single.compute())
-    # maxEm is the max of the averaged curve, not the average of per-image maxima.
-    curves = np.array([common.e_measure_curve(p, g) for p, g in zip(probs, gts)])
-    assert single.compute()["maxEm"] == pytest.approx(curves.mean(0).max())
-    assert single.compute()["maxEm"] <= curves.max(1).mean()
-
-
 # ---- Per image vs global ----
 
 def test_per_image_and_global_meters_differ():
@@ -354,17 +503,22 @@ def test_per_image_and_global_meters_differ():
     prob_a = np.where(gt_a, 0.9, 0.1)
     gt_b = points((4, 4), (3, 3))
     prob_b = np.where(points((4, 4), (0, 3)), 0.5, 0.2)  # exactly 0.5 counts as foreground
-    per_image, pooled = common.PerImageMeter(), common.GlobalMeter()
-    for meter in (per_image, pooled):
+    one_by_one = common.PerImageMeter(), common.GlobalMeter()
+    for meter in one_by_one:
         meter.update(prob_a, gt_a)
         meter.update(torch.tensor(prob_b), torch.tensor(gt_b))
-    assert per_image.compute() == pytest.approx({
-        "dice": 0.5, "iou": 0.5, "precision": 0.5, "recall": 0.5,
-        "specificity": 29 / 30, "accuracy": 15 / 16})
-    assert pooled.compute() == pytest.approx({
-        "dice": 0.8, "iou": 4 / 6, "precision": 0.8, "recall": 0.8,
-        "specificity": 26 / 27, "accuracy": 15 / 16})
-    assert pooled.state() == {"tp": 4, "fp": 1, "fn": 1, "tn": 26}
+    batched = common.PerImageMeter(), common.GlobalMeter()  # one (2, 1, 4, 4) torch batch
+    for meter in batched:
+        meter.update(torch.tensor(np.stack([prob_a, prob_b])[:, None]),
+                     torch.tensor(np.stack([gt_a, gt_b])[:, None]))
+    for per_image, pooled in (one_by_one, batched):
+        assert per_image.compute() == pytest.approx({
+            "dice": 0.5, "iou": 0.5, "precision": 0.5, "recall": 0.5,
+            "specificity": 29 / 30, "accuracy": 15 / 16})
+        assert pooled.compute() == pytest.approx({
+            "dice": 0.8, "iou": 4 / 6, "precision": 0.8, "recall": 0.8,
+            "specificity": 26 / 27, "accuracy": 15 / 16})
+        assert pooled.state() == {"tp": 4, "fp": 1, "fn": 1, "tn": 26}
 
 
 def test_per_image_meter_hd95_and_merge():
@@ -437,3 +591,23 @@ def test_volume_meter_rejects_bad_arguments():
         common.VolumeMeter(3, convention="medpy")
     with pytest.raises(ValueError, match="foreground classes"):
         common.VolumeMeter(3, class_names=["background", "a", "b"])
+
+
+# ---- Ground-truth binarisation ----
+
+def test_load_mask_binarises_ground_truth_as_the_polyp_toolboxes_do(tmp_path):
+    # The toolboxes that produce the polyp papers' numbers binarise the ground truth at v > 128,
+    # so a value of exactly 128 is background: PraNet's MATLAB eval/main.m
+    # (`gt = gt(:,:,1) > 128` after rgb2gray), PySODMetrics 1.6.2 (utils.prepare_data:
+    # `gt > 128`) and the Python polyp eval scripts derived from it (`_prepare_data`).
+    # Row 0: 0, 127, 128 are background; 129, 255 foreground. Row 1: 1, 128, 64 background.
+    values = np.array([[0, 127, 128, 129, 255], [1, 128, 200, 130, 64]], np.uint8)
+    expected = np.array([[0, 0, 0, 1, 1], [0, 0, 1, 1, 0]], bool)
+    Image.fromarray(values, "L").save(tmp_path / "gray.png")
+    # A grey RGB mask (R = G = B): rgb2gray gives the same values, as does the channel maximum.
+    Image.fromarray(np.repeat(values[..., None], 3, axis=2), "RGB").save(tmp_path / "rgb.png")
+    for name in ("gray.png", "rgb.png"):
+        np.testing.assert_array_equal(common.load_mask(tmp_path / name), expected, err_msg=name)
+    # 0/1 masks (max <= 1) keep v > 0.
+    Image.fromarray(np.array([[0, 1, 1], [1, 0, 0]], np.uint8), "L").save(tmp_path / "01.png")
+    np.testing.assert_array_equal(common.load_mask(tmp_path / "01.png"), [[0, 1, 1], [1, 0, 0]])

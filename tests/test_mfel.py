@@ -1,6 +1,8 @@
 """Tests of mfel.py: block shapes, one hand-checkable case per equation, the CLI run folder."""
+import argparse
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -56,14 +58,17 @@ def test_em_and_mixer_shapes():
 
 
 @pytest.mark.parametrize("switches", [{}, {"fiir": False}, {"em": False},
-                                      {"afm": "concat", "bfm": "sum"}])
+                                      {"afm": "concat", "bfm": "sum"},
+                                      {"fiir": False, "coarse_head": False}])
 def test_model_outputs(switches):
-    out = mfel.build_model("tiny", **switches)(torch.rand(2, 3, 32, 32))
-    assert out["logits"].shape == (2, 1, 32, 32)
+    out = mfel.build_model("tiny", **switches)(torch.rand(2, 3, 32, 24))
+    assert out["logits"].shape == (2, 1, 32, 24)
     if switches.get("fiir", True):
         for key in ("recon_fg", "recon_bg", "recon_image", "image_fg", "image_bg"):
-            assert out[key].shape == (2, 3, 32, 32)
+            assert out[key].shape == (2, 3, 32, 24)
         assert set(out["mask_split"].unique().tolist()) <= {0.0, 1.0}
+    elif switches.get("coarse_head", True):
+        assert set(out) == {"logits", "coarse_logits"}
     else:
         assert set(out) == {"logits"}
 
@@ -81,12 +86,16 @@ def test_paper_preset_parameter_count():
 # ---- one hand-checkable case per equation ----
 
 def test_eq1_split():
-    image = torch.full((1, 3, 2, 2), 2.0)
-    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    # two images 2 x 3 with channel values 1, 2, 3 (image 2: 10x), each with its own mask
+    image = torch.arange(1.0, 4.0).view(1, 3, 1, 1).expand(2, 3, 2, 3) * torch.tensor(
+        [1.0, 10.0]).view(2, 1, 1, 1)
+    mask = torch.tensor([[[[1.0, 0, 0], [0, 1, 0]]], [[[0.0, 0, 1], [1, 1, 1]]]])
     image_fg, image_bg = mfel.split_foreground_background(image, mask)
-    assert image_fg.shape == (1, 3, 2, 2)
-    assert torch.equal(image_fg[0, 0], torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
-    assert torch.equal(image_bg[0, 2], torch.tensor([[0.0, 2.0], [2.0, 0.0]]))
+    assert image_fg.shape == image_bg.shape == (2, 3, 2, 3)
+    assert torch.equal(image_fg[0, 1], torch.tensor([[2.0, 0, 0], [0, 2, 0]]))
+    assert torch.equal(image_bg[0, 2], torch.tensor([[0.0, 3, 3], [3, 0, 3]]))
+    assert torch.equal(image_fg[1, 0], torch.tensor([[0.0, 0, 10], [10, 10, 10]]))
+    assert torch.equal(image_bg[1, 2], torch.tensor([[30.0, 30, 0], [0, 0, 0]]))
 
 
 def test_eq2_and_eq4_l1_means():
@@ -128,28 +137,19 @@ def test_eq5_cross_attention():
     assert torch.allclose(mfel.cross_attention(q, k, v), manual, atol=1e-5)
 
 
-def test_eq6_residuals_and_value_pairing():
+def test_eq6_residuals():
+    # C11 = 0: F~_s = F_s and F~_r = F^_r (the un-normalised streams), so the output is the
+    # final fusion conv of [F^_r, F_s]. The value pairing of both halves: test_mfel_wiring.
     torch.manual_seed(1)
     block = mfel.BidirectionalFusion(8, head_dim=4, kv_grid=0).eval()
-    f_s, f_r_hat = torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4)
-    for conv in (block.c11_s, block.c11_r):  # C11 = 0: F~ = the un-normalised input streams
+    f_s, f_r_hat = torch.randn(2, 2, 8, 4, 6).unbind(0)
+    for conv in (block.c11_s, block.c11_r):
         nn.init.zeros_(conv.weight)
         nn.init.zeros_(conv.bias)
     expected = block.fuse(torch.cat([f_r_hat, f_s], 1))
     assert torch.allclose(block(f_s, f_r_hat), expected, atol=1e-6)
-    # a spatially constant F^_r gives identical keys K_r, so Attn_r is uniform and C11_s receives
-    # the mean of the paired values for every token: V_r (one distinct token, the spec's
-    # pairing) or V_s (the printed Eq. 6)
-    captured = {}
-    block.c11_s.register_forward_hook(lambda m, i, o: captured.update(x=i[0]))
-    constant = torch.randn(1, 8, 1, 1).expand(1, 8, 4, 4)
-    v_r = block.kv_r(block.norm_kv_r(constant[..., 0, 0]))[0, 8:]  # (C,)
-    v_s = block.kv_s(block.norm_kv_s(f_s.flatten(2).transpose(1, 2)))[0, :, 8:].mean(0)
-    for literal, values in ((False, v_r), (True, v_s)):
-        block.literal_eq6 = literal
-        block(f_s, constant)
-        assert torch.allclose(captured["x"][0], values[:, None, None].expand(8, 4, 4),
-                              atol=1e-5)
+    nn.init.normal_(block.c11_s.bias)  # a C11 output moves F~_s, hence the result
+    assert not torch.allclose(block(f_s, f_r_hat), expected, atol=1e-3)
 
 
 def test_eq7_to_eq10_em_matches_group_by_group():
@@ -203,75 +203,47 @@ def test_eq12_bce_plus_dice():
 
 
 def test_eq13_total_with_coarse_term():
-    image, target = torch.full((1, 3, 2, 2), 0.5), torch.ones(1, 1, 2, 2)
-    zeros = torch.zeros(1, 3, 2, 2)
-    out = {"logits": torch.zeros(1, 1, 2, 2), "coarse_logits": torch.zeros(1, 1, 2, 2),
-           "recon_fg": zeros, "image_fg": zeros, "recon_bg": zeros, "image_bg": zeros,
-           "recon_image": image}  # L_rec = 0; L_mask = L_coarse = ln 2 + 2/7
+    # batch 2 of 2 x 3: image 1 all foreground, image 2 empty. Logits 0 (p = 1/2): BCE ln 2,
+    # Dice 1 - (7/10 + 1/4)/2 (per image, see test_eq12 in test_mfel_wiring). Coarse logits:
+    # +ln 3 on image 1 (p = 3/4: BCE ln 4/3, Dice (9 + 1)/(4.5 + 6 + 1) = 20/23) and -ln 3 on
+    # image 2 (p = 1/4: BCE ln 4/3, Dice 1/(1.5 + 1) = 2/5). L_rec: |0.25 - 0.5| on every value.
+    target = torch.stack([torch.ones(1, 2, 3), torch.zeros(1, 2, 3)])
+    image = torch.full((2, 3, 2, 3), 0.5)
+    coarse = torch.tensor([math.log(3), -math.log(3)]).view(2, 1, 1, 1).expand(2, 1, 2, 3)
+    quarter = torch.full((2, 3, 2, 3), 0.25)
+    out = {"logits": torch.zeros(2, 1, 2, 3), "coarse_logits": coarse, "recon_fg": quarter,
+           "image_fg": quarter, "recon_bg": quarter, "image_bg": quarter, "recon_image": quarter}
+    l_mask = math.log(2) + 1 - (0.7 + 0.25) / 2
+    l_coarse = math.log(4 / 3) + 1 - (20 / 23 + 2 / 5) / 2
     loss, parts = mfel.total_loss(out, image, target, coarse_weight=0.5)
-    mask = math.log(2) + 2 / 7
-    assert loss.item() == pytest.approx(1.5 * mask) and parts["rec"] == 0.0
+    assert parts == pytest.approx({"mask": l_mask, "rec": 0.25, "coarse": l_coarse})
+    assert loss.item() == pytest.approx(0.25 + l_mask + 0.5 * l_coarse)
     loss, parts = mfel.total_loss({"logits": out["logits"]}, image, target)
-    assert loss.item() == pytest.approx(mask) and set(parts) == {"mask"}
-
-
-class FixedPrediction(nn.Module):
-    """A stand-in model whose logits are +10 on `pred` and -10 elsewhere."""
-
-    def __init__(self, pred):
-        super().__init__()
-        self.pred = pred
-
-    def forward(self, image, mask=None):
-        return {"logits": (self.pred * 20 - 10).expand(image.shape[0], 1, -1, -1)}
-
-
-class TinySet(torch.utils.data.Dataset):
-    """Two identical 4x4 images with one ground-truth mask."""
-
-    def __init__(self, gt):
-        self.gt, self.names = gt, ["a", "b"]
-
-    def __len__(self):
-        return 2
-
-    def full(self, index):
-        return np.zeros((4, 4, 3), np.uint8), self.gt.numpy().astype(bool)
-
-    def __getitem__(self, index):
-        return {"image": torch.zeros(3, 4, 4), "mask": self.gt[None].float(), "index": index}
-
-
-@pytest.mark.parametrize("mode", ["per-image", "global"])
-@pytest.mark.parametrize("resolution", ["network", "original"])
-def test_eq14_to_eq17_metrics(mode, resolution, tmp_path):
-    # prediction 2 pixels, ground truth 3, overlap 1: TP 1, FP 1, FN 2 ->
-    # precision 1/2, recall 1/3, F1 = 2 / (2 + 1 + 2) = 0.4, IoU = 1 / 4
-    pred, gt = torch.zeros(4, 4), torch.zeros(4, 4)
-    pred[0, :2] = 1
-    gt[0, 1:4] = 1
-    scores = mfel.evaluate(FixedPrediction(pred), TinySet(gt), torch.device("cpu"), mode,
-                           resolution, save_dir=tmp_path)
-    assert scores == pytest.approx({"F1": 40.0, "IoU": 25.0, "Precision": 50.0,
-                                    "Recall": 100 / 3})
-    assert sorted(p.name for p in tmp_path.glob("*.png"))[:2] == ["a.png", "a_overlay.png"]
+    assert loss.item() == pytest.approx(l_mask) and set(parts) == {"mask"}
 
 
 def test_warmup_cosine_schedule():
-    lr, low = 1e-3, 1e-5
-    f = [mfel.warmup_cosine(s, 110, 10, lr, low) for s in (0, 5, 10, 60, 110)]
-    assert f[0] * lr == pytest.approx(low) and f[2] == pytest.approx(1.0)
-    assert f[1] * lr == pytest.approx((low + lr) / 2)
-    assert f[3] * lr == pytest.approx((low + lr) / 2) and f[4] * lr == pytest.approx(low)
+    # 11 epochs of 10 iterations, 1 warm-up epoch: 1e-5 -> 1e-3 linearly over iterations 0-10,
+    # then cosine down to 1e-5 at iteration 110; halfway (60) the mean of the two
+    args = argparse.Namespace(lr=1e-3, min_lr=1e-5, epochs=11, warmup_epochs=1)
+    lr = [mfel.lr_at(step // 10, step % 10, 10, args) for step in (0, 5, 10, 60, 110)]
+    assert lr[0] == pytest.approx(1e-5) and lr[2] == pytest.approx(1e-3)
+    assert lr[1] == pytest.approx((1e-5 + 1e-3) / 2)
+    assert lr[3] == pytest.approx((1e-5 + 1e-3) / 2) and lr[4] == pytest.approx(1e-5)
+    args.epochs = 21  # --resume --epochs 21 at epoch 6: the new total's schedule from there on
+    assert mfel.lr_at(6, 0, 10, args) == pytest.approx(
+        1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 50 / 200)))
 
 
 def test_model_uses_the_given_mask_for_eq1():
     model = mfel.build_model("tiny").eval()
-    image, mask = torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
-    mask[..., :16] = 1
+    image, mask = torch.rand(2, 3, 32, 24), torch.zeros(2, 1, 32, 24)
+    mask[0, ..., :16] = 1
+    mask[1, ..., 8:, :] = 1
     out = model(image, mask)
     assert torch.equal(out["mask_split"], mask)
-    assert torch.equal(out["image_fg"][..., 16:], torch.zeros(1, 3, 32, 16))
+    assert torch.equal(out["image_fg"][0, :, :, 16:], torch.zeros(3, 32, 8))
+    assert torch.equal(out["image_bg"][1, :, 8:], torch.zeros(3, 24, 24))
 
 
 def test_one_step_lowers_the_loss():
@@ -297,66 +269,126 @@ def test_glas_layout_detection(tmp_path):
     (tmp_path / "train_1_anno.bmp").write_bytes(b"")
     assert mfel.is_glas(tmp_path)
     args = mfel.parse_args(["--data", str(tmp_path)])
-    assert args.img_size == 128 and args.instance  # Sec. 4.1.1: GlaS at 128x128
+    assert args.img_size == 128  # Sec. 4.1.1: GlaS at 128x128
     assert mfel.parse_args(["--data", str(tmp_path), "--img-size", "64"]).img_size == 64
 
 
 # ---- command line ----
 
-def test_cli_run_resume_eval_predict(tmp_path):
+def test_cli_run_resume_eval_predict(tmp_path, capsys):
     out = tmp_path / "run"
     external = common.write_toy(tmp_path / "ph2", n=3, size=40, seed=5)
     args = TINY + ["--epochs", "1", "--limit-batches", "2", "--test-data", str(external)]
     metrics = mfel.main(args + ["--out", str(out)])
+    log = capsys.readouterr().out
+    assert "protocol (mfel.py docstring):\n  all " in log and "\n  toy       ours" in log
+    assert "WARNING: 1 epochs end inside the 1-epoch warm-up" in log
+    assert "testing last.pt (epoch 0)" in log  # the paper's choice, though toy has a val set
     for name in ("config.json", "log.csv", "last.pt", "best.pt", "test_metrics.json"):
         assert (out / name).is_file(), name
-    assert set(metrics) == {"toy", "ph2"} and 0 <= metrics["toy"]["F1"] <= 100
+    assert set(metrics) == {"toy", "ph2"} and set(metrics["toy"]) == {"per-image", "global"}
+    assert 0 <= metrics["toy"]["global"]["F1"] <= 100
     assert len(list((out / "predictions" / "toy").glob("*_overlay.png"))) == 6
     assert len(list((out / "predictions" / "ph2").glob("toy_*[0-9].png"))) == 3
 
-    mfel.main(TINY + ["--epochs", "2", "--limit-batches", "2", "--resume", str(out / "last.pt"),
+    # resumed with a larger --epochs: epochs 1-2 follow the 3-epoch schedule (2 steps each)
+    mfel.main(TINY + ["--epochs", "3", "--limit-batches", "2", "--resume", str(out / "last.pt"),
                       "--out", str(out)])
-    assert [row.split(",")[0] for row in (out / "log.csv").read_text().splitlines()] == \
-        ["epoch", "0", "1"]
-    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 1
+    rows = (out / "log.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["epoch", "0", "1", "2"]
+    lr = float(rows[2].split(",")[rows[0].split(",").index("lr")])
+    recipe = argparse.Namespace(lr=2e-3, min_lr=1e-5, epochs=3, warmup_epochs=1)
+    assert lr == pytest.approx(mfel.lr_at(1, 1, 2, recipe), rel=1e-4)
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
 
     saved = json.loads((out / "test_metrics.json").read_text())
-    again = mfel.main(["--eval", str(out / "best.pt"), "--out", str(tmp_path / "eval")])
-    assert again["toy"] == pytest.approx(saved["toy"])
-    only_external = mfel.main(["--eval", str(out / "best.pt"), "--test-data", str(external),
-                               "--oracle", "--out", str(tmp_path / "ext")])
-    assert set(only_external) == {"ph2", "NOT_REPORTABLE"}
+    again = mfel.main(["--eval", str(out / "last.pt"), "--out", str(tmp_path / "eval")])
+    for mode in ("per-image", "global"):
+        assert again["toy"][mode] == pytest.approx(saved["toy"][mode])
+    only_external = mfel.main(["--eval", str(out / "last.pt"), "--data", str(external),
+                               "--mask-source-eval", "oracle", "--out", str(tmp_path / "ext")])
+    assert "NOT_REPORTABLE" in only_external and len(only_external) == 2
+    capsys.readouterr()
+    network = mfel.main(["--eval", str(out / "last.pt"), "--data", str(external),
+                         "--out", str(tmp_path / "net")])
+    original = mfel.main(["--eval", str(out / "last.pt"), "--data", str(external), "--out",
+                          str(tmp_path / "orig"), "--eval-resolution", "original",
+                          "--metric-mode", "global"])
+    log = capsys.readouterr().out
+    assert log.index("(%, global, original") < log.index("(%, per-image, original")
+    assert log.index("(%, per-image, network") < log.index("(%, global, network")
+    group = next(iter(network))  # 40 px originals, scored at 32 px or at 40 px
+    assert network[group]["per-image"] != original[group]["per-image"]
 
     result = mfel.main(["--predict", str(external / "images"), "--checkpoint",
-                        str(out / "best.pt"), "--out", str(tmp_path / "pred")])
+                        str(out / "last.pt"), "--out", str(tmp_path / "pred")])
     masks = sorted((tmp_path / "pred" / "predictions").glob("*.png"))
     assert result["predicted"] == 3 and len(masks) == 3
     assert np.asarray(common.Image.open(masks[0])).shape == (40, 40)
 
 
-def test_pretrained_path_and_bench(tmp_path):
+def test_select_best_tests_the_best_validation_epoch(tmp_path, capsys):
+    mfel.main(TINY + ["--epochs", "2", "--limit-batches", "1", "--select", "best",
+                      "--out", str(tmp_path / "run")])
+    log = capsys.readouterr().out
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"]
+    assert f"testing best.pt (epoch {best})" in log
+    external = common.write_toy(tmp_path / "data", n=4, size=32, seed=1)
+    with pytest.raises(common.UserError, match="--select best needs a validation set"):
+        mfel.main(TINY + ["--data", str(external), "--select", "best"])
+
+
+def test_pretrained_path_and_bench(tmp_path, capsys):
     model = mfel.build_model("tiny")
     common.save_checkpoint(tmp_path / "weights.pt", {"model": model.state_dict()})
     args = TINY + ["--epochs", "1", "--limit-batches", "1", "--out", str(tmp_path / "run"),
                    "--pretrained", str(tmp_path / "weights.pt"), "--no-em", "--afm", "sum"]
-    with pytest.raises(common.UserError, match="does not fit"):
-        mfel.main(args)  # --no-em and --afm sum drop parameters the file has
+    mfel.main(args)  # --no-em and --afm sum drop tensors the file has: the rest loads
+    ablated = mfel.build_model("tiny", em=False, afm="sum").state_dict()
+    assert f"MFEL: {len(ablated)} of " in capsys.readouterr().out
+    torch.save({"model": {"nothing.weight": torch.zeros(1)}}, tmp_path / "foreign.pt")
+    with pytest.raises(common.UserError):
+        mfel.main(args[:-5] + ["--pretrained", str(tmp_path / "foreign.pt")])
     record = mfel.main(TINY + ["--bench", "--out", str(tmp_path / "bench")])
     assert record["params_M"] == pytest.approx(0.676, abs=1e-3)
     assert record["train_images_per_s"] > 0 and record["img_size"] == 32
+
+
+def test_train_loader_drops_only_a_last_batch_of_one():
+    # spec 5: GlaS's 85 training images in batches of 4 give 21 full batches and one of 1
+    args = argparse.Namespace(batch_size=4, workers=0, seed=0)
+    assert len(mfel.train_loader(list(range(85)), args)) == 21
+    assert len(mfel.train_loader(list(range(86)), args)) == 22  # a last batch of 2 is kept
+
+
+def test_augment_same_for_image_and_mask_rot90_half_the_time():
+    rng = random.Random(0)
+    mask = np.zeros((4, 6), np.uint8)
+    mask[0, :3] = 1
+    mask[3, 5] = 1
+    image = np.stack([mask * 255, np.zeros_like(mask), np.ones_like(mask)], -1)
+    odd = 0
+    for _ in range(3000):
+        aug_image, aug_mask = mfel.augment(image, mask, rng)
+        assert np.array_equal(aug_image[..., 0], aug_mask * 255)
+        odd += aug_mask.shape == (6, 4)  # a 90 or 270 degree turn
+    # p = 0.5 of a turn by 90, 180 or 270 degrees: 1/3 of the draws are 90 or 270
+    assert abs(odd / 3000 - 1 / 3) < 0.04
 
 
 @pytest.mark.parametrize("argv,culprit", [
     (["--data", "/no/such/folder"], "/no/such/folder"),
     (["--eval", "README.md"], "README.md"),
     (["--img-size", "30"], "--img-size"),
-    (["--no-fiir", "--oracle"], "--no-fiir"),
+    (["--no-fiir", "--mask-source-eval", "oracle"], "--no-fiir"),
+    (["--no-coarse-head"], "--no-coarse-head needs --no-fiir"),
 ])
 def test_bad_inputs_exit_with_one_line(argv, culprit, tmp_path):
     if argv[0] == "--eval":
         (tmp_path / "README.md").write_text("not a checkpoint")
         argv = ["--eval", str(tmp_path / "README.md")]
-    result = subprocess.run([sys.executable, str(ROOT / "mfel.py"), *argv, "--out",
+    result = subprocess.run([sys.executable, str(ROOT / "mfel.py"), *argv, "--preset", "tiny",
+                             "--epochs", "1", "--limit-batches", "1", "--out",
                              str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
