@@ -548,14 +548,6 @@ def test_bad_input_exits_with_one_line(argv, culprit, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0]
 
 
-def test_notebook_executes():
-    import nbclient
-    import nbformat
-    notebook = nbformat.read(ROOT / "notebooks" / "dinet.ipynb", as_version=4)
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-
-
 # ---- wiring (Fig. 2), one test per ablation switch, reductions, gradients ----
 
 @pytest.mark.parametrize("inputs, fusion", [("ie", "difm"), ("i", "difm"), ("e", "difm"),
