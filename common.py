@@ -2089,7 +2089,7 @@ def benchmark(model, train_step, infer_step, batch_size, device, repeats=3, **ex
 # Public: selective_scan, selective_scan_reference, scan_backend, MAMBA_SSM_AVAILABLE, bench_scan.
 # Shape letters: b batch, D channels (mamba-ssm's `dim`; the argument D is the skip vector),
 # L sequence length, N state size, G groups of channels sharing one B (or C), H = D / G,
-# T chunk length, K = ceil(L / T) chunks, k chunks handled together in one group.
+# T steps in one block of the fast path.
 
 try:  # the authors' fused CUDA kernel (pip install mamba-ssm), used for CUDA tensors
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
@@ -2098,8 +2098,8 @@ except (ImportError, OSError):  # not installed, or built for another torch / CU
     _mamba_selective_scan_fn = None
     MAMBA_SSM_AVAILABLE = False
 
-SCAN_CHUNK_LEN = 32  # T of the pure-PyTorch path (16..128 time alike on 2 CPU cores)
-SCAN_GROUP_ELEMENTS = 2 ** 23  # states (T b k N D) per group of k chunks; see _ChunkedScan
+SCAN_BLOCK_ELEMENTS = 2 ** 18  # states (b T G N H) per block: 1 MB buffers, 2^17..2^18 fastest
+SCAN_BASELINE_REV = "86a2de48b070"  # bench-scan's baseline: the scan before issue 14
 
 
 def scan_backend(u):
@@ -2112,15 +2112,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """Selective scan with mamba-ssm's selective_scan_fn interface; see selective_scan_reference.
 
     Runs the authors' CUDA kernel when mamba-ssm is installed and u is on a GPU, otherwise the
-    chunked pure-PyTorch scan (any device, float32 inside; float64 stays float64 for gradcheck).
+    blocked pure-PyTorch scan (any device, float32 inside; float64 stays float64 for gradcheck).
     The torch path also back-propagates through the returned last state; the kernel does not.
     """
     if scan_backend(u) == "mamba_ssm":
         return _mamba_selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                         delta_softplus=delta_softplus,
                                         return_last_state=return_last_state)
-    return _selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                   return_last_state)
+    return _selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                return_last_state)
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -2140,39 +2140,32 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     Returns out (b, D, L) in u's dtype and, if return_last_state, h_{L-1} (b, D, N) in the
     compute dtype: float32 (float64 for float64 inputs, so that gradcheck works).
     """
-    dtype = u.dtype
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    u, delta, A = u.to(compute), delta.to(compute), A.to(compute)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(compute)[:, None]
-    if delta_softplus:
-        delta = torch.nn.functional.softplus(delta)
+    return _scan_with(_reference_core, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                      return_last_state)
+
+
+def _reference_core(u, delta, A, B, C):
+    """C_t h_t (b, D, L) and h_{L-1} (b, D, N) by the loop over time; autograd goes through it."""
     batch, dim, length = u.shape
-    B = _bc_per_channel(B, dim, length).to(compute)  # (b|1, D, N, L)
-    C = _bc_per_channel(C, dim, length).to(compute)  # (b|1, D, N, L)
+    B, C = _bc_steps(B, dim, length), _bc_steps(C, dim, length)  # each step (b|1, D, N)
     h = u.new_zeros(batch, dim, A.shape[1])  # (b, D, N)
     ys = []
-    for delta_t, u_t, B_t, C_t in zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
+    for delta_t, u_t, B_t, C_t in zip(delta.unbind(-1), u.unbind(-1), B, C):
         A_bar = torch.exp(delta_t[..., None] * A)  # Eq. (4)  (b, D, N)
         B_bar = delta_t[..., None] * B_t  # Euler B_bar  (b, D, N)
         h = A_bar * h + B_bar * u_t[..., None]  # Eq. (2a)
         ys.append((C_t * h).sum(-1))  # Eq. (2b), C_t h_t  (b, D)
-    y = torch.stack(ys, dim=-1)  # (b, D, L)
-    if D is not None:
-        y = y + D.to(compute)[:, None] * u
-    if z is not None:
-        y = y * torch.nn.functional.silu(z.to(compute))
-    out = y.to(dtype)
-    return (out, h) if return_last_state else out
+    return torch.stack(ys, dim=-1), h
 
 
-def _bc_per_channel(x, dim, length):
-    """B or C of any accepted shape as one (b|1, D, N, L) tensor, for the reference loop."""
+def _bc_steps(x, dim, length):
+    """B or C of any accepted shape, step by step as (b|1, D, N) tensors, for the reference loop."""
     if x.dim() == 2:  # (D, N): the same for every step
-        return x[None, :, :, None].expand(1, dim, x.shape[1], length)
+        return [x[None]] * length
     if x.dim() == 3:  # (b, N, L): one group shared by all channels
-        return x[:, None].expand(x.shape[0], dim, *x.shape[1:])
-    return x.repeat_interleave(dim // x.shape[1], dim=1)  # (b, G, N, L): group d // (D / G)
+        x = x[:, None]
+    # (b, G, N, L): channel d reads group d // (D / G); made one step at a time to save memory
+    return (x_t.repeat_interleave(dim // x.shape[1], dim=1) for x_t in x.unbind(-1))
 
 
 def _scan_with(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
@@ -2192,290 +2185,200 @@ def _scan_with(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return
     return (y.to(dtype), last_state) if return_last_state else y.to(dtype)
 
 
-# ---- Fast path: chunks of the sequence scanned side by side ----
+# ---- Fast path: the recurrence one step per op, everything else in blocks of steps ----
 #
-# Cut the sequence into K chunks of T steps and treat the chunks like an extra batch axis:
-# 1. scan every chunk from a zero state, all K chunks at once (a loop of T steps);
-# 2. carry the true state from chunk to chunk: start_{k+1} = (prod_t A_bar_t) start_k + end_k,
-#    where end_k is the chunk's own end from step 1 (a loop of K cheap steps);
-# 3. rescan every chunk from its true start, reading out y_t = C_t h_t (T steps).
-# Only the K chunk-start states are kept for the backward pass, which runs the adjoint
-# recurrence theta_t = A_bar_t (theta_{t+1} + C_t dLoss/dy_t) the same way in reverse and
-# recomputes the states of a group of k chunks at a time. All loops visit the chunks in such
-# groups, so that the per-step tensors (b, k, N, D) stay in the CPU cache. Every factor is an
-# A_bar_t = exp(delta_t A) (<= 1, as delta >= 0 and A < 0 in Mamba) or a product of them, so
-# nothing overflows however long the sequence (no division by a cumulative decay, unlike
-# cumsum tricks). Loops update preallocated buffers in place: on a CPU, allocating a fresh
-# multi-MB tensor per step costs more than the arithmetic.
+# Only h_t = A_bar_t h_{t-1} + B_bar_t u_t is sequential, and it is one in-place addcmul_ per
+# step on a contiguous (b, G, N, H) state. The rest runs per block of T steps as a few large
+# ops on (b, T, G, N, H) buffers, time-major: A_bar = exp(delta A) and B_bar u for the whole
+# block, then y = C h as one batched matmul. The forward keeps only the state entering each
+# block. The backward walks the blocks from the end: it recomputes their states from those,
+# runs the adjoint lambda_t = dLoss/dh_t = A_bar_{t+1} lambda_{t+1} + C_t dLoss/dy_t the same
+# way backwards, and takes every gradient from a few block-wide ops. Every factor is an
+# A_bar_t = exp(delta_t A) <= 1 (delta >= 0, A < 0 in Mamba): no cumulative product, no
+# division, nothing to overflow however long the sequence. Why it is faster on a CPU than the
+# chunked scan before it (issue 14): about 20 passes over the (L, D, N) states in all against
+# about 30, three small ops per step (one forward, two backward) against about 30, buffers of
+# about 1 MB that fit the L2 cache, and time-major copies made by 2-D transposes (torch's
+# blocked kernel; the same copy as a 3-D transpose is several times slower). What is left is
+# memory traffic: about 20 ops each reading and writing the whole (L, D, N) volume, which only
+# a fused kernel (mamba-ssm on a GPU, or a compiler) would avoid.
 
 
-def _selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                            delta_softplus=False, return_last_state=False,
-                            chunk_len=SCAN_CHUNK_LEN, group_chunks=None):
-    """Pure-PyTorch selective scan over chunks of length chunk_len (same results as the reference).
-
-    group_chunks: how many chunks each loop handles at once (default: as many as have
-    SCAN_GROUP_ELEMENTS states in all), which bounds the backward's buffer of recomputed states.
-    """
+def _selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                         delta_softplus=False, return_last_state=False,
+                         block_elements=SCAN_BLOCK_ELEMENTS):
+    """Pure-PyTorch selective scan in blocks of about block_elements states (same results)."""
     def core(u, delta, A, B, C):
-        """Chunked scan core with its hand-written backward."""
-        return _ChunkedScan.apply(u, delta, A, B, C, chunk_len, group_chunks)
+        """Blocked scan core with its hand-written backward."""
+        return _BlockScan.apply(u, delta, A, B, C, block_elements)
     return _scan_with(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                       return_last_state)
 
 
-def _to_chunks(x, chunk_len):
-    """(b, D, L) -> (T, b, K, 1, D): step within the chunk first, chunks side by side, 0-padded."""
-    batch, dim, length = x.shape
-    n_chunks = -(-length // chunk_len)
-    # Transpose to (b, L, D) first: one 2-D transpose, then moves of whole D-rows (fast copies).
-    padded = x.new_zeros(batch, n_chunks * chunk_len, dim)  # (b, K T, D)
-    padded[:, :length] = x.transpose(1, 2)
-    x = padded.view(batch, n_chunks, chunk_len, dim).permute(2, 0, 1, 3)
-    return x.unsqueeze(3).contiguous()
+def _time_major(x):
+    """(b, P, Q) -> (b, Q, P) contiguous, by one 2-D transpose per batch item (the fast copy)."""
+    out = x.new_empty(x.shape[0], x.shape[2], x.shape[1])
+    for out_item, x_item in zip(out, x):
+        out_item.copy_(x_item.t())
+    return out
 
 
-def _from_chunks(x, length):
-    """(T, b, K, 1, D) -> (b, D, L): undo _to_chunks, dropping the padding."""
-    chunk_len, batch, n_chunks, _, dim = x.shape
-    x = x.permute(1, 2, 0, 3, 4).reshape(batch, n_chunks * chunk_len, dim)  # (b, L, D)
-    return x[:, :length].transpose(1, 2).contiguous()
+def _own_groups(x, dim):
+    """How many channel groups B or C x has: D if fixed (D, N), 1 if (b, N, L), else G."""
+    return dim if x.dim() == 2 else 1 if x.dim() == 3 else x.shape[1]
 
 
-def _operand_to_chunks(x, dim, chunk_len, n_chunks):
-    """B or C -> (T, b|1, K, N, G, 1), to broadcast against a state viewed as (b, K, N, G, H)."""
-    if x.dim() == 2:  # (D, N): fixed, one group per channel
-        return x.t()[None, None, None, :, :, None].expand(chunk_len, 1, n_chunks, *x.t().shape, 1)
-    if x.dim() == 3:  # (b, N, L): one group
-        x = x[:, None]
-    batch, groups, state, length = x.shape
-    x = torch.nn.functional.pad(x, (0, n_chunks * chunk_len - length))
-    x = x.reshape(batch, groups, state, n_chunks, chunk_len).permute(4, 0, 3, 2, 1)
-    return x.unsqueeze(-1).contiguous()
+def _operand_steps(x, groups):
+    """B or C -> (b|1, L|1, G, N) time-major, each of its own groups repeated to fill G."""
+    x = x[None, :, :, None] if x.dim() == 2 else x[:, None] if x.dim() == 3 else x
+    batch, own, state, length = x.shape  # (b|1, G_x, N, L|1)
+    x = _time_major(x.reshape(batch, own * state, length)).view(batch, length, own, state)
+    return x.repeat_interleave(groups // own, dim=2) if own not in (1, groups) else x
 
 
-def _operand_from_chunks(grad, shape):
-    """Gradient (T|1, b, K, N, G, 1) of a chunked B or C -> the operand's own shape."""
-    if len(shape) == 2:  # fixed (D, N): sum over steps, batch and chunks
-        return grad.sum((0, 1, 2))[..., 0].t()
-    batch, state, groups = grad.shape[1], grad.shape[3], grad.shape[4]
-    grad = grad[..., 0].permute(1, 4, 3, 2, 0).reshape(batch, groups, state, -1)
-    return grad[..., :shape[-1]].reshape(shape)
+def _operand_grad(grad, x):
+    """dLoss/dB (b, L|1, G, N) in _operand_steps' layout -> the shape of the operand x."""
+    batch, length, groups, state = grad.shape
+    own = _own_groups(x, x.shape[0])
+    grad = grad.unflatten(2, (own, groups // own)).sum(3)  # channels' groups back to x's
+    if x.dim() == 2:  # fixed (D, N): summed over batch and steps
+        return grad.sum((0, 1))
+    return _time_major(grad.flatten(2)).view(x.shape)
 
 
-def _grouped(x, groups):
-    """View the channel axis (last) as (G, H) so x meets a B or C chunk of G groups."""
-    return x.unflatten(-1, (groups, -1))
+def _scan_inputs(u_t, delta_t, A, B, C, groups):
+    """What forward and backward read: time-major (b, L, G, 1, H) steps, A (G, N, H), B, C."""
+    def steps(x):
+        """(b, L, D) -> (b, L, G, 1, H), a view."""
+        return x.unflatten(2, (groups, -1)).unsqueeze(3)
+    return dict(u=steps(u_t), delta=steps(delta_t), du=steps(delta_t * u_t),
+                A=A.unflatten(0, (groups, -1)).transpose(1, 2).contiguous(),
+                B=_operand_steps(B, groups), C=_operand_steps(C, groups))
 
 
-def _chunk_inputs(u, delta, B, C, chunk_len):
-    """The scan's inputs cut into chunks: u, delta, du = delta u (T, b, K, 1, D); B, C chunked."""
-    delta_c, u_c = _to_chunks(delta, chunk_len), _to_chunks(u, chunk_len)
-    dim, n_chunks = u.shape[1], u_c.shape[2]
-    return dict(u=u_c, delta=delta_c, du=delta_c * u_c,
-                B=_operand_to_chunks(B, dim, chunk_len, n_chunks),  # (T, b|1, K, N, G, 1)
-                C=_operand_to_chunks(C, dim, chunk_len, n_chunks))
+def _blocks(length, per_step, block_elements):
+    """Slices of about block_elements / per_step steps covering the sequence."""
+    steps = max(1, min(length, block_elements // per_step))
+    return [slice(t, min(t + steps, length)) for t in range(0, length, steps)]
 
 
-def _take_chunks(chunks, ks):
-    """The chunked tensors of chunks[name] restricted to the chunks in slice ks (axis 2)."""
-    return {name: x[:, :, ks] for name, x in chunks.items()}
+def _at(x, ts):
+    """Steps ts (axis 1) of x, or all of x where it is the same at every step (fixed B or C)."""
+    return x[:, ts] if x.shape[1] > 1 else x
 
 
-def _scan_chunks(group, h, A_t, y=None):
-    """Run the recurrence through chunks side by side, in place on their states h (b, k, N, D).
+def _decays(inputs, ts, out):
+    """A_bar_t = exp(delta_t A) of the steps ts into out (b, T, G, N, H)."""
+    return torch.mul(inputs["delta"][:, ts], inputs["A"], out=out).exp_()  # Eq. (4)
 
-    group: the chunks' inputs from _take_chunks; y (T, b, k, 1, D), if given, gets C_t h_t.
+
+def _run_states(decay, h, start):
+    """h_t = A_bar_t h_{t-1} + h[t] in place, h[t] holding B_bar_t u_t on entry; h_{-1} = start."""
+    for decay_t, h_t in zip(decay.unbind(1), h.unbind(1)):
+        start = h_t.addcmul_(decay_t, start)  # Eq. (2a)
+    return start
+
+
+def _run_adjoint(decay, lam, after):
+    """lambda_t = A_bar_{t+1} lambda_{t+1} + lam[t] in place, backwards; `after` enters last.
+
+    lam[t] holds C_t dLoss/dy_t on entry. Returns A_bar_0 lambda_0, what enters the block
+    before (the gradient of the state entering this one).
     """
-    groups_b, groups_c = group["B"].shape[-2], group["C"].shape[-2]
-    decay, product = torch.empty_like(h), torch.empty_like(h)
-    for t in range(group["u"].shape[0]):
-        torch.mul(group["delta"][t], A_t, out=decay).exp_()  # Eq. (4)  A_bar_t = exp(delta_t A)
-        h.mul_(decay)  # Eq. (2a), A_bar_t h_{t-1} + B_bar_t u_t with B_bar_t u_t = delta_t u_t B_t
-        _grouped(h, groups_b).addcmul_(_grouped(group["du"][t], groups_b), group["B"][t])
-        if y is not None:
-            torch.mul(_grouped(h, groups_c), group["C"][t], out=_grouped(product, groups_c))
-            torch.sum(product, 2, keepdim=True, out=y[t])  # Eq. (2b)  C_t h_t
-    return h
+    lams, decays = lam.unbind(1), decay.unbind(1)
+    lams[-1].add_(after)
+    for t in range(len(lams) - 2, -1, -1):
+        lams[t].addcmul_(decays[t + 1], lams[t + 1])
+    return decays[0] * lams[0]
 
 
-def _adjoint_chunks(group, grad_y, theta, A_t):
-    """Run theta_t = A_bar_t (theta_{t+1} + C_t dLoss/dy_t) backwards, in place on theta."""
-    groups_c = group["C"].shape[-2]
-    decay = torch.empty_like(theta)
-    for t in reversed(range(group["u"].shape[0])):
-        _grouped(theta, groups_c).addcmul_(_grouped(grad_y[t], groups_c), group["C"][t])
-        theta.mul_(torch.mul(group["delta"][t], A_t, out=decay).exp_())
-    return theta
+def _store_operand_grad(grad, ts, block_grad):
+    """A block's dLoss/dB_t (b, T, G, 1, N) into grad (b, L|1, G, N), summed if B is fixed."""
+    if grad.shape[1] == 1:
+        grad += block_grad[..., 0, :].sum(1, keepdim=True)
+    else:
+        grad[:, ts] = block_grad[..., 0, :]
 
 
-def _link_chunks(own, chunk_decay, entering, order):
-    """What enters each chunk, walking the chunks in order: next = own[k] + decay[k] * entering.
-
-    own: each chunk's result from a zero start (b, K, N, D); chunk_decay: prod_t A_bar_t over
-    each chunk. Returns the entering value of every chunk and what leaves the last one walked.
-    """
-    entering_all = torch.empty_like(own)
-    for k in order:
-        entering_all[:, k] = entering
-        entering = own[:, k] + chunk_decay[:, k] * entering
-    return entering_all, entering
-
-
-class _ChunkedScan(torch.autograd.Function):
+class _BlockScan(torch.autograd.Function):
     """y_t = C_t h_t and h_{L-1} of the recurrence h_t = A_bar_t h_{t-1} + delta_t B_t u_t."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, chunk_len, group_chunks):
+    def forward(ctx, u, delta, A, B, C, block_elements):
         """u, delta (b, D, L), A (D, N), B, C as in selective_scan -> y (b, D, L), h (b, D, N)."""
-        batch, length = len(u), u.shape[-1]
-        chunk_len = min(chunk_len, length)
-        chunks, A_t = _chunk_inputs(u, delta, B, C, chunk_len), A.t().contiguous()  # A_t (N, D)
-        n_chunks = chunks["u"].shape[2]
-        group_chunks = group_chunks or SCAN_GROUP_ELEMENTS // (chunk_len * batch * A.numel())
-        group_chunks = max(group_chunks, 1)
-        groups = [slice(k, k + group_chunks) for k in range(0, n_chunks, group_chunks)]
-        own_ends = u.new_empty(batch, n_chunks, *A_t.shape)  # (b, K, N, D)
-        for ks in groups:  # 1. every chunk from a zero state
-            _scan_chunks(_take_chunks(chunks, ks), own_ends[:, ks].zero_(), A_t)  # in place
-        chunk_decay = torch.exp(chunks["delta"].sum(0) * A_t)  # prod_t A_bar_t  (b, K, N, D)
-        starts, last_state = _link_chunks(own_ends, chunk_decay, u.new_zeros(batch, *A_t.shape),
-                                          range(n_chunks))  # 2. carry the state across chunks
-        y_c = torch.empty_like(chunks["u"])  # (T, b, K, 1, D)
-        for ks in groups:  # 3. rescan from the true starts, reading out y_t
-            _scan_chunks(_take_chunks(chunks, ks), starts[:, ks].clone(), A_t, y=y_c[:, :, ks])
-        ctx.save_for_backward(u, delta, A, B, C, starts)
-        ctx.chunk_len, ctx.groups = chunk_len, groups
-        return _from_chunks(y_c, length), last_state.transpose(1, 2)
+        batch, dim, length = u.shape
+        groups = math.lcm(_own_groups(B, dim), _own_groups(C, dim))
+        u_t, delta_t = _time_major(u), _time_major(delta)  # (b, L, D)
+        inputs = _scan_inputs(u_t, delta_t, A, B, C, groups)
+        blocks = _blocks(length, batch * A.numel(), block_elements)
+        decay_buf = u.new_empty(batch, blocks[0].stop, *inputs["A"].shape)  # (b, T, G, N, H)
+        h_buf = torch.empty_like(decay_buf)
+        y_t = torch.empty_like(u_t)
+        y_steps = y_t.unflatten(2, (groups, -1)).unsqueeze(3)  # (b, L, G, 1, H)
+        starts = u.new_empty(len(blocks), batch, *inputs["A"].shape)  # h entering each block
+        starts[0] = 0
+        for i, ts in enumerate(blocks):
+            steps = ts.stop - ts.start
+            decay = _decays(inputs, ts, decay_buf[:, :steps])
+            h = torch.mul(inputs["du"][:, ts], _at(inputs["B"], ts)[..., None],
+                          out=h_buf[:, :steps])  # B_bar_t u_t
+            last = _run_states(decay, h, starts[i])
+            if i + 1 < len(blocks):
+                starts[i + 1] = last
+            torch.matmul(_at(inputs["C"], ts)[..., None, :], h, out=y_steps[:, ts])  # Eq. (2b)
+        ctx.save_for_backward(u_t, delta_t, A, B, C, starts)
+        ctx.blocks, ctx.groups = blocks, groups
+        return _time_major(y_t), last.transpose(2, 3).reshape(batch, dim, -1)
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):
-        """Gradients of u, delta, A, B, C by the adjoint recurrence, chunk-parallel too.
-
-        With lambda_t = dLoss/dh_t and theta_t = dLoss/dh_{t-1} = A_bar_t lambda_t:
-        lambda_t = theta_{t+1} + C_t dLoss/dy_t, backwards from theta_L = dLoss/dh_{L-1}.
-        As forward: 1. every chunk from theta = 0 at its end; 2. carry theta right to left;
-        3. per group of chunks, recompute the states from the chunk starts and run lambda_t
-        backwards, collecting the gradients.
-        """
-        u, delta, A, B, C, starts = ctx.saved_tensors
-        length, chunk_len = u.shape[-1], ctx.chunk_len
-        chunks, A_t = _chunk_inputs(u, delta, B, C, chunk_len), A.t().contiguous()
-        gy_c = _to_chunks(grad_y, chunk_len)  # (T, b, K, 1, D)
-        own_theta = torch.zeros_like(starts)  # (b, K, N, D)
-        for ks in ctx.groups:  # 1. every chunk from theta = 0 after its end
-            _adjoint_chunks(_take_chunks(chunks, ks), gy_c[:, :, ks], own_theta[:, ks], A_t)
-        chunk_decay = torch.exp(chunks["delta"].sum(0) * A_t)
-        theta_in, _ = _link_chunks(own_theta, chunk_decay, grad_last.transpose(1, 2),
-                                   reversed(range(starts.shape[1])))  # 2. right to left
-        grads = dict(  # filled group by group; a fixed B or C sums over steps in one slot
-            u=torch.empty_like(gy_c), delta=torch.empty_like(gy_c),  # (T, b, K, 1, D)
-            A=torch.zeros_like(starts)[None],  # sum_t dLoss/da_t delta_t  (1, b, K, N, D)
-            B=u.new_zeros(chunk_len if B.dim() > 2 else 1, len(u), *chunks["B"].shape[2:]),
-            C=u.new_zeros(chunk_len if C.dim() > 2 else 1, len(u), *chunks["C"].shape[2:]))
-        groups_b = chunks["B"].shape[-2]
-        for ks in ctx.groups:  # 3. gradients
-            group = _take_chunks(chunks, ks)
-            h = starts.new_empty(chunk_len + 1, *starts[:, ks].shape)  # h[t] = h_{t-1}
-            decays = torch.empty_like(h[1:])  # A_bar_t  (T, b, k, N, D)
-            h[0] = starts[:, ks]
-            for t in range(chunk_len):  # recompute the states, as in _scan_chunks
-                torch.mul(group["delta"][t], A_t, out=decays[t]).exp_()
-                torch.mul(h[t], decays[t], out=h[t + 1])
-                _grouped(h[t + 1], groups_b).addcmul_(_grouped(group["du"][t], groups_b),
-                                                   group["B"][t])
-            _group_gradients(group, gy_c[:, :, ks], h, decays, A_t, theta_in[:, ks].clone(),
-                             _take_chunks(grads, ks))
-        return (_from_chunks(grads["u"], length), _from_chunks(grads["delta"], length),
-                grads["A"].sum((0, 1, 2)).t(), _operand_from_chunks(grads["B"], B.shape),
-                _operand_from_chunks(grads["C"], C.shape), None, None)
-
-
-def _group_gradients(group, grad_y, h, decays, A_t, lam, grads):
-    """Run lambda_t backwards through a group of chunks, adding each step's gradients to grads.
-
-    group: the chunks' inputs; grad_y (T, b, k, 1, D); h[t] = h_{t-1} (T+1, b, k, N, D);
-    decays[t] = A_bar_t; lam: theta entering each chunk from the right (b, k, N, D);
-    grads: views of the gradient buffers for these chunks.
-    """
-    groups_b, groups_c = group["B"].shape[-2], group["C"].shape[-2]
-    product = torch.empty_like(lam)  # (b, k, N, D)
-    for t in reversed(range(decays.shape[0])):
-        gy_t, du_t, B_t, C_t = grad_y[t], group["du"][t], group["B"][t], group["C"][t]
-        _grouped(lam, groups_c).addcmul_(_grouped(gy_t, groups_c), C_t)  # lambda_t
-        # dLoss/dC_t = sum over the channels of C_t's group of dLoss/dy_t h_t
-        torch.mul(_grouped(h[t + 1], groups_c), _grouped(gy_t, groups_c),
-                  out=_grouped(product, groups_c))
-        grads["C"][t if len(grads["C"]) > 1 else 0] += _grouped(product, groups_c).sum(-1, True)
-        # dLoss/dB_t = sum over the channels of B_t's group of lambda_t delta_t u_t
-        torch.mul(_grouped(lam, groups_b), _grouped(du_t, groups_b),
-                  out=_grouped(product, groups_b))
-        grads["B"][t if len(grads["B"]) > 1 else 0] += _grouped(product, groups_b).sum(-1, True)
-        # <lambda_t, B_t> reaches u_t and delta_t through B_bar_t u_t = delta_t B_t u_t
-        torch.mul(_grouped(lam, groups_b), B_t, out=_grouped(product, groups_b))
-        lam_B = product.sum(2, keepdim=True)  # (b, k, 1, D)
-        torch.mul(lam_B, group["delta"][t], out=grads["u"][t])
-        # dLoss/da_t = lambda_t A_bar_t h_{t-1} for a_t = delta_t A, since A_bar_t = exp(a_t)
-        torch.mul(lam, decays[t], out=product).mul_(h[t])
-        grads["A"][0].addcmul_(product, group["delta"][t])
-        torch.sum(product.mul_(A_t), 2, keepdim=True, out=grads["delta"][t])
-        grads["delta"][t].addcmul_(lam_B, group["u"][t])
-        lam.mul_(decays[t])  # theta_t = A_bar_t lambda_t, for step t - 1
-
-
-# ---- Baseline: a parallel scan over materialised (b, L, D, N) tensors ----
-
-
-def _selective_scan_materialised(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                                 delta_softplus=False, return_last_state=False):
-    """Textbook parallel scan over materialised (b, L, D, N) tensors: oracle and bench baseline."""
-    return _scan_with(_materialised_core, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                      return_last_state)
-
-
-def _operand_per_step(x):
-    """B or C -> (b|1, L|1, G, 1, N), to broadcast against a (b, L, G, H, N) tensor."""
-    if x.dim() == 2:  # (D, N): one group per channel
-        return x[None, None, :, None, :]
-    if x.dim() == 3:  # (b, N, L): one group
-        x = x[:, None]
-    return x.permute(0, 3, 1, 2)[:, :, :, None, :]
-
-
-def _materialised_core(u, delta, A, B, C):
-    """C_t h_t (b, D, L) and h_{L-1} (b, D, N), autograd through plain tensor operations."""
-    B_s, C_s = _operand_per_step(B), _operand_per_step(C)
-    delta_s = delta.transpose(1, 2)[..., None]  # (b, L, D, 1)
-    A_bar = torch.exp(delta_s * A)  # Eq. (4)  (b, L, D, N)
-    du = (delta_s * u.transpose(1, 2)[..., None]).unflatten(2, (B_s.shape[2], -1))
-    B_bar_u = (du * B_s).flatten(2, 3)  # (b, L, D, N)
-    h = _odd_even_scan(A_bar, B_bar_u)  # Eq. (2a) for all t  (b, L, D, N)
-    y = (h.unflatten(2, (C_s.shape[2], -1)) * C_s).sum(-1).flatten(2, 3)  # Eq. (2b)  (b, L, D)
-    return y.transpose(1, 2), h[:, -1]
-
-
-def _odd_even_scan(a, x):
-    """h_t = a_t h_{t-1} + x_t along dim 1 (h_{-1} = 0) in O(log L) rounds (Blelloch-style).
-
-    Fuse each pair of steps (2i, 2i+1) into one step, scan the half-length sequence recursively
-    for the odd states, then fill in each even state from the odd state before it.
-    """
-    length = a.shape[1]
-    if length == 1:
-        return x
-    if length % 2:  # pad with an identity step (a = 1, x = 0)
-        pad = (0, 0, 0, 0, 0, 1)
-        h = _odd_even_scan(torch.nn.functional.pad(a, pad, value=1.0),
-                           torch.nn.functional.pad(x, pad))
-        return h[:, :length]
-    a_even, a_odd, x_even, x_odd = a[:, 0::2], a[:, 1::2], x[:, 0::2], x[:, 1::2]
-    h_odd = _odd_even_scan(a_odd * a_even, a_odd * x_even + x_odd)  # h_1, h_3, ...
-    h_before = torch.cat([torch.zeros_like(h_odd[:, :1]), h_odd[:, :-1]], dim=1)
-    h_even = a_even * h_before + x_even  # h_0, h_2, ...
-    return torch.stack([h_even, h_odd], dim=2).flatten(1, 2)
+        """Gradients of u, delta, A, B, C: per block from the end, states recomputed."""
+        u_t, delta_t, A, B, C, starts = ctx.saved_tensors
+        groups, blocks = ctx.groups, ctx.blocks
+        inputs = _scan_inputs(u_t, delta_t, A, B, C, groups)
+        grad_y = _time_major(grad_y).unflatten(2, (groups, -1)).unsqueeze(3)  # (b, L, G, 1, H)
+        after = grad_last.unflatten(1, (groups, -1)).transpose(2, 3).contiguous()  # (b, G, N, H)
+        grad_u, grad_delta = torch.empty_like(u_t), torch.empty_like(u_t)
+        grad_u_steps, grad_delta_steps = (x.unflatten(2, (groups, -1)).unsqueeze(3)
+                                          for x in (grad_u, grad_delta))
+        decay_buf = u_t.new_empty(starts.shape[1], blocks[0].stop, *inputs["A"].shape)
+        h_buf = u_t.new_empty(decay_buf.shape[0], decay_buf.shape[1] + 1, *decay_buf.shape[2:])
+        lam_buf, grad_A = torch.empty_like(decay_buf), torch.zeros_like(decay_buf)
+        grad_B, grad_C = (u_t.new_zeros(len(u_t), inputs[k].shape[1], *inputs["A"].shape[:2])
+                          for k in "BC")  # (b, L|1, G, N)
+        for i in reversed(range(len(blocks))):
+            ts, steps = blocks[i], blocks[i].stop - blocks[i].start
+            delta_ts, du_ts = inputs["delta"][:, ts], inputs["du"][:, ts]
+            B_ts = _at(inputs["B"], ts)
+            decay = _decays(inputs, ts, decay_buf[:, :steps])
+            h = h_buf[:, :steps + 1]  # h[:, t] = h_{t-1}: the block's start, then its states
+            h[:, 0] = starts[i]
+            torch.mul(du_ts, B_ts[..., None], out=h[:, 1:])
+            _run_states(decay, h[:, 1:], h[:, 0])
+            lam = torch.mul(grad_y[:, ts], _at(inputs["C"], ts)[..., None],
+                            out=lam_buf[:, :steps])  # C_t dLoss/dy_t
+            after = _run_adjoint(decay, lam, after)
+            # dLoss/dC_t, dLoss/dB_t: sums over each group's channels of dy_t h_t, lambda_t du_t
+            _store_operand_grad(grad_C, ts, torch.matmul(grad_y[:, ts],
+                                                         h[:, 1:].transpose(-1, -2)))
+            _store_operand_grad(grad_B, ts, torch.matmul(du_ts, lam.transpose(-1, -2)))
+            lam_B = torch.matmul(B_ts[..., None, :], lam)  # <lambda_t, B_t> (b, T, G, 1, H)
+            # dLoss/da_t = lambda_t A_bar_t h_{t-1} for a_t = delta_t A, as A_bar_t = exp(a_t)
+            grad_a = decay.mul_(lam).mul_(h[:, :-1])
+            grad_A[:, :steps].addcmul_(grad_a, delta_ts)
+            # delta_t reaches a_t = delta_t A and B_bar_t u_t = delta_t B_t u_t; u_t the latter
+            torch.sum(grad_a.mul_(inputs["A"]), 3, keepdim=True,
+                      out=grad_delta_steps[:, ts]).addcmul_(lam_B, inputs["u"][:, ts])
+            torch.mul(lam_B, delta_ts, out=grad_u_steps[:, ts])
+        grad_A = grad_A.sum((0, 1)).transpose(1, 2).reshape(A.shape)
+        return (_time_major(grad_u), _time_major(grad_delta), grad_A,
+                _operand_grad(grad_B, B), _operand_grad(grad_C, C), None)
 
 
 # ---- Benchmark: python common.py bench-scan ----
+
+SCAN_BENCH_SIZES = [dict(batch=1, dim=dim, length=length, state=16, groups=4)  # cmssm_unet's
+                    for dim, length in ((768, 4096), (1536, 1024), (3072, 256), (6144, 64))]
 
 
 def _scan_bench_inputs(batch, dim, length, state, groups):
@@ -2493,15 +2396,18 @@ def _scan_bench_inputs(batch, dim, length, state, groups):
         delta_softplus=True)
 
 
-def _median_seconds_of(fn, repeats):
-    """Median wall time of fn() over repeats runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def _scan_at_revision(rev):
+    """This section's pure-PyTorch scan as of git revision rev (the baseline), or None."""
+    import subprocess  # only here: the rest of common.py never calls git
+    try:
+        source = subprocess.run(["git", "show", f"{rev}:common.py"], capture_output=True,
+                                text=True, check=True, cwd=Path(__file__).resolve().parent).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    namespace = dict(math=math, json=json, time=time, torch=torch)
+    section = source.split("\n# ==== 7. ")[1].split("\n# ==== 8. ")[0]
+    exec("#" + section, namespace)  # its section 7, from the title line's end
+    return namespace.get("_selective_scan_chunked")
 
 
 def _peak_tensor_mib(fn):
@@ -2518,61 +2424,51 @@ def _peak_tensor_mib(fn):
     return peak / 2 ** 20
 
 
-def _bench_one_scan(scan, inputs, repeats):
-    """Forward and forward+backward median seconds and the fwd+bwd peak memory of one scan."""
-    leaves = {k: v.clone().requires_grad_() if torch.is_tensor(v) else v
-              for k, v in inputs.items()}
-    grad_out = torch.randn_like(inputs["u"])
-
-    def forward():
-        """Inference: no graph kept."""
-        with torch.no_grad():
-            scan(**inputs)
-
-    def forward_backward():
-        """Training step: forward then backward into every input."""
-        scan(**leaves).backward(grad_out)
-        for value in leaves.values():
-            if torch.is_tensor(value):
-                value.grad = None
-    return dict(fwd_s=round(_median_seconds_of(forward, repeats), 4),
-                fwd_bwd_s=round(_median_seconds_of(forward_backward, repeats), 4),
-                peak_mib=round(_peak_tensor_mib(forward_backward), 2))
+def _forward_backward(scan, leaves, grad_out):
+    """One training step of the scan alone: forward, then backward into every input."""
+    scan(**leaves).backward(grad_out)
+    for value in leaves.values():
+        if torch.is_tensor(value):
+            value.grad = None
 
 
-def bench_scan(sizes=None):
-    """Time and measure the scans on the CPU; print one JSON line per size.
+def bench_scan(sizes=None, baseline_rev=SCAN_BASELINE_REV, repeats=5):
+    """Time forward+backward of the scan against its baseline on the CPU; one JSON line per size.
 
-    sizes: dicts with batch, dim, length, state, groups (default: VM-UNet's first stage, four
-    directions of 192 channels, at 128 and 256 input). For the fast path ("torch"), the
-    materialised baseline and (at L <= 1024 only) the reference loop: median seconds of the
-    forward (no_grad) and of forward+backward into every input, and "peak_mib", the peak of
-    live tensor memory during forward+backward above what was live before. It is counted from
-    the allocation events of torch.profiler(profile_memory=True): exact for tensors (inputs'
-    gradients and everything autograd saves included), blind to Python objects and to memory
-    the C allocator keeps cached. Ratios: speed-up = baseline time / fast time, and
-    memory_ratio = fast peak / baseline peak.
+    sizes: dicts with batch, dim, length, state, groups (default SCAN_BENCH_SIZES, the four
+    calls of cmssm_unet's paper preset at 256 x 256). The baseline is this section's scan as of
+    git revision baseline_rev (its fields are left out outside a git checkout). Both run in
+    turn in every repeat, so that a noisy machine slows both alike. Figures: medians over the
+    repeats of the wall ("_s") and process CPU ("_cpu_s", all threads) seconds of a forward and
+    a backward into every input, and "_peak_mib", the peak of live tensor memory during one,
+    counted from torch.profiler's allocation events (tensors only, not the allocator's cache).
     """
-    sizes = sizes or [dict(batch=1, dim=768, length=length, state=16, groups=4)
-                      for length in (1024, 4096)]
-    for size in sizes:
+    baseline = _scan_at_revision(baseline_rev) if baseline_rev else None
+    for size in sizes or SCAN_BENCH_SIZES:
         inputs = _scan_bench_inputs(**size)
-        result = dict(bench="selective_scan", **size, chunk_len=SCAN_CHUNK_LEN,
-                      threads=torch.get_num_threads())
-        scans = dict(torch=_selective_scan_chunked, materialised=_selective_scan_materialised)
-        if size["length"] <= 1024:
-            scans["reference"] = selective_scan_reference
-        for name, scan in scans.items():
-            repeats = dict(torch=5, materialised=3, reference=1)[name]
-            for key, value in _bench_one_scan(scan, inputs, repeats).items():
-                result[f"{name}_{key}"] = value
-        for name in scans:
-            if name != "torch":
-                for key in ("fwd_s", "fwd_bwd_s"):
-                    ratio = result[f"{name}_{key}"] / result[f"torch_{key}"]
-                    result[f"speedup_{key[:-2]}_vs_{name}"] = round(ratio, 2)
-                ratio = result["torch_peak_mib"] / result[f"{name}_peak_mib"]
-                result[f"memory_ratio_vs_{name}"] = round(ratio, 3)
+        leaves = {k: v.clone().requires_grad_() if torch.is_tensor(v) else v
+                  for k, v in inputs.items()}
+        grad_out = torch.randn_like(inputs["u"])
+        scans = dict(baseline=baseline, fast=_selective_scan_fast)
+        runs = {name: lambda scan=scan: _forward_backward(scan, leaves, grad_out)
+                for name, scan in scans.items() if scan is not None}
+        times = {name: [] for name in runs}
+        for repeat in range(repeats + 1):  # round 0 warms up
+            for name, run in runs.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                run()
+                times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+        result, raw = dict(bench="selective_scan", **size, threads=torch.get_num_threads(),
+                           repeats=repeats, baseline=baseline_rev if baseline else None), {}
+        for name, run in runs.items():
+            wall, cpu = (sorted(column[1:])[repeats // 2] for column in zip(*times[name]))
+            raw.update({f"{name}_s": wall, f"{name}_cpu_s": cpu,
+                        f"{name}_peak_mib": _peak_tensor_mib(run)})
+        result.update({key: float(f"{value:.4g}") for key, value in raw.items()})
+        if baseline:
+            result.update(speedup_s=round(raw["baseline_s"] / raw["fast_s"], 2),
+                          speedup_cpu_s=round(raw["baseline_cpu_s"] / raw["fast_cpu_s"], 2),
+                          memory_ratio=round(raw["fast_peak_mib"] / raw["baseline_peak_mib"], 3))
         print(json.dumps(result), flush=True)
 
 

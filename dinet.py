@@ -6,13 +6,13 @@ reproduces the paper's 323.31 M parameters and 1,860 G multiply-adds.
 
 Idea: each slice I is also enhanced once by fuzzy image enhancement (E, Eqs. 11-12). Two
 ConvNeXt-B encoders with a 3x3 stride-1 stem (Eq. 13, Tab. 14) see I and E and give, per stage,
-an "edge" map (an extra 2x2 pooling) and a "shape" map (the blocks). At each of the four stages a
-dual interactive fusion module (DIFM) merges edge and shape (Eq. 1), lets I's features query E's
-and E's query I's in 7x7 windows (Eqs. 2-3), refines both with a gated FFN (Eqs. 4-5) and a
+an "edge" map (an extra 2x2 pooling) and a "shape" map (the blocks). At each stage a dual
+interactive fusion module (DIFM) merges edge and shape (Eq. 1), lets I's features query E's and
+E's query I's in 7x7 windows (Eqs. 2-3), refines both with a gated FFN (Eqs. 4-5) and a
 parameter-free global spatial attention (Eq. 6), and adds the two directions. A SegFormer MLP
 decoder (Eq. 14) predicts the mask; training adds a multi-scale Sobel boundary loss (Eqs. 9-10).
 
-Equation map:
+Equation map (metrics: common.VolumeMeter, common.PerImageMeter, called by evaluate):
   Eq. (1) -> DIFM.forward (merge_i, merge_e)
   Eq. (2) -> window_attention (called by WindowCrossAttention.forward)
   Eq. (3) -> WindowCrossAttention.forward
@@ -28,8 +28,6 @@ Equation map:
   Eq. (13) -> ConvNeXtBlock.forward
   Eq. (14) -> MLPDecoder.forward
   Eq. (15) -> SOBEL_H, SOBEL_V (applied by sobel)
-  Metrics (not numbered): Dice, HD95 per volume and organ -> common.VolumeMeter; binary Dice ->
-  common.PerImageMeter (both in evaluate).
 
 Symbols (paper preset at 224x224; stage s = 1..4, C_s = 128..1024, H_s = 224 / 2^(s-1)):
   I, E            image, enhanced (B, 3, H, W); grayscale repeated to 3 channels
@@ -41,33 +39,51 @@ Symbols (paper preset at 224x224; stage s = 1..4, C_s = 128..1024, H_s = 224 / 2
   x, y (7-9)      softmax probabilities, one-hot labels (B, K, H, W); K = 9 / 4 / 2
   lambda, tau     lam, tau per fuzzy window W_ij (Eq. 11); I_ij of Eq. 12 = membership w
 
-Deviations and the paper's gaps (spec 11), each with its switch:
-  1. No code: kernels, window 7, 32 channels per head, relative position bias, pre-attention
-     LayerNorms and the unused q/k/v thirds are the spec's budget match (--attn-proj lean).
-  2. Tab. 14 prints x9 blocks in stage 3; the totals need ConvNeXt-B's 27 (build_model(depths=
-     (3, 3, 9, 3)) builds the table literally). The paper's split 178 / 119.94 / 25.27 M does not
-     add up; ours is 180.64 / 119.85 / 22.72 M = 323.20 M (paper 323.31 M).
-  3. Eq. (12): windows combine by an ordinary sum as the reference code does (--fuzzy-patrascu:
-     Patrascu's (m+1)x(n+1) windows and log-model sum); 2x2 windows, gamma 4, sigma_u = 1/sqrt3.
-  4. Eq. (8) has no squares; the default is the base code's (MERIT) squared form (--dice-eq8).
-  5. Eq. (6) says "channel mean" (a (B, 1, H, W) gate, default); the prose speaks of channel
-     weights (--gsa global: mean over H, W).
-  6. Edge pools read the previous stage's output (--edge-from chain: a chain from the stem).
-     Grayscale is repeated to 3 channels (MERIT learns a 1x1 conv instead; no switch).
-  7. PyTorch's default initialisation, not ConvNeXt's trunc-normal(0.02): from scratch the
-     latter stalls on small models; with --pretrained the encoders are ImageNet's anyway.
-  8. Recipe gaps filled from MERIT (spec 7): constant lr, weight decay 1e-4 (--weight-decay),
-     its rotation/flip draw, no stochastic depth; best epoch on validation, else the last
-     (MERIT selects on the Synapse test set).
-  9. Toy slices are scored with VolumeMeter's "skip" convention (a class absent from a slice
-     and its prediction does not count); real volumes with TransUNet's (spec 9).
+Protocol (Sec. 4.2, supp. 7.6), printed at start-up. All rows: AdamW lr 1e-4 constant, weight
+decay 1e-4 [M], 300 epochs, batch 3, 224 x 224, MERIT's rotation/flip draw, encoders from
+ImageNet ConvNeXt-B (--pretrained auto; the paper names no source); tested: best mean Dice on
+validation, else the last epoch. [M] = MERIT, the base code; [R] = our choice.
+  Synapse  | TransUNet's 18 train (2,211 slices) / 12 test volumes, no validation: last epoch
+           | (MERIT picks on test) | per volume and organ: Dice, HD95 (TransUNet's test)
+  ACDC     | 70 / 10 / 20 patients (1,304 / 182 slices / 40 volumes) | per volume: Dice
+  ClinicDB | 612 images, random seeded 80:10:10 | Dice per image at full size
+  ISIC18   | the challenge's 3,694 images (paper: 3,594) pooled, random seeded 80:10:10
+           | (--official-split: 2,594 / 100 / 1,000) | Dice per image at full size
+Out of scope: Tab. 4's Zero-DCE row (needs its trained network), the SwinUNet, FCT and MERIT
+rows of Tabs. 5 and 8 (other networks), Tabs. 11-12's EMCAD decoder (a paper of its own).
 
-Run:
-  python dinet.py                 # toy data, small preset: ~1.5 min on an idle 2-core CPU
-  OMP_NUM_THREADS=1 python dinet.py                      # the same on a busy machine
-  python dinet.py --data PATH/Synapse --pretrained auto  # paper recipe (a 48 GB GPU)
-  python dinet.py --data PATH/ACDC --inputs i            # an ablation row (Tabs. 3-5, 7, 8)
-  python dinet.py --data PATH/ClinicDB --task binary     # supplement Tab. 13
+Deviations and gaps (spec 11), each with its switch:
+  1. No code: kernels, window 7, 32 channels per head, pre-attention LayerNorms and the unused
+     q/k/v thirds are the spec's budget match (--attn-proj lean: q, kv, out); Swin's relative
+     position bias is not in the paper (--no-rel-pos-bias). Padded window keys are masked [R].
+  2. Tab. 14 prints x9 blocks in stage 3; the totals need ConvNeXt-B's 27 (build_model(depths=
+     (3, 3, 9, 3)) builds the table). Ours: 180.64 / 119.85 / 22.72 M = 323.20 M (paper's
+     178 / 119.94 / 25.27 M does not add up to its 323.31 M).
+  3. E follows the public reference code of [36] (ivan-abboud/Image_enhancement_using_fuzzy_
+     logic; pinned by a golden array): windows i < m, j < n of degree-m Bernstein memberships
+     over their sum + 1e-5 (so they fade along the bottom and right edges), ordinary sum,
+     m = n = 2, gamma 4, sigma_u = 1/sqrt3, symmetric rescale (--fuzzy-m, -n, -gamma;
+     --fuzzy-patrascu: [36] as written, (m+1)x(n+1) windows, exact partition, log-model sum).
+     Where its arithmetic breaks [R]: pixels exactly 0 or 1 stay out of the window statistics
+     (--fuzzy-saturated clip), u is clipped at +-(1 - eps) (--fuzzy-eps), gain <= 8, stretch
+     <= 1 / tanh(sigma_u). Training and testing both see E as 8-bit levels (spec 2.7).
+  4. The line tagged Eq. (8) computes MERIT's squared Dice, sums pooled over the batch
+     (--dice-eq8: as printed); L_bnd (Eq. 9) is a mean per pixel [R] (--bnd-reduction sum).
+  5. Eq. (6) says "channel mean" (a (B, 1, H, W) gate); the prose speaks of channel weights
+     (--gsa global: mean over H, W).
+  6. Edge pools read the previous stage's output (--edge-from chain: a chain from the stem).
+     Grayscale is repeated to 3 channels (MERIT learns a 1x1 conv; no switch).
+  7. PyTorch's default initialisation (no switch): ConvNeXt's trunc-normal stalls on small
+     models from scratch. ImageNet's stem is 4x4: our 3x3 stem conv stays random, all of it.
+  8. From MERIT (spec 7): constant lr, its rotation/flip draw, no stochastic depth; resizing
+     is bilinear (--resize bicubic, near MERIT's cubic spline); dropout 0.1 before the last
+     1x1 is SegFormer's (--decoder-dropout).
+  9. Tab. 6 drops DIFMs smallest map first: the decoder sees fewer levels and the stages that
+     fed only them go [R] (--num-difm). --amp: bf16, else fp16 with a gradient scaler [R].
+  10. Toy slices use VolumeMeter's "skip" convention; real volumes TransUNet's (spec 9).
+
+Run (toy data, small preset: ~1.5 min on an idle 2-core CPU; paper recipe: a 48 GB GPU):
+  python dinet.py [--data PATH/Synapse | PATH/ACDC [--inputs i] | PATH/ClinicDB --task binary]
   python dinet.py --eval runs/dinet/<time>/best.pt [--data PATH]
   python dinet.py --predict DIR --checkpoint best.pt --out DIR2
   python dinet.py --bench --batch-size 1                 # paper preset at 224x224, one JSON line
@@ -91,7 +107,6 @@ from scipy import ndimage
 import common
 
 # ==== 2. Presets and recipe ====
-
 
 @dataclass
 class DINConfig:
@@ -118,6 +133,7 @@ class DINConfig:
     gsa_axis: str = "channel"  # Eq. (6) "channel mean"; "global" = mean over H, W (spec 4.4)
     attn_proj: str = "budget"  # spec 4.2: q/k/v from two Linear(C, 3C); "lean" = q, kv, out
     edge_from: str = "stage"  # spec 3: edge pool on the previous stage output, or "chain"
+    num_difm: int = 4  # Tab. 6: DIFMs (and decoder levels) kept, largest maps first
 
 
 PRESETS = {
@@ -139,7 +155,6 @@ ACDC_ORGANS = ["rv", "myo", "lv"]  # Tab. 2
 CONVNEXT_B_URL = "https://dl.fbaipublicfiles.com/convnext/convnext_base_1k_224_ema.pth"  # spec 3
 
 # ==== 3. Building blocks (Sec. 3.1: DIFM; Sec. 9.2: decoder) ====
-
 
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, H, W) map (ConvNeXt's channels-first LN)."""
@@ -164,12 +179,10 @@ def from_windows(tokens, window, b, h, w):
     return x.reshape(b, c, h, w)
 
 
-def window_attention(q, k, v, bias=None):
+def window_attention(q, k, v, bias=0):
     """softmax(Q K^T / sqrt(d)) V per window and head; q, k, v: (N, heads, T, d)."""
     logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (N, heads, T, T)
-    if bias is not None:
-        logits = logits + bias
-    return logits.softmax(dim=-1) @ v  # Eq. (2)  Atten(Q, K, V) = softmax(Q K^T / sqrt(d)) V
+    return (logits + bias).softmax(dim=-1) @ v  # Eq. (2)  softmax(Q K^T / sqrt(d)) V
 
 
 class WindowCrossAttention(nn.Module):
@@ -189,21 +202,23 @@ class WindowCrossAttention(nn.Module):
         else:
             self.q, self.kv, self.out = (nn.Linear(dim, dim), nn.Linear(dim, 2 * dim),
                                          nn.Linear(dim, dim))
-        self.rpb_table = None
-        if rel_pos_bias:  # Swin's relative position table, one bias per offset and head
-            self.rpb_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, self.heads))
-            nn.init.trunc_normal_(self.rpb_table, std=0.02)
-            yx = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window),
-                                            indexing="ij")).flatten(1)  # (2, T)
+        self.rpb_table = None  # Swin's relative position table, one bias per offset and head
+        if rel_pos_bias:
+            self.rpb_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, self.heads) * 0.02)
+            yx = torch.stack(torch.meshgrid(*[torch.arange(window)] * 2, indexing="ij")).flatten(1)
             offset = yx[:, :, None] - yx[:, None, :] + window - 1  # (2, T, T) in 0..2w-2
-            self.register_buffer("rpb_index", offset[0] * (2 * window - 1) + offset[1],
-                                 persistent=False)
+            self.register_buffer("rpb_index", offset[0] * (2 * window - 1) + offset[1], False)
 
     def forward(self, query_map, kv_map):
         b, c, h, w = query_map.shape
         pad_h, pad_w = -h % self.window, -w % self.window  # pad to whole windows
         a = to_windows(F.pad(query_map, (0, pad_w, 0, pad_h)), self.window)  # (N, T, C)
         kv = to_windows(F.pad(kv_map, (0, pad_w, 0, pad_h)), self.window)
+        mask = None
+        if pad_h or pad_w:  # padded keys get a -inf logit: every window sees only the image
+            pad = F.pad(query_map.new_zeros(1, 1, h, w), (0, pad_w, 0, pad_h), value=1.0)
+            mask = to_windows(pad, self.window).transpose(1, 2).repeat(b, 1, 1)[:, None]
+            mask = mask.masked_fill(mask > 0, float("-inf"))  # (N, 1, 1, T): 0 or -inf
         if self.proj == "budget":  # only the Q third of qkv_a and the K, V thirds of qkv_b act
             q = F.linear(self.norm_a(a), self.qkv_a.weight[:c], self.qkv_a.bias[:c])
             k, v = F.linear(self.norm_b(kv), self.qkv_b.weight[c:],
@@ -212,16 +227,15 @@ class WindowCrossAttention(nn.Module):
             q = self.q(self.norm_a(a))
             k, v = self.kv(self.norm_b(kv)).chunk(2, dim=-1)
         heads = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
-        bias = None
+        bias = 0 if mask is None else mask  # (N, 1, 1, T)
         if self.rpb_table is not None:
-            bias = self.rpb_table[self.rpb_index].permute(2, 0, 1)  # (heads, T, T)
+            bias = bias + self.rpb_table[self.rpb_index].permute(2, 0, 1)  # (heads, T, T)
         attended = window_attention(heads(q), heads(k), heads(v), bias)  # (N, heads, T, d)
         attended = attended.transpose(1, 2).flatten(2)  # (N, T, C)
         if self.proj == "lean":
             attended = self.out(attended)
         f = attended + q  # Eq. (3)  f~_IE = Atten(Q_i, K_e, V_e) + Q_i
-        f = from_windows(f, self.window, b, h + pad_h, w + pad_w)
-        return f[:, :, :h, :w]
+        return from_windows(f, self.window, b, h + pad_h, w + pad_w)[:, :, :h, :w]
 
 
 class GatedFFN(nn.Module):
@@ -326,7 +340,6 @@ class MLPDecoder(nn.Module):
 
 # ==== 4. Model ====
 
-
 class DINet(nn.Module):
     """I and E -> two encoders -> a fusion module per stage -> MLP decoder (Fig. 2a)."""
 
@@ -334,11 +347,13 @@ class DINet(nn.Module):
         super().__init__()
         self.cfg = cfg
         single = cfg.inputs in ("i", "e") or cfg.fusion == "input"
-        self.enc_i = ConvNeXtEncoder(cfg, in_channels=6 if cfg.fusion == "input" else 3)
-        self.enc_e = None if single else ConvNeXtEncoder(cfg)
+        dims = cfg.dims[:cfg.num_difm]  # Tab. 6: the smallest maps go first (deviation 9)
+        enc_cfg = replace(cfg, dims=dims, depths=cfg.depths[:cfg.num_difm])
+        self.enc_i = ConvNeXtEncoder(enc_cfg, in_channels=6 if cfg.fusion == "input" else 3)
+        self.enc_e = None if single else ConvNeXtEncoder(enc_cfg)
         self.difm = nn.ModuleList(ConcatFusion(c) if cfg.fusion == "concat" and not single
-                                  else DIFM(c, cfg, single_image=single) for c in cfg.dims)
-        self.decoder = MLPDecoder(cfg.dims, cfg.decoder_dim, num_classes, cfg.fuse_kernel,
+                                  else DIFM(c, cfg, single_image=single) for c in dims)
+        self.decoder = MLPDecoder(dims, cfg.decoder_dim, num_classes, cfg.fuse_kernel,
                                   cfg.decoder_dropout)
 
     def forward(self, image, enhanced):
@@ -349,9 +364,8 @@ class DINet(nn.Module):
             first, second = torch.cat([image, enhanced], dim=1), None
         lows_i, highs_i = self.enc_i(first)
         lows_e, highs_e = self.enc_e(second) if second is not None else (lows_i, highs_i)
-        fused = [module(*maps) for module, maps in zip(self.difm,
-                                                       zip(lows_i, highs_i, lows_e, highs_e))]
-        return self.decoder(fused, image.shape[-2:])
+        maps = zip(lows_i, highs_i, lows_e, highs_e)
+        return self.decoder([module(*m) for module, m in zip(self.difm, maps)], image.shape[-2:])
 
 
 def build_model(preset="paper", num_classes=9, **overrides):
@@ -364,15 +378,13 @@ def build_model(preset="paper", num_classes=9, **overrides):
 def parameter_split(model):
     """Parameters (millions) of the encoders, the four fusion modules and the decoder (Sec. 4.5)."""
     count = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters()) / 1e6  # noqa
-    split = {"encoders": count(model.enc_i) + count(model.enc_e), "difm": count(model.difm),
-             "decoder": count(model.decoder)}
-    split["total"] = count(model)
-    return {k: round(v, 3) for k, v in split.items()}
+    return {"encoders": round(count(model.enc_i) + count(model.enc_e), 3),
+            **{k: round(count(m), 3) for k, m in (("difm", model.difm),
+                                                  ("decoder", model.decoder), ("total", model))}}
 
 
 # ==== 5. Backbone (not this paper's contribution): modified ConvNeXt-B (Sec. 9.1, Tab. 14) ====
 # Parameter names follow timm's ConvNeXt, so ImageNet weights load by name (spec 3, 12).
-
 
 class ConvNeXtBlock(nn.Module):
     """Conv-block of Eq. (13): 7x7 depthwise conv, LN, 1x1 (4C), GELU, 1x1 (C), layer scale."""
@@ -430,59 +442,45 @@ class ConvNeXtEncoder(nn.Module):
             if i > 0:
                 low = self.edge[i - 1](low if self.edge_from == "chain" else x)  # (B, C_s, ...)
             x = stage(x)  # f_shape (B, C_s, H_s, W_s)
-            lows.append(low)
-            highs.append(x)
+            lows, highs = lows + [low], highs + [x]
         return lows, highs
 
 
-def convnext_key(name):
-    """A key of Meta's ConvNeXt checkpoint (or timm's) -> this encoder's name for it (spec 3)."""
-    for pattern, new in ((r"^module\.", ""), ("dwconv", "conv_dw"), (r"pwconv(\d)", r"mlp.fc\1"),
-                         (r"^downsample_layers\.0\.", "stem."),
-                         (r"^downsample_layers\.(\d)\.", r"stages.\1.downsample."),
-                         (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.")):
-        name = re.sub(pattern, new, name)
-    return name
-
-
-def load_convnext_weights(encoder, state):
-    """Copy ImageNet ConvNeXt weights into an encoder where names and shapes match (spec 3).
-
-    The edge pools start as copies of the main pooling layers of the same stage; the 3x3 stem
-    conv has no counterpart (the checkpoint's is 4x4) and stays random. Returns (loaded, random).
-    """
-    source = {convnext_key(k): v for k, v in state.get("model", state).items()}
-    for key in list(source):
-        match = re.match(r"stages\.([1-3])\.downsample\.(.*)", key)
+def convnext_tensors(tensors):
+    """Meta's (or timm's) ConvNeXt names -> this encoder's (spec 3); the edge pools start as
+    copies of the main pooling layer of their stage."""
+    source = {}
+    for name, value in tensors.items():
+        for pattern, new in ((r"^module\.", ""), ("dwconv", "conv_dw"),
+                             (r"pwconv(\d)", r"mlp.fc\1"), (r"^downsample_layers\.0\.", "stem."),
+                             (r"^downsample_layers\.(\d)\.", r"stages.\1.downsample."),
+                             (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.")):
+            name = re.sub(pattern, new, name)
+        source[name] = value
+        match = re.match(r"stages\.([1-3])\.downsample\.(.*)", name)
         if match:
-            source[f"edge.{int(match[1]) - 1}.{match[2]}"] = source[key]
-    own = encoder.state_dict()
-    loaded = {k: source[k] for k, v in own.items() if k in source and source[k].shape == v.shape}
-    encoder.load_state_dict({**own, **loaded})
-    return list(loaded), [k for k in own if k not in loaded]
+            source[f"edge.{int(match[1]) - 1}.{match[2]}"] = value
+    return source
 
 
-def load_pretrained(model, spec, log):
-    """--pretrained auto|none|PATH: ImageNet ConvNeXt-B weights into every encoder."""
+def load_pretrained(model, spec, log, is_main=True, barrier=None):
+    """--pretrained auto|none|FILE: ImageNet ConvNeXt-B weights into every encoder (spec 3)."""
     if spec in (None, "", "none"):
         return
-    if spec != "auto" and not Path(spec).is_file():
-        common.fail(f"--pretrained {spec}: no such file (auto, none or a checkpoint path)")
-    try:
-        state = (torch.hub.load_state_dict_from_url(CONVNEXT_B_URL, map_location="cpu")
-                 if spec == "auto" else torch.load(spec, map_location="cpu", weights_only=False))
-    except Exception as error:  # offline machine, blocked URL, not a PyTorch file
-        if spec != "auto":
-            common.fail(f"--pretrained {spec}: cannot read it ({type(error).__name__})")
-        log(f"pretrained: cannot download {CONVNEXT_B_URL} ({type(error).__name__}); "
-            "training from scratch")
+    path = spec if spec != "auto" else common.fetch_weights(
+        CONVNEXT_B_URL, Path(CONVNEXT_B_URL).name, log, is_main, barrier)
+    if path is None:  # no download: fetch_weights said so in one line
         return
-    for encoder in [e for e in (model.enc_i, model.enc_e) if e is not None]:
-        loaded, random_init = load_convnext_weights(encoder, state if isinstance(state, dict)
-                                                    else {})
-        if not loaded:
-            common.fail(f"--pretrained {spec}: no tensor matches a ConvNeXt encoder")
-        log(f"pretrained: {len(loaded)} tensors loaded; random: {', '.join(random_init)}")
+    source = convnext_tensors(common.tensor_dict(common.load_weights(path)) or {})
+    for name, encoder in (("I", model.enc_i), ("E", model.enc_e)):
+        if encoder is None:
+            continue
+        tensors, stem = dict(source), encoder.stem[0].weight
+        if tensors.get("stem.0.weight", stem).shape != stem.shape:
+            tensors.pop("stem.0.weight"), tensors.pop("stem.0.bias", None)  # both or neither
+            log(f"encoder {name}: stem conv random, weight and bias (the file's is "
+                f"{'x'.join(map(str, source['stem.0.weight'].shape[1:]))})")
+        common.load_matching(encoder, tensors, f"encoder {name}", path, log)
 
 
 # ==== 6. Losses (Sec. 3.2, Eqs. 7-10, 15) ====
@@ -507,9 +505,9 @@ def loss_dice(logits, target, squared=True, smooth=1e-5):
     squared=True is the base code's form (sum x^2 + sum y^2); False is Eq. (8) as printed.
     """
     x, y = logits.softmax(dim=1), one_hot(target, logits.shape[1])  # (B, K, H, W)
-    intersection = (x * y).sum(dim=(0, 2, 3))  # (K,)
-    denominator = ((x * x) if squared else x).sum(dim=(0, 2, 3)) + y.sum(dim=(0, 2, 3))
-    # Eq. (8)  L_Dice = 1 - 1/C sum_c 2 sum_i x_ic y_ic / (sum_i x_ic + sum_i y_ic)
+    intersection = (x * y).sum(dim=(0, 2, 3))  # (K,), sums pooled over the batch (MERIT)
+    denominator = (x ** (2 if squared else 1)).sum(dim=(0, 2, 3)) + y.sum(dim=(0, 2, 3))
+    # Eq. (8)  L_Dice = 1 - 1/C sum_c 2 sum_i x_ic y_ic / (sum_i x_ic + sum_i y_ic)  (x^1: printed)
     return 1 - ((2 * intersection + smooth) / (denominator + smooth)).mean()
 
 
@@ -519,26 +517,32 @@ def sobel(x):
     return F.conv2d(x, kernels, padding=1, groups=x.shape[1]).unflatten(1, (x.shape[1], 2))
 
 
-def boundary_l1(prob, y, scales=BOUNDARY_SCALES):
-    """Multi-scale gradient difference of probabilities and one-hot labels (B, K, H, W)."""
+def boundary_l1(prob, y, scales=BOUNDARY_SCALES, reduction="mean"):
+    """Multi-scale gradient difference of probabilities and one-hot labels (B, K, H, W).
+
+    "mean": per scale, mean |.| over batch, classes and pixels of G_H plus that of G_V (spec 6,
+    ours); "sum": the L1 norm of Eq. (9) literally, summed per image, mean over the batch.
+    """
     loss = 0.0
     for i in scales:  # average pooling with an i x i kernel: 1, 1/2, 1/4 of the size
-        diff = (sobel(F.avg_pool2d(prob, i)) - sobel(F.avg_pool2d(y, i))).abs()
-        loss = loss + diff.mean(dim=(0, 1, 3, 4)).sum()  # mean |.| of G_H plus that of G_V
+        diff = (sobel(F.avg_pool2d(prob, i)) - sobel(F.avg_pool2d(y, i))).abs()  # (B, K, 2, ..)
+        per_image = diff.sum(dim=(1, 3, 4)) if reduction == "sum" else diff.mean(dim=(1, 3, 4))
+        loss = loss + per_image.sum(dim=1).mean()  # G_H plus G_V, then mean over the batch
     return loss
 
 
-def loss_boundary(logits, target, scales=BOUNDARY_SCALES):
+def loss_boundary(logits, target, scales=BOUNDARY_SCALES, reduction="mean"):
     """Multi-scale boundary loss (Sec. 3.2.1, supplement Sec. 10) on softmax vs one-hot."""
     x, y = logits.softmax(dim=1), one_hot(target, logits.shape[1])
     # Eq. (9)  L_bnd = sum_{i in 1,2,4} |G(avg(x, i)) - G(avg(y, i))|_1
-    return boundary_l1(x, y, scales)
+    return boundary_l1(x, y, scales, reduction)
 
 
-def total_loss(logits, target, use_boundary=True, squared_dice=True):
+def total_loss(logits, target, use_boundary=True, squared_dice=True, bnd_reduction="mean"):
     """Eq. (10) with alpha = 0.3, beta = 0.7; returns (loss, dict of the parts)."""
+    bnd = loss_boundary(logits, target, reduction=bnd_reduction) if use_boundary else None
     parts = {"ce": loss_ce(logits, target), "dice": loss_dice(logits, target, squared_dice),
-             "bnd": loss_boundary(logits, target) if use_boundary else logits.new_zeros(())}
+             "bnd": logits.new_zeros(()) if bnd is None else bnd}
     alpha, beta = LOSS_WEIGHTS
     loss = alpha * parts["ce"] + beta * parts["dice"] + parts["bnd"]  # Eq. (10)
     return loss, parts
@@ -546,43 +550,47 @@ def total_loss(logits, target, use_boundary=True, squared_dice=True):
 
 # ==== 7. Data: image enhancement (Sec. 8, Tab. 4) and paired augmentation ====
 
-
 @functools.lru_cache(maxsize=8)
-def fuzzy_memberships(height, width, m=2, n=2, gamma=4.0, full_grid=False):
-    """Fuzzy windows W_ij as memberships w_ij (I, J, H, W) summing to 1 at every pixel (spec 2.3).
+def fuzzy_memberships(height, width, m=2, n=2, gamma=4.0, patrascu=False):
+    """Fuzzy windows W_ij as memberships w_ij (I, J, H, W) (spec 2.3).
 
-    Bernstein polynomials of degree m (rows) and n (columns) raised to gamma and normalised; the
-    reference code keeps windows i < m, j < n, Patrascu all (m+1) x (n+1) (full_grid).
+    Bernstein polynomials of degree m (rows) and n (columns), raised to gamma and divided by
+    their sum. The reference code keeps windows i < m, j < n and divides by the sum + 1e-5,
+    which leaves the memberships near 0 along the bottom and right edges, where every kept
+    window's polynomial vanishes; Patrascu keeps all (m+1) x (n+1) windows, an exact partition.
     """
     def bernstein(size, degree):
         t = np.arange(size) / size
-        count = degree + 1 if full_grid else degree
         return np.stack([math.comb(degree, i) * t ** i * (1 - t) ** (degree - i)
-                         for i in range(count)])  # (windows, size)
-    raw = bernstein(height, m)[:, None, :, None] * bernstein(width, n)[None, :, None, :]
-    raw = raw ** gamma
-    return raw / raw.sum(axis=(0, 1), keepdims=True)
+                         for i in range(degree + 1 if patrascu else degree)])  # (windows, size)
+    raw = (bernstein(height, m)[:, None, :, None] * bernstein(width, n)[None, :, None, :]) ** gamma
+    return raw / (raw.sum(axis=(0, 1), keepdims=True) + (0.0 if patrascu else 1e-5))
 
 
-def fuzzy_enhance(image, m=2, n=2, gamma=4.0, sigma_u=math.sqrt(1 / 3), eps=1e-6,
-                  patrascu=False, rescale=True):
-    """Fuzzy image enhancement of ref. [36] (Patrascu), as reconstructed in spec 2.
+def fuzzy_enhance(image, m=2, n=2, gamma=4.0, eps=1 / 255, patrascu=False, saturated="exclude",
+                  sigma_u=math.sqrt(1 / 3), max_gain=8.0, rescale=True):
+    """Fuzzy image enhancement of ref. [36] with the reference code's arithmetic (deviation 3).
 
-    image (H, W) or (H, W, 3) in [0, 1] -> enhanced image of the same shape in [0, 1]. Gray levels
-    live in (-1, 1) with the logarithmic model u (+) v = tanh(phi(u) + phi(v)), phi = atanh, so
-    everything is computed in phi-space. Colour: the window statistics come from the luminosity
-    (mean phi of r, g, b) and the same transform is applied to each channel (spec 2.6).
-    rescale=False returns E_raw before the linear map back to [0, 1].
+    image (H, W) or (H, W, 3) in [0, 1] -> E, same shape, in [0, 1]. Gray levels u = 2x - 1 live
+    in (-1, 1) with the logarithmic model u (+) v = tanh(phi(u) + phi(v)), phi = atanh: all is
+    computed in phi-space. Colour: window statistics of the luminosity (mean phi of r, g, b),
+    the same transform on each channel (spec 2.6). Saturated pixels (0 or 1 in every channel:
+    CT air, MRI background) carry no gray level: they stay out of the window statistics and
+    of the rescale range, and are clipped. rescale=False returns E_raw before that rescale.
     """
     image = np.asarray(image, np.float64)
     phi = np.arctanh(np.clip(2 * image - 1, -1 + eps, 1 - eps))  # gray level -> log-model space
     phi = phi[..., None] if phi.ndim == 2 else phi  # (H, W, C)
     lum = phi.mean(axis=2)  # (H, W)
+    valid = np.ones_like(lum, bool) if saturated == "clip" else (
+        (image > 0).reshape(*lum.shape, -1).any(-1) & (image < 1).reshape(*lum.shape, -1).any(-1))
+    if not valid.any():
+        return np.asarray(image, np.float64)
     w = fuzzy_memberships(*lum.shape, m, n, gamma, patrascu)  # (I, J, H, W)
-    card = w.sum(axis=(2, 3))
-    mu = (w * lum).sum(axis=(2, 3)) / card  # fuzzy mean per window (phi-space)
-    sigma = np.sqrt((w * (lum - mu[:, :, None, None]) ** 2).sum(axis=(2, 3)) / card)
-    lam, tau = sigma_u / np.maximum(sigma, 1e-12), -mu
+    card = np.maximum((w * valid).sum(axis=(2, 3)), 1e-300)
+    mu = (w * valid * lum).sum(axis=(2, 3)) / card  # fuzzy mean per window (phi-space)
+    sigma = np.sqrt((w * valid * (lum - mu[:, :, None, None]) ** 2).sum(axis=(2, 3)) / card)
+    lam, tau = sigma_u / np.maximum(sigma, sigma_u / max_gain), -mu
     # Eq. (11)  psi_ij(f) = lambda_ij (x) (f (+) tau_ij), in phi-space lambda * (phi + tau)
     psi = lam[:, :, None, None, None] * (phi[None, None] + tau[:, :, None, None, None])
     w = w[..., None]  # (I, J, H, W, 1)
@@ -593,9 +601,10 @@ def fuzzy_enhance(image, m=2, n=2, gamma=4.0, sigma_u=math.sqrt(1 / 3), eps=1e-6
     e_raw = e_raw[..., 0] if image.ndim == 2 else e_raw
     if not rescale:
         return e_raw
-    if image.ndim == 2:  # gray: [-M, M] -> [0, 1] (symmetric, as the reference code)
-        return 0.5 + 0.5 * e_raw / max(np.abs(e_raw).max(), 1e-12)
-    return (e_raw - e_raw.min()) / max(e_raw.max() - e_raw.min(), 1e-12)
+    inside = e_raw[valid]  # (pixels, [C]): the range of the enhanced support
+    centre = 0.0 if image.ndim == 2 else (inside.max() + inside.min()) / 2  # gray: symmetric
+    half = max(np.abs(inside - centre).max(), math.tanh(sigma_u))  # [-M, M] or [min, max]
+    return np.clip(0.5 + 0.5 * (e_raw - centre) / half, 0, 1)  # saturated pixels may overshoot
 
 
 def histogram_equalize(image):
@@ -621,23 +630,24 @@ def clahe(image, tiles=8, clip_limit=2.0):
     limit = max(clip_limit * th * tw / 256, 1.0)
     excess = np.clip(hist - limit, 0, None).sum(axis=-1, keepdims=True)
     lut = (np.minimum(hist, limit) + excess / 256).cumsum(axis=-1) / (th * tw)  # (T, T, 256)
-
     # each pixel interpolates the CDFs of its four nearest tile centres (clamped at the border)
     rows = np.clip((np.arange(h) + 0.5) / th - 0.5, 0, tiles - 1)[:, None]
     cols = np.clip((np.arange(w) + 0.5) / tw - 0.5, 0, tiles - 1)[None, :]
     return ndimage.map_coordinates(lut, np.broadcast_arrays(rows, cols, levels), order=1)
 
 
-def enhance(image, method="fuzzy", patrascu=False):
-    """The enhanced image E of a (H, W) or (H, W, 3) image in [0, 1] (Tab. 4: fuzzy, HE, CLAHE)."""
+def enhance(image, method="fuzzy", **fuzzy):
+    """E of a (H, W[, 3]) image in [0, 1] (Tab. 4: fuzzy, HE, CLAHE) as 8-bit levels: training
+    and testing both call this, so both see E quantised alike (spec 2.7)."""
     if method == "fuzzy":
-        return fuzzy_enhance(image, patrascu=patrascu)
-    if method == "none":
-        return np.asarray(image, np.float64)
-    per_channel = histogram_equalize if method == "he" else clahe
-    if image.ndim == 2:
-        return per_channel(image)
-    return np.stack([per_channel(image[..., c]) for c in range(image.shape[2])], axis=2)
+        e = fuzzy_enhance(image, **fuzzy)
+    elif method == "none":
+        e = np.asarray(image, np.float64)
+    else:
+        per_channel = histogram_equalize if method == "he" else clahe
+        e = (per_channel(image) if image.ndim == 2 else
+             np.stack([per_channel(image[..., c]) for c in range(image.shape[2])], axis=2))
+    return np.round(np.clip(e, 0, 1) * 255).astype(np.uint8)
 
 
 def random_rotate_flip(arrays, rng):
@@ -656,13 +666,13 @@ def random_rotate_flip(arrays, rng):
     return [np.ascontiguousarray(a) for a in arrays]
 
 
-def image_tensor(image, size, binary):
+def image_tensor(image, size, binary, resize="bilinear"):
     """(H, W) or (H, W, 3) float in [0, 1] -> (3, S, S): gray repeated (no normalisation, as
     MERIT), colour normalised with ImageNet mean and std like the shared binary loaders."""
     x = torch.from_numpy(np.ascontiguousarray(image, np.float32))
     x = x[None].expand(3, -1, -1) if x.dim() == 2 else x.permute(2, 0, 1)
     if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        x = F.interpolate(x[None], size=(size, size), mode=resize, align_corners=False)[0]
     if binary:
         x = (x - torch.tensor(common.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
             common.IMAGENET_STD).view(3, 1, 1)
@@ -677,9 +687,11 @@ class DualImageDataset(torch.utils.data.Dataset):
     {'image', 'enhanced': (3, S, S), 'mask': (S, S) int64, 'index'}.
     """
 
-    def __init__(self, base, size, method="fuzzy", augment=False, binary=False, patrascu=False):
+    def __init__(self, base, size, method="fuzzy", augment=False, binary=False, fuzzy=None,
+                 resize="bilinear", seed=0):
         self.base, self.size, self.method, self.augment = base, size, method, augment
-        self.binary, self.patrascu = binary, patrascu
+        self.binary, self.fuzzy, self.resize = binary, fuzzy or {}, resize
+        self.rng = random.Random(seed)  # augmentation draws (common.make_loader reseeds it)
         self.reader = common.VolumeDataset(base.files) if hasattr(base, "files") else None
         self.names, self.cache = base.names, {}
 
@@ -690,64 +702,98 @@ class DualImageDataset(torch.utils.data.Dataset):
         """(image (H, W) or (H, W, 3) in [0, 1], label (H, W) int64) before augmentation."""
         if self.binary:
             image, mask = self.base.full(index, self.size)
-            image = common.resize_image(image, self.size) / 255.0
-            return image, common.resize_mask(mask, self.size).astype(np.int64)
+            return (common.resize_image(image, self.size) / 255.0,
+                    common.resize_mask(mask, self.size).astype(np.int64))
         image, label, _ = self.reader[index] if self.reader else self.base.volume(index)
         return image[0], label[0]  # one-slice volume -> slice
 
     def enhanced(self, index, image):
         """E of sample `index` (cached as uint8, so an epoch does not recompute it)."""
         if index not in self.cache:
-            e = enhance(image, self.method, self.patrascu)
-            self.cache[index] = np.round(np.clip(e, 0, 1) * 255).astype(np.uint8)
+            self.cache[index] = enhance(image, self.method, **self.fuzzy)
         return self.cache[index] / 255.0
 
     def __getitem__(self, index):
         image, label = self.raw(index)
         e = self.enhanced(index, image)
         if self.augment:
-            image, e, label = random_rotate_flip([image, e, label], random)
+            image, e, label = random_rotate_flip([image, e, label], self.rng)
         label = common.resize_mask(label, self.size)
-        return {"image": image_tensor(image, self.size, self.binary),
-                "enhanced": image_tensor(e, self.size, self.binary),
+        return {"image": image_tensor(image, self.size, self.binary, self.resize),
+                "enhanced": image_tensor(e, self.size, self.binary, self.resize),
                 "mask": torch.from_numpy(np.ascontiguousarray(label)).long(), "index": index}
 
 
 def class_names(args, task):
-    """(K, foreground class names, data set name) of the data in args.data."""
+    """(K, foreground class names) of the data in args.data."""
     if task == "binary":
-        return 2, ["fg"], "binary"
+        return 2, ["fg"]
     if args.data == "toy":
-        return 9, [n.replace(" ", "_") for n in common.TOY_CLASS_NAMES], "toy"
+        return 9, [n.replace(" ", "_") for n in common.TOY_CLASS_NAMES]
     if (Path(args.data) / "train_npz").is_dir():
-        return 9, SYNAPSE_ORGANS, "Synapse"
+        return 9, SYNAPSE_ORGANS
     if (Path(args.data) / "train").is_dir() and (Path(args.data) / "valid").is_dir():
-        return 4, ACDC_ORGANS, "ACDC"
+        return 4, ACDC_ORGANS
     common.fail(f"--data {args.data}: neither Synapse (train_npz/) nor ACDC (train/, valid/) "
                 "layout; use --task binary for image/mask folders")
 
 
+def make_loaders(data, args):
+    """Training loader (augmented, E cached before workers fork) and validation loader."""
+    binary, fuzzy = args.task == "binary", fuzzy_options(args)
+    make = lambda split, train: DualImageDataset(  # noqa: E731
+        data[split], args.img_size, args.enhance, train, binary, fuzzy, args.resize, args.seed)
+    train_set = make("train", True)
+    if args.workers > 0:  # fill the E cache first, so that the workers share it
+        for i in range(len(train_set)):
+            train_set.enhanced(i, train_set.raw(i)[0])
+    loader = common.make_loader(train_set, args.batch_size, True, args.workers, args.seed)
+    if not data["val"]:  # None or empty: no validation set
+        return loader, None
+    return loader, common.make_loader(make("val", False), args.batch_size, False, args.workers)
+
+
 # ==== 8. Train, evaluate, predict ====
 
+def amp_setup(device, enabled, dtype=None):
+    """--amp: (autocast dtype, gradient scaler). bf16 where the device supports it; else fp16
+    with a scaler, because the blocks' layer scale (1e-6) makes their gradients (~1e-9)
+    underflow fp16 without one (fc1 and conv_dw would get exact zeros)."""
+    if dtype is None:
+        cuda_fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        dtype = torch.float16 if cuda_fp16 else torch.bfloat16
+    return dtype, torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16)
 
-def train_one_epoch(model, loader, optimizer, args, device, show=True):
+
+def train_step(model, batch, optimizer, args, device, amp):
+    """One optimisation step on a batch; `amp` = amp_setup(...). Returns the loss terms."""
+    image, enhanced = batch["image"].to(device), batch["enhanced"].to(device)
+    target = batch["mask"].to(device)  # (B, S, S) class indices
+    num_classes = common.unwrap(model).decoder.linear_pred.out_channels
+    if int(target.max()) >= num_classes:
+        common.fail(f"--data {args.data}: label value {int(target.max())} in a training mask, "
+                    f"but the task has {num_classes} classes (labels 0..{num_classes - 1})")
+    dtype, scaler = amp
+    with torch.autocast(device.type, dtype=dtype, enabled=args.amp):
+        logits = model(image, enhanced)  # (B, K, S, S)
+    loss, parts = total_loss(logits.float(), target, not args.no_bnd, not args.dice_eq8,
+                             args.bnd_reduction)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+
+
+def train_one_epoch(model, loader, optimizer, args, device, amp, show=True):
     """One pass over the training slices; returns the mean of each loss term."""
     model.train()
     sums, count = dict.fromkeys(("loss", "ce", "dice", "bnd"), 0.0), 0
-    autocast_type = torch.float16 if device.type == "cuda" else torch.bfloat16
     for step, batch in enumerate(common.progress(loader, "train", show)):
         if args.limit_batches and step >= args.limit_batches:
             break
-        image, enhanced = batch["image"].to(device), batch["enhanced"].to(device)
-        target = batch["mask"].to(device)  # (B, S, S) class indices
-        with torch.autocast(device.type, dtype=autocast_type, enabled=args.amp):
-            logits = model(image, enhanced)  # (B, K, S, S)
-        loss, parts = total_loss(logits.float(), target, not args.no_bnd, not args.dice_eq8)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for key, value in (("loss", loss), *parts.items()):
-            sums[key] += value.item()
+        for key, value in train_step(model, batch, optimizer, args, device, amp).items():
+            sums[key] += value
         count += 1
     return {k: v / max(count, 1) for k, v in sums.items()}
 
@@ -757,22 +803,23 @@ def predict(model, images, args, device, binary=False):
     """Softmax probabilities (n, K, S, S) at img_size for a list of images (H, W[, 3]) in [0, 1];
     E is made from each image at its own size (spec 2.7), then both are resized."""
     model.eval()
-    image = torch.stack([image_tensor(i, args.img_size, binary) for i in images]).to(device)
-    enhanced = torch.stack([image_tensor(enhance(i, args.enhance, args.fuzzy_patrascu),
-                                         args.img_size, binary) for i in images]).to(device)
-    return model(image, enhanced).softmax(dim=1).float().cpu()
+    image = torch.stack([image_tensor(i, args.img_size, binary, args.resize) for i in images])
+    enhanced = torch.stack([image_tensor(enhance(i, args.enhance, **fuzzy_options(args)) / 255,
+                                         args.img_size, binary, args.resize) for i in images])
+    return model(image.to(device), enhanced.to(device)).softmax(dim=1).float().cpu()
 
 
 def predict_labels(model, volume, args, device):
-    """Label volume (D, H, W): slices predicted at img_size, argmax, back to H x W nearest
-    (TransUNet's test, spec 9; common.predict_volume cannot pass the second image E)."""
-    labels = [predict(model, list(volume[d:d + 8]), args, device).argmax(dim=1).numpy()
-              for d in range(0, len(volume), 8)]
+    """Label volume (D, H, W): --batch-size slices per forward at img_size, argmax, back to
+    H x W nearest (TransUNet's test, spec 9; common.predict_volume cannot pass E)."""
+    step = args.batch_size
+    labels = [predict(model, list(volume[d:d + step]), args, device).argmax(dim=1).numpy()
+              for d in range(0, len(volume), step)]
     return np.stack([common.resize_mask(p, 0, volume.shape[1:]) for p in np.concatenate(labels)])
 
 
 def evaluate(model, dataset, args, device, names, convention="transunet", out=None):
-    """The paper's columns on one test set, computed its way; PNGs into `out` if given.
+    """The paper's columns on one test set, computed its way; PNGs (a few overlays) into `out`.
 
     Multi-class: per volume and organ, Dice and HD95 (TransUNet's protocol, Tabs. 1-2, via
     common.VolumeMeter). Binary: Dice per image, at the original size (Tab. 13).
@@ -787,17 +834,20 @@ def evaluate(model, dataset, args, device, names, convention="transunet", out=No
                            device, binary)
             prob = F.interpolate(prob, size=label.shape, mode="bilinear")[:, 1]  # (1, H, W)
             meter.update(prob[0], label)
-            pred, label, images, stems = prob.numpy() >= 0.5, label[None], image[None], \
-                [dataset.names[i]]
+            pred, label, images, stems = prob.numpy() >= 0.5, label[None], image[None], [i]
         else:  # a volume (D, H, W) of slices in [0, 1]
             volume, label, name = dataset.volume(i) if hasattr(dataset, "volume") else dataset[i]
+            if int(label.max()) > len(names):
+                common.fail(f"test volume {name}: label value {int(label.max())}, but the task "
+                            f"has {len(names) + 1} classes")
             pred = predict_labels(model, volume, args, device)
             meter.update(pred, label)
             stems = [name] if len(pred) == 1 else [f"{name}_{d:03d}" for d in range(len(pred))]
             images = np.repeat((np.clip(volume, 0, 1)[..., None] * 255).astype(np.uint8), 3, -1)
         for d, stem in enumerate(stems if out is not None else []):
-            save = common.save_mask_png if binary else common.save_label_png
-            save(out / f"{stem}.png", pred[d])
+            stem = dataset.names[stem] if binary else stem
+            (common.save_mask_png if binary else common.save_label_png)(out / f"{stem}.png",
+                                                                       pred[d])
             if overlays < 50:  # a few to look at
                 common.save_overlay(out / f"{stem}_overlay.png", images[d], pred[d], label[d])
                 overlays += 1
@@ -808,8 +858,23 @@ def evaluate(model, dataset, args, device, names, convention="transunet", out=No
             **{n: scores[f"dice_{n}"] * 100 for n in names}}
 
 
+def test_all(model, state, data, args, run, names):
+    """Test the weights `state` on every test group; print and save the paper's columns."""
+    common.unwrap(model).load_state_dict(state)
+    convention = "skip" if args.data == "toy" else "transunet"  # docstring point 10
+    metrics = {}
+    for group, dataset in data["test"].items():
+        metrics[group] = evaluate(common.unwrap(model), dataset, args, run.device, names,
+                                  convention, run.folder() / "predictions")
+        run.log(f"test [{group}] " + "  ".join(f"{k} {v:.2f}" for k, v in metrics[group].items()))
+    run.save_json("test_metrics.json", metrics)
+    return metrics
+
+
 def validate(model, loader, num_classes, device):
     """Mean foreground Dice over validation slices (each scored alone, 'skip' convention)."""
+    if loader is None:
+        return math.nan
     model.eval()
     meter = common.VolumeMeter(num_classes, convention="skip")
     with torch.no_grad():
@@ -820,33 +885,81 @@ def validate(model, loader, num_classes, device):
     return meter.compute()["mean_dice"]
 
 
-def predict_folder(model, folder, out, args, device):
-    """--predict: one PNG per image file in `folder` (label map, or 0/255 mask for binary)."""
-    files = common.list_images(folder)
+def predict_folder(model, args, run):
+    """--predict: a PNG per image file (label map, or 0/255 mask); returns (folder, count)."""
+    files, binary = common.list_images(args.predict), args.task == "binary"
+    out = Path(args.out) if args.out else run.folder() / "predictions"
     out.mkdir(parents=True, exist_ok=True)
-    binary = args.task == "binary"
     for path in files:
         rgb = common.load_image(path)  # (H, W, 3) uint8; gray models see the channel mean
         image = common.resize_image(rgb, args.img_size) / 255.0 if binary else rgb.mean(2) / 255
-        prob = predict(model, [image], args, device, binary)  # (1, K, S, S)
-        if binary:
-            prob = F.interpolate(prob, size=rgb.shape[:2], mode="bilinear")
-            common.save_mask_png(out / f"{path.stem}.png", prob[0, 1].numpy() >= 0.5)
+        prob = predict(model, [image], args, run.device, binary)[0]  # (K, S, S)
+        if binary:  # as evaluate: probabilities to full size; labels nearest (TransUNet)
+            prob = F.interpolate(prob[None], size=rgb.shape[:2], mode="bilinear")[0]
+            common.save_mask_png(out / f"{path.stem}.png", prob[1].numpy() >= 0.5)
         else:
-            labels = common.resize_mask(prob[0].argmax(0).numpy(), 0, rgb.shape[:2])
-            common.save_label_png(out / f"{path.stem}.png", labels)
-    return len(files)
+            common.save_label_png(out / f"{path.stem}.png",
+                                  common.resize_mask(prob.argmax(0).numpy(), 0, rgb.shape[:2]))
+    return out, len(files)
 
 
 # ==== 9. Command line ====
 
 SWITCHES = ("inputs", "fusion", "attn", "cross_attn", "merge", "gsa", "gsa_axis", "attn_proj",
-            "edge_from")  # DINConfig fields that the command line sets (the ablations)
+            "edge_from", "rel_pos_bias", "num_difm", "decoder_dropout")  # DINConfig fields
+FUZZY = ("fuzzy_m", "fuzzy_n", "fuzzy_gamma", "fuzzy_eps", "fuzzy_patrascu", "fuzzy_saturated")
+ADOPTED = ("task", "enhance", *FUZZY, "resize", "img_size", *SWITCHES)  # what weights fit
 
 
 def model_switches(args):
     """The ablation switches of the command line as DINConfig fields."""
     return {name: getattr(args, name) for name in SWITCHES}
+
+
+def fuzzy_options(args):
+    """The --fuzzy-* flags as keyword arguments of fuzzy_enhance (empty for other methods)."""
+    if args.enhance != "fuzzy":
+        return {}
+    return {name[len("fuzzy_"):]: getattr(args, name) for name in FUZZY}
+
+
+def check_switches(args, explicit, flags):
+    """One clear line for a switch that the other switches make meaningless (never ignored)."""
+    single = args.inputs in ("i", "e") or args.fusion == "input"
+    rules = [  # (flags given, condition, why they do nothing)
+        (("attn", "cross_attn", "merge", "gsa", "gsa_axis", "attn_proj", "edge_from",
+          "rel_pos_bias"), args.fusion == "concat", "--fusion concat replaces the DIFM"),
+        (("inputs",), args.fusion != "difm" and args.inputs != "ie",
+         f"--fusion {args.fusion} fuses I and E"),
+        (("attn",), single, "one encoder (--inputs i/e, --fusion input) has one direction"),
+        (("attn", "attn_proj", "rel_pos_bias"), not args.cross_attn,
+         "--no-cross-attn removes the attention"),
+        (("edge_from",), not args.merge, "--no-merge leaves the edge maps unused"),
+        (("gsa_axis",), not args.gsa, "--no-gsa removes the gate"),
+        (("bnd_reduction",), args.no_bnd, "--no-bnd removes L_bnd"),
+        (FUZZY, args.enhance != "fuzzy", f"--enhance {args.enhance} is not fuzzy"),
+        (("enhance", *FUZZY), args.inputs in ("i", "ii") and args.fusion == "difm",
+         f"--inputs {args.inputs} never uses E"),
+        (("official_split",), args.task != "binary", "only binary data sets are re-split")]
+    for names, condition, why in rules:
+        given = [f for f in names if f in explicit and condition]
+        if given:
+            value = getattr(args, given[0])
+            common.fail(f"{flags[given[0]]}{'' if isinstance(value, bool) else f' {value}'} "
+                        f"conflicts: {why}")
+    if not 1 <= args.num_difm <= 4:
+        common.fail(f"--num-difm must be 1..4 (got {args.num_difm})")
+
+
+def protocol_row(args, data):
+    """The docstring's protocol row for this run's data set (printed at start-up)."""
+    name = {"synapse": "Synapse", "acdc": "ACDC", "clinicdb": "ClinicDB",
+            "isic2018": "ISIC18"}.get(data["layout"])
+    row = name and re.search(rf"^  {name} +(\|.*(\n {{4,}}\|.*)*)", __doc__, re.MULTILINE)
+    if not row:
+        return f"protocol: {data['layout']} is none of the paper's data sets" + (
+            "" if args.data == "toy" else " (their recipe applies)")
+    return f"protocol [{name}]: " + " ".join(row[1].split()) + " (docstring: recipe)"
 
 
 def bench(args, run, explicit):
@@ -857,60 +970,60 @@ def bench(args, run, explicit):
                    args.batch_size if "batch_size" in explicit else PAPER_RECIPE["batch_size"])
     model = build_model(preset, 9, **model_switches(args)).to(run.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    image = torch.rand(batch, 3, size, size, device=run.device)
-    target = torch.randint(0, 9, (batch, size, size), device=run.device)
+    image, amp = torch.rand(batch, 3, size, size), amp_setup(run.device, args.amp)
+    data = {"image": image, "enhanced": image, "mask": torch.randint(0, 9, (batch, size, size))}
 
-    def train_step():
-        model.train()
-        loss, _ = total_loss(model(image, image), target, not args.no_bnd)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def infer_step():
-        with torch.no_grad():
-            model.eval()(image, image)
-
-    return common.benchmark(model, train_step, infer_step, batch, run.device,
-                            repeats=3 if run.device.type == "cuda" else 1, preset=preset,
-                            img_size=size, split_M=parameter_split(model))
+    infer = torch.no_grad()(lambda: model.eval()(image.to(run.device), image.to(run.device)))
+    return common.benchmark(model, lambda: train_step(model.train(), data, optimizer, args,
+                                                      run.device, amp), infer, batch,
+                            run.device, repeats=3 if run.device.type == "cuda" else 1,
+                            preset=preset, img_size=size, split_M=parameter_split(model))
 
 
 def parse_args(argv):
-    """The shared flags plus DIN's switches; returns (args, recipe flags given explicitly)."""
+    """The shared flags plus DIN's switches; returns (args, the flags given explicitly)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(parser, PAPER_RECIPE, "Sec. 4.2")
-    group = parser.add_argument_group("DIN switches (Tabs. 3-5, 7, 8; spec 11)")
-    add = group.add_argument
+    common.add_common_args(parser, PAPER_RECIPE, "Sec. 4.2", pretrained_default=None)
+    add = parser.add_argument_group("DIN switches (Tabs. 3-8; docstring deviations)").add_argument
     add("--task", choices=["multiclass", "binary"], default="multiclass",
-        help="Synapse/ACDC slices, or image/mask pairs (ClinicDB, ISIC18; supplement Sec. 7.6)")
+        help="Synapse/ACDC slices, or image/mask pairs (ClinicDB, ISIC18; supp. Sec. 7.6)")
     add("--enhance", choices=["fuzzy", "he", "clahe", "none"], default="fuzzy",
         help="how E is made (paper: fuzzy [36]; Tab. 4: he, clahe; none: E = I)")
-    add("--fuzzy-patrascu", action="store_true",
-        help="Patrascu's (m+1)x(n+1) windows and log-model sum (spec 2.5)")
+    add("--fuzzy-patrascu", action="store_true", help="[36] as written (deviation 3)")
+    add("--fuzzy-m", type=int, default=2, help="fuzzy window grid, rows (reference: 2)")
+    add("--fuzzy-n", type=int, default=2, help="fuzzy window grid, columns (reference: 2)")
+    add("--fuzzy-gamma", type=float, default=4.0, help="membership exponent (reference: 4)")
+    add("--fuzzy-eps", type=float, default=1 / 255, help="u clipped to +-(1 - eps) (ours)")
+    add("--fuzzy-saturated", choices=["exclude", "clip"], default="exclude",
+        help="pixels exactly 0 or 1: out of the window statistics (ours), or clipped")
     add("--inputs", choices=["ie", "i", "e", "ii"], default="ie",
         help="encoder inputs (paper: ie; Tab. 4: only I, only E, I + I)")
-    add("--fusion", choices=["difm", "concat", "input"], default="difm",
-        help="fusion strategy (paper: difm; Tab. 5)")
-    add("--attn", choices=["dual", "ie", "ei"], default="dual",
-        help="cross-attention directions (paper: dual; Tab. 7)")
+    add("--fusion", choices=["difm", "concat", "input"], default="difm", help="Tab. 5")
+    add("--attn", choices=["dual", "ie", "ei"], default="dual", help="directions (Tab. 7)")
     add("--no-cross-attn", dest="cross_attn", action="store_false", help="Tab. 3 without (a)")
     add("--no-merge", dest="merge", action="store_false", help="Tab. 3 without (b)")
     add("--no-gsa", dest="gsa", action="store_false", help="Tab. 3 without (c)")
     add("--gsa", dest="gsa_axis", choices=["channel", "global"], default="channel",
         help="Eq. (6) mean over channels or over H, W (paper: channel; spec 4.4)")
-    add("--attn-proj", choices=["budget", "lean"], default="budget",
-        help="q/k/v projections (paper budget: budget; spec 4.2)")
-    add("--edge-from", choices=["stage", "chain"], default="stage",
-        help="input of the edge pools (spec 3)")
+    add("--attn-proj", choices=["budget", "lean"], default="budget", help="spec 4.2")
+    add("--no-rel-pos-bias", dest="rel_pos_bias", action="store_false",
+        help="no Swin relative position bias (not in the paper)")
+    add("--edge-from", choices=["stage", "chain"], default="stage", help="spec 3")
+    add("--num-difm", type=int, default=4, help="DIFMs kept, smallest maps dropped (Tab. 6)")
+    add("--decoder-dropout", type=float, default=0.1, help="before the last 1x1 (SegFormer)")
+    add("--resize", choices=["bilinear", "bicubic"], default="bilinear", help="MERIT: cubic")
+    add("--official-split", action="store_true",
+        help="binary data: the layout's own split (paper: random 80:10:10, Sec. 7.6)")
     add("--no-bnd", action="store_true", help="train without L_bnd (Tabs. 3, 8)")
-    add("--dice-eq8", action="store_true",
-        help="Dice loss as Eq. (8) prints it (default: squared denominator, as MERIT)")
-    add("--weight-decay", type=float, default=WEIGHT_DECAY,
-        help=f"AdamW weight decay (paper: not stated; MERIT: {WEIGHT_DECAY})")
-    args = parser.parse_args(argv)
-    explicit = {k for k in PAPER_RECIPE if getattr(args, k) is not None}
-    return common.finish_args(args, PAPER_RECIPE, TOY_RECIPE), explicit
+    add("--bnd-reduction", choices=["mean", "sum"], default="mean",
+        help="L_bnd per pixel (ours) or the L1 norm per image (Eq. 9 literally)")
+    add("--dice-eq8", action="store_true", help="Dice as Eq. (8) prints it (MERIT: squared)")
+    add("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW (MERIT; not stated)")
+    explicit = common.explicit_flags(parser, argv)
+    args = common.finish_args(parser.parse_args(argv), PAPER_RECIPE, TOY_RECIPE)
+    check_switches(args, explicit, {a.dest: a.option_strings[0] for a in parser._actions
+                                    if a.option_strings})
+    return args, explicit
 
 
 def main(argv=None):
@@ -920,117 +1033,62 @@ def main(argv=None):
     if args.bench:
         record = bench(args, run, explicit)
         run.log(json.dumps(record))
-        run.close()
         return record
-
-    checkpoint = None
-    if args.eval or args.resume or args.checkpoint:  # the weights bring their own settings
-        checkpoint = common.load_checkpoint(args.eval or args.resume or args.checkpoint, "dinet")
-        for key in ("task", "enhance", "fuzzy_patrascu", "img_size", "seed", *SWITCHES):
-            if key in checkpoint["config"] and key not in explicit:
-                setattr(args, key, checkpoint["config"][key])
-        args.preset, args.preset_reason = checkpoint["preset"], "the checkpoint's"
-    run.log(f"dinet: preset {args.preset} ({args.preset_reason}), device {run.device}, "
-            f"data {args.data}, task {args.task}, enhancement {args.enhance}")
-    num_classes, names, dataset_name = ((checkpoint["num_classes"], checkpoint["names"], "-")
-                                        if args.predict else class_names(args, args.task))
+    checkpoint, flag = None, next((f for f in ("eval", "resume", "checkpoint")
+                                   if getattr(args, f)), None)
+    if flag:  # the weights bring the settings they were trained with
+        checkpoint = common.load_checkpoint(getattr(args, flag), "dinet", f"--{flag}")
+        common.adopt_config(args, checkpoint, ADOPTED, explicit, f"--{flag}")
+    num_classes, names = ((checkpoint["num_classes"], checkpoint["names"]) if args.predict
+                          else class_names(args, args.task))
     model = build_model(args.preset, num_classes, **model_switches(args))
-    split = parameter_split(model)
-    run.log(f"parameters (M): {split} (paper: 323.31 = 178 encoders + 119.94 DIFM + 25.27 "
-            "decoder, Sec. 4.5)")
-    if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as error:  # written by another version of the script
-            common.fail(f"checkpoint does not fit the '{args.preset}' model: "
-                        f"{str(error).splitlines()[-1].strip()}")
-    else:
-        load_pretrained(model, args.pretrained, run.log)
+    run.log(f"dinet: preset {args.preset} ({args.preset_reason}), device {run.device}, task "
+            f"{args.task}, E: {args.enhance}; parameters (M) {parameter_split(model)} (paper: "
+            "323.31 = 178 encoders + 119.94 DIFM + 25.27 decoder, Sec. 4.5)")
+    if checkpoint is not None and not args.resume:  # adopt_config made the architectures equal
+        model.load_state_dict(checkpoint["model"])
+    elif checkpoint is None:
+        load_pretrained(model, args.pretrained, run.log, run.is_main, run.barrier)
     model.to(run.device)
     if args.predict:
-        out = Path(args.out) if args.out else run.out / "predictions"
-        count = predict_folder(model, args.predict, out, args, run.device)
+        out, count = predict_folder(model, args, run)
         run.log(f"wrote {count} masks to {out}")
-        run.close()
         return {"predicted": count, "out": str(out)}
 
-    data = common.load_data(args, args.task, toy_sizes=TOY_SIZES)
-    if data["splits"] is not None:
-        run.save_json("splits.json", data["splits"])
+    data = common.load_data(args, args.task, toy_sizes=TOY_SIZES, fractions=(0.8, 0.1, 0.1),
+                            official=args.official_split or args.task != "binary")
     if not data["test"]:
         common.fail(f"--data {args.data}: no test files found")
-    run.log(f"data: {data['source']} ({dataset_name}); classes: {', '.join(names)}")
-    convention = "skip" if args.data == "toy" else "transunet"  # docstring point 9
-
-    def test(state):
-        """Test the weights `state` on every test group; print and save the paper's columns."""
-        common.unwrap(model).load_state_dict(state)
-        metrics = {}
-        for group, dataset in data["test"].items():
-            metrics[group] = evaluate(common.unwrap(model), dataset, args, run.device, names,
-                                      convention, run.out / "predictions")
-            run.log(f"test [{group}] " + "  ".join(f"{k} {v:.2f}"
-                                                    for k, v in metrics[group].items()))
-        run.save_json("test_metrics.json", metrics)
-        return metrics
-
+    run.log(f"data: {data['source']}; classes: {', '.join(names)}\n{protocol_row(args, data)}")
     if args.eval:
-        metrics = test(checkpoint["model"])
-        run.close()
-        return metrics
-    binary = args.task == "binary"
-    train_set = DualImageDataset(data["train"], args.img_size, args.enhance, True, binary,
-                                 args.fuzzy_patrascu)
-    if args.workers > 0:  # fill the E cache before the workers fork, so that they share it
-        for i in range(len(train_set)):
-            train_set.enhanced(i, train_set.raw(i)[0])
-    loader = common.make_loader(train_set, args.batch_size, True, args.workers, args.seed)
-    val_loader = None
-    if data["val"] is not None:
-        val_set = DualImageDataset(data["val"], args.img_size, args.enhance, False, binary,
-                                   args.fuzzy_patrascu)
-        val_loader = common.make_loader(val_set, args.batch_size, False, args.workers)
+        return test_all(model, checkpoint["model"], data, args, run, names)
+    loader, val_loader = make_loaders(data, args)
     if run.distributed:  # ablations without merge leave the edge pools unused
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start, best = 0, -1.0
-    if args.resume:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start, best = checkpoint["epoch"] + 1, checkpoint["best"]
-        run.log(f"resumed from {args.resume} at epoch {start}")
-    run.save_json("config.json", {**vars(args), "preset_values": asdict(common.unwrap(model).cfg),
-                                  "num_classes": num_classes, "names": names,
-                                  "data_source": data["source"], "device": str(run.device),
-                                  "parameters_M": split})
-    run.log(f"{len(train_set)} training slices, {args.epochs} epochs, batch {args.batch_size}, "
-            f"AdamW lr {args.lr} (constant), weight decay {args.weight_decay}")
-
+    amp = amp_setup(run.device, args.amp)
+    start = run.restore(checkpoint, model, optimizer, amp[1]) if args.resume else 0
+    if data["splits"] is not None:
+        run.save_json("splits.json", data["splits"])
+    run.save_json("config.json", {**vars(args), "num_classes": num_classes, "names": names,
+                                  "preset_values": asdict(common.unwrap(model).cfg)})
+    run.log(f"{len(loader.dataset)} training samples, {args.epochs} epochs, batch "
+            f"{args.batch_size}, AdamW lr {args.lr} (constant), weight decay {args.weight_decay}")
     for epoch in range(start, args.epochs):
         started = time.perf_counter()
+        common.set_lr(optimizer, args.lr)  # constant (MERIT): the same after any --resume
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        losses = train_one_epoch(model, loader, optimizer, args, run.device, run.is_main)
-        val_dice = (validate(common.unwrap(model), val_loader, num_classes, run.device)
-                    if val_loader is not None else math.nan)
-        improved = (math.isnan(val_dice) or val_dice > best  # no validation set: keep the last
-                    or not (run.out / "best.pt").exists())  # resumed into a new folder
-        best = val_dice if improved else best
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": losses["loss"],
-               "ce": losses["ce"], "dice_loss": losses["dice"], "bnd": losses["bnd"],
+        losses = train_one_epoch(model, loader, optimizer, args, run.device, amp, run.is_main)
+        val_dice = validate(common.unwrap(model), val_loader, num_classes, run.device)
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **losses,
                "val_dice": val_dice, "seconds": time.perf_counter() - started}
-        run.log_epoch(row)
-        run.log(f"epoch {epoch}: loss {losses['loss']:.4f}  val Dice {val_dice:.4f}  "
-                f"({row['seconds']:.0f} s)")
         state = {"model": common.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": None, "epoch": epoch, "best": best, "config": vars(args),
-                 "preset": args.preset, "num_classes": num_classes, "names": names}
-        run.checkpoint("last.pt", state)  # constant lr: no scheduler state
-        if improved:
-            run.checkpoint("best.pt", state)
-        run.barrier()
-    metrics = {}
-    if run.is_main:
-        metrics = test(common.load_checkpoint(run.out / "best.pt", "dinet")["model"])
+                 "scaler": amp[1].state_dict(), "config": vars(args), "preset": args.preset,
+                 "num_classes": num_classes, "names": names}
+        run.end_epoch(epoch, row, state, score=val_dice)  # no validation: best.pt = last
+    metrics = test_all(model, run.final_weights("best"), data, args, run, names) \
+        if run.is_main else {}
     run.close()
     return metrics
 

@@ -393,16 +393,3 @@ def test_bad_inputs_exit_with_one_line(argv, culprit, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0]
-
-
-def test_notebook_executes(tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it; see small_toy_sets
-    import nbformat
-    from nbclient import NotebookClient
-    path = ROOT / "notebooks" / "mfel.ipynb"
-    notebook = nbformat.read(path, as_version=4)
-    for cell in notebook.cells:
-        if "parameters" in cell.get("metadata", {}).get("tags", []):
-            cell.source += "\nFAST = True\nRUN_DIR = " + repr(str(tmp_path / "nb_run"))
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()

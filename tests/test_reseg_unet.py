@@ -780,17 +780,3 @@ def test_bad_input_exits_with_one_line(tmp_path, flags, culprit):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0]
-
-
-
-def test_notebook_executes(monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
-    path = ROOT / "notebooks" / "reseg_unet.ipynb"
-    notebook = nbformat.read(path, as_version=4)
-    for cell in notebook.cells:  # FAST mode, as committed
-        if "parameters" in cell.get("metadata", {}).get("tags", []):
-            assert "FAST = True" in cell.source
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's threads, as one_thread() above
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
