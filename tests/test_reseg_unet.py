@@ -626,6 +626,15 @@ def test_eval_reproduces_test_metrics(run_dir, tmp_path):
     assert metrics["toy"] == pytest.approx(saved["toy"], nan_ok=True)  # nan: organ never seen
 
 
+def test_eval_of_a_checkpoint_without_a_class_count_counts_them(run_dir, tmp_path):
+    state = common.load_checkpoint(run_dir / "best.pt", m.SCRIPT)
+    for key in ("num_classes", "class_names"):
+        del state["config"][key]
+    common.save_checkpoint(tmp_path / "old.pt", state)
+    metrics = m.main(["--eval", str(tmp_path / "old.pt"), "--out", str(tmp_path / "o")])
+    assert "dice_vessel" in metrics["toy"]  # the toy names: 8 organs, K = 9
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--stage", "seg", "--recon-ckpt", "{run}/best.pt"], "its stage is 'seg', expected 'recon'"),
     (["--stage", "seg", "--recon-ckpt", "{run}/last.pt"], "its stage is 'seg'"),
