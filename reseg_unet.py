@@ -350,7 +350,8 @@ def dice_loss(logits, labels, eps=1e-5):
     """
     p = logits.float().softmax(dim=1)  # (B, K, H, W)
     g = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float()  # (B, K, H, W)
-    d = 1 - (2 * (p * g).sum((0, 2, 3)) + eps) / ((p * p + g * g).sum((0, 2, 3)) + eps)
+    dims = (0, 2, 3)
+    d = 1 - (2 * (p * g).sum(dims) + eps) / ((p * p).sum(dims) + (g * g).sum(dims) + eps)
     return d.mean()
 
 
