@@ -9,7 +9,6 @@ import os
 import random
 
 import numpy as np
-import pytest
 import torch
 
 import common
@@ -67,14 +66,6 @@ class FaintLesions(torch.utils.data.Dataset):
         return {"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1) / 255.0,
                 "mask": torch.from_numpy(np.ascontiguousarray(mask)).float()[None],
                 "index": index}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_full_small_model_learns_faint_small_lesions_from_scratch():

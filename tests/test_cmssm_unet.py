@@ -25,21 +25,6 @@ TINY = ["--preset", "tiny", "--img-size", "32", "--batch-size", "4", "--limit-ba
 QUIET = lambda *a: None  # noqa: E731
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against other jobs and
-    the small tensors here run many times slower. Subprocesses inherit OMP_NUM_THREADS."""
-    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(threads)
-    if omp is None:
-        os.environ.pop("OMP_NUM_THREADS")
-    else:
-        os.environ["OMP_NUM_THREADS"] = omp
-
-
 def tiny_preset(**overrides):
     return replace(m.PRESETS["tiny"], **overrides)
 

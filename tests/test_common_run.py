@@ -3,7 +3,6 @@ import argparse
 import os
 import random
 import sys
-import time
 
 import pytest
 import torch

@@ -27,15 +27,6 @@ EPS = 1e-5  # BatchNorm's eps: an eval-mode BN with fresh statistics divides by 
 TINY = ["--preset", "tiny", "--img-size", "32", "--batch-size", "4", "--toy-sizes", "8,4,4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast and avoids OpenMP spinning on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def identity_conv(block):
     """Make a conv block (conv, BN, ReLU) compute relu(x) / sqrt(1 + eps), channel by channel."""
     conv = block[0]

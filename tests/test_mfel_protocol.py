@@ -1,7 +1,6 @@
 """The paper's protocol on its four data sets, each built as it is downloaded (tiny files): the
 row printed at start-up, the split used, and the checkpoint tested (the last epoch)."""
 import pytest
-import torch
 
 import mfel
 from test_layouts import layouts
@@ -12,14 +11,6 @@ TINY = ["--preset", "tiny", "--img-size", "16", "--batch-size", "2", "--epochs",
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
     return layouts(tmp_path_factory.mktemp("layouts"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("layout,row,split", [  # the fixtures' sizes: 3/2, 4/2, 4/1/2

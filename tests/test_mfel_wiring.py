@@ -15,15 +15,6 @@ BLOCKS = ("encoder_seg", "encoder_fg", "encoder_bg", "encoder_rec", "coarse_head
           "decoder_fg", "decoder_bg", "decoder_rec", "decoder_seg")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def record(model, names=BLOCKS):
     """Forward hooks: seen[name] = (inputs, output) of each named block that exists."""
     seen, modules = {}, dict(model.named_modules())

@@ -20,15 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--img-size", "32", "--batch-size", "4", "--toy-sizes", "8,4,3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine spinning threads cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- blocks and the model ----
 
 def test_block_shapes():
