@@ -49,37 +49,37 @@ validation, else the last epoch. [M] = MERIT, the base code; [R] = our choice.
   ClinicDB | 612 images, random seeded 80:10:10 | Dice per image at full size
   ISIC18   | the challenge's 3,694 images (paper: 3,594) pooled, random seeded 80:10:10
            | (--official-split: 2,594 / 100 / 1,000) | Dice per image at full size
-Out of scope: Tab. 4's Zero-DCE row (needs its trained network), the SwinUNet, FCT and MERIT
-rows of Tabs. 5 and 8 (other networks), Tabs. 11-12's EMCAD decoder (a paper of its own).
+Out of scope (other networks): Tab. 4's Zero-DCE row, the SwinUNet, FCT and MERIT rows of
+Tabs. 5 and 8, Tabs. 11-12's EMCAD decoder.
 
 Deviations and gaps (spec 11), each with its switch:
   1. No code: kernels, window 7, 32 channels per head, pre-attention LayerNorms and the unused
-     q/k/v thirds are the spec's budget match (--attn-proj lean: q, kv, out); Swin's relative
+     q/k/v thirds match the spec's budget (--attn-proj lean: q, kv, out); Swin's relative
      position bias is not in the paper (--no-rel-pos-bias). Padded window keys are masked [R].
-  2. Tab. 14 prints x9 blocks in stage 3; the totals need ConvNeXt-B's 27 (build_model(depths=
-     (3, 3, 9, 3)) builds the table). Ours: 180.64 / 119.85 / 22.72 M = 323.20 M (paper's
+  2. Tab. 14's x9 blocks in stage 3 miss the totals; ConvNeXt-B's 27 meet them (depths=
+     (3, 3, 9, 3) builds the table): 180.64 / 119.85 / 22.72 M = 323.20 M (the paper's
      178 / 119.94 / 25.27 M does not add up to its 323.31 M).
-  3. E follows the public reference code of [36] (ivan-abboud/Image_enhancement_using_fuzzy_
-     logic; pinned by a golden array): windows i < m, j < n of degree-m Bernstein memberships
-     over their sum + 1e-5 (so they fade along the bottom and right edges), ordinary sum,
-     m = n = 2, gamma 4, sigma_u = 1/sqrt3, symmetric rescale (--fuzzy-m, -n, -gamma;
-     --fuzzy-patrascu: [36] as written, (m+1)x(n+1) windows, exact partition, log-model sum).
-     Where its arithmetic breaks [R]: pixels exactly 0 or 1 stay out of the window statistics
+  3. E follows the public code of [36] (ivan-abboud/Image_enhancement_using_fuzzy_logic;
+     pinned by a golden array): windows i < m, j < n of degree-m Bernstein memberships over
+     their sum + 1e-5 (they fade along the bottom and right edges), ordinary sum, m = n = 2,
+     gamma 4, sigma_u = 1/sqrt3, symmetric rescale (--fuzzy-m, -n, -gamma; --fuzzy-patrascu:
+     [36] as written, (m+1)x(n+1) windows, exact partition, log-model sum). Where that
+     arithmetic breaks [R]: pixels exactly 0 or 1 stay out of the window statistics
      (--fuzzy-saturated clip), u is clipped at +-(1 - eps) (--fuzzy-eps), gain <= 8, stretch
      <= 1 / tanh(sigma_u). Training and testing both see E as 8-bit levels (spec 2.7).
   4. The line tagged Eq. (8) computes MERIT's squared Dice, sums pooled over the batch
      (--dice-eq8: as printed); L_bnd (Eq. 9) is a mean per pixel [R] (--bnd-reduction sum).
-  5. Eq. (6) says "channel mean" (a (B, 1, H, W) gate); the prose speaks of channel weights
+  5. Eq. (6) says "channel mean", a (B, 1, H, W) gate; the prose says channel weights
      (--gsa global: mean over H, W).
   6. Edge pools read the previous stage's output (--edge-from chain: a chain from the stem).
      Grayscale is repeated to 3 channels (MERIT learns a 1x1 conv; no switch).
   7. PyTorch's default initialisation (no switch): ConvNeXt's trunc-normal stalls on small
      models from scratch. ImageNet's stem is 4x4: our 3x3 stem conv stays random, all of it.
-  8. From MERIT (spec 7): constant lr, its rotation/flip draw, no stochastic depth; resizing
-     is bilinear (--resize bicubic, near MERIT's cubic spline); dropout 0.1 before the last
-     1x1 is SegFormer's (--decoder-dropout).
-  9. Tab. 6 drops DIFMs smallest map first: the decoder sees fewer levels and the stages that
-     fed only them go [R] (--num-difm). --amp: bf16, else fp16 with a gradient scaler [R].
+  8. From MERIT (spec 7): constant lr (computed per epoch, so --resume follows any new
+     --epochs), its rotation/flip draw, no stochastic depth; bilinear resizing (--resize
+     bicubic, near MERIT's cubic spline); SegFormer's dropout 0.1 (--decoder-dropout).
+  9. Tab. 6 drops DIFMs smallest map first, with the decoder levels and stages that fed only
+     them [R] (--num-difm). --amp: bf16, else fp16 with a gradient scaler [R].
   10. Toy slices use VolumeMeter's "skip" convention; real volumes TransUNet's (spec 9).
 
 Run (toy data, small preset: ~1.5 min on an idle 2-core CPU; paper recipe: a 48 GB GPU):
@@ -160,9 +160,7 @@ class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, H, W) map (ConvNeXt's channels-first LN)."""
 
     def forward(self, x):
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                         self.eps)
-        return x.permute(0, 3, 1, 2)
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def to_windows(x, window):
@@ -214,11 +212,11 @@ class WindowCrossAttention(nn.Module):
         pad_h, pad_w = -h % self.window, -w % self.window  # pad to whole windows
         a = to_windows(F.pad(query_map, (0, pad_w, 0, pad_h)), self.window)  # (N, T, C)
         kv = to_windows(F.pad(kv_map, (0, pad_w, 0, pad_h)), self.window)
-        mask = None
+        bias = 0
         if pad_h or pad_w:  # padded keys get a -inf logit: every window sees only the image
             pad = F.pad(query_map.new_zeros(1, 1, h, w), (0, pad_w, 0, pad_h), value=1.0)
-            mask = to_windows(pad, self.window).transpose(1, 2).repeat(b, 1, 1)[:, None]
-            mask = mask.masked_fill(mask > 0, float("-inf"))  # (N, 1, 1, T): 0 or -inf
+            bias = to_windows(pad, self.window).transpose(1, 2).repeat(b, 1, 1)[:, None]
+            bias = bias.masked_fill(bias > 0, float("-inf"))  # (N, 1, 1, T): 0 or -inf
         if self.proj == "budget":  # only the Q third of qkv_a and the K, V thirds of qkv_b act
             q = F.linear(self.norm_a(a), self.qkv_a.weight[:c], self.qkv_a.bias[:c])
             k, v = F.linear(self.norm_b(kv), self.qkv_b.weight[c:],
@@ -227,13 +225,10 @@ class WindowCrossAttention(nn.Module):
             q = self.q(self.norm_a(a))
             k, v = self.kv(self.norm_b(kv)).chunk(2, dim=-1)
         heads = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
-        bias = 0 if mask is None else mask  # (N, 1, 1, T)
         if self.rpb_table is not None:
             bias = bias + self.rpb_table[self.rpb_index].permute(2, 0, 1)  # (heads, T, T)
-        attended = window_attention(heads(q), heads(k), heads(v), bias)  # (N, heads, T, d)
-        attended = attended.transpose(1, 2).flatten(2)  # (N, T, C)
-        if self.proj == "lean":
-            attended = self.out(attended)
+        attended = window_attention(heads(q), heads(k), heads(v), bias).transpose(1, 2)
+        attended = attended.flatten(2) if self.proj == "budget" else self.out(attended.flatten(2))
         f = attended + q  # Eq. (3)  f~_IE = Atten(Q_i, K_e, V_e) + Q_i
         return from_windows(f, self.window, b, h + pad_h, w + pad_w)[:, :, :h, :w]
 
@@ -272,13 +267,12 @@ class DIFM(nn.Module):
                                  padding=cfg.merge_kernel // 2)
         self.merge_i = conv() if cfg.merge else None
         self.merge_e = conv() if cfg.merge and not single_image else None
-        self.directions = ["ie"] if single_image else (["ie", "ei"] if cfg.attn == "dual"
-                                                       else [cfg.attn])
+        self.directions = (["ie"] if single_image else
+                           {"dual": ["ie", "ei"]}.get(cfg.attn, [cfg.attn]))
         for d in ("ie", "ei"):
             active = d in self.directions
-            setattr(self, f"attn_{d}", WindowCrossAttention(
-                dim, cfg.window, cfg.head_dim, cfg.rel_pos_bias, cfg.attn_proj)
-                if active and cfg.cross_attn else None)
+            setattr(self, f"attn_{d}", WindowCrossAttention(dim, cfg.window, cfg.head_dim,
+                    cfg.rel_pos_bias, cfg.attn_proj) if active and cfg.cross_attn else None)
             setattr(self, f"ffn_{d}", GatedFFN(dim, cfg.ffn_kernel) if active else None)
 
     def forward(self, low_i, high_i, low_e, high_e):
@@ -767,12 +761,11 @@ def amp_setup(device, enabled, dtype=None):
 
 def train_step(model, batch, optimizer, args, device, amp):
     """One optimisation step on a batch; `amp` = amp_setup(...). Returns the loss terms."""
-    image, enhanced = batch["image"].to(device), batch["enhanced"].to(device)
-    target = batch["mask"].to(device)  # (B, S, S) class indices
-    num_classes = common.unwrap(model).decoder.linear_pred.out_channels
-    if int(target.max()) >= num_classes:
+    image, enhanced, target = (batch[k].to(device) for k in ("image", "enhanced", "mask"))
+    k = common.unwrap(model).decoder.linear_pred.out_channels  # target: (B, S, S) in 0..K-1
+    if int(target.max()) >= k:
         common.fail(f"--data {args.data}: label value {int(target.max())} in a training mask, "
-                    f"but the task has {num_classes} classes (labels 0..{num_classes - 1})")
+                    f"but the task has {k} classes (labels 0..{k - 1})")
     dtype, scaler = amp
     with torch.autocast(device.type, dtype=dtype, enabled=args.amp):
         logits = model(image, enhanced)  # (B, K, S, S)
@@ -788,14 +781,12 @@ def train_step(model, batch, optimizer, args, device, amp):
 def train_one_epoch(model, loader, optimizer, args, device, amp, show=True):
     """One pass over the training slices; returns the mean of each loss term."""
     model.train()
-    sums, count = dict.fromkeys(("loss", "ce", "dice", "bnd"), 0.0), 0
+    rows = []
     for step, batch in enumerate(common.progress(loader, "train", show)):
         if args.limit_batches and step >= args.limit_batches:
             break
-        for key, value in train_step(model, batch, optimizer, args, device, amp).items():
-            sums[key] += value
-        count += 1
-    return {k: v / max(count, 1) for k, v in sums.items()}
+        rows.append(train_step(model, batch, optimizer, args, device, amp))
+    return {k: sum(r[k] for r in rows) / max(len(rows), 1) for k in ("loss", "ce", "dice", "bnd")}
 
 
 @torch.no_grad()
@@ -809,6 +800,17 @@ def predict(model, images, args, device, binary=False):
     return model(image.to(device), enhanced.to(device)).softmax(dim=1).float().cpu()
 
 
+def predict_full(model, rgb, args, device, binary):
+    """The prediction at the size of a (H, W, 3) uint8 image: a binary mask from probabilities
+    upsampled bilinearly (Tab. 13), or labels resized nearest (TransUNet); gray models see
+    the channel mean."""
+    image = common.resize_image(rgb, args.img_size) / 255.0 if binary else rgb.mean(2) / 255
+    prob = predict(model, [image], args, device, binary)  # (1, K, S, S)
+    if binary:
+        return F.interpolate(prob, size=rgb.shape[:2], mode="bilinear")[0, 1].numpy() >= 0.5
+    return common.resize_mask(prob[0].argmax(0).numpy(), 0, rgb.shape[:2])
+
+
 def predict_labels(model, volume, args, device):
     """Label volume (D, H, W): --batch-size slices per forward at img_size, argmax, back to
     H x W nearest (TransUNet's test, spec 9; common.predict_volume cannot pass E)."""
@@ -819,22 +821,20 @@ def predict_labels(model, volume, args, device):
 
 
 def evaluate(model, dataset, args, device, names, convention="transunet", out=None):
-    """The paper's columns on one test set, computed its way; PNGs (a few overlays) into `out`.
+    """The paper's columns on one test set, computed its way; PNGs (50 overlays) into `out`.
 
     Multi-class: per volume and organ, Dice and HD95 (TransUNet's protocol, Tabs. 1-2, via
     common.VolumeMeter). Binary: Dice per image, at the original size (Tab. 13).
     """
-    binary, overlays = args.task == "binary", 0
+    binary, overlays = args.task == "binary", 50
     meter = (common.PerImageMeter(threshold=0.5) if binary else
              common.VolumeMeter(len(names) + 1, names, convention=convention))
     for i in range(len(dataset)):
-        if binary:  # (H, W, 3) uint8 and (H, W) bool; probabilities upsampled to H x W
+        if binary:  # (H, W, 3) uint8 and (H, W) bool
             image, label = dataset.full(i)
-            prob = predict(model, [common.resize_image(image, args.img_size) / 255.0], args,
-                           device, binary)
-            prob = F.interpolate(prob, size=label.shape, mode="bilinear")[:, 1]  # (1, H, W)
-            meter.update(prob[0], label)
-            pred, label, images, stems = prob.numpy() >= 0.5, label[None], image[None], [i]
+            pred = predict_full(model, image, args, device, binary)
+            meter.update(pred, label)
+            pred, label, images, stems = pred[None], label[None], image[None], [dataset.names[i]]
         else:  # a volume (D, H, W) of slices in [0, 1]
             volume, label, name = dataset.volume(i) if hasattr(dataset, "volume") else dataset[i]
             if int(label.max()) > len(names):
@@ -844,13 +844,9 @@ def evaluate(model, dataset, args, device, names, convention="transunet", out=No
             meter.update(pred, label)
             stems = [name] if len(pred) == 1 else [f"{name}_{d:03d}" for d in range(len(pred))]
             images = np.repeat((np.clip(volume, 0, 1)[..., None] * 255).astype(np.uint8), 3, -1)
-        for d, stem in enumerate(stems if out is not None else []):
-            stem = dataset.names[stem] if binary else stem
-            (common.save_mask_png if binary else common.save_label_png)(out / f"{stem}.png",
-                                                                       pred[d])
-            if overlays < 50:  # a few to look at
-                common.save_overlay(out / f"{stem}_overlay.png", images[d], pred[d], label[d])
-                overlays += 1
+        if out is not None:
+            overlays -= common.save_predictions(out, stems, pred, images, label, not binary,
+                                                overlays)
     scores = meter.compute()
     if binary:
         return {"Dice": scores["dice"] * 100}
@@ -891,15 +887,8 @@ def predict_folder(model, args, run):
     out = Path(args.out) if args.out else run.folder() / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     for path in files:
-        rgb = common.load_image(path)  # (H, W, 3) uint8; gray models see the channel mean
-        image = common.resize_image(rgb, args.img_size) / 255.0 if binary else rgb.mean(2) / 255
-        prob = predict(model, [image], args, run.device, binary)[0]  # (K, S, S)
-        if binary:  # as evaluate: probabilities to full size; labels nearest (TransUNet)
-            prob = F.interpolate(prob[None], size=rgb.shape[:2], mode="bilinear")[0]
-            common.save_mask_png(out / f"{path.stem}.png", prob[1].numpy() >= 0.5)
-        else:
-            common.save_label_png(out / f"{path.stem}.png",
-                                  common.resize_mask(prob.argmax(0).numpy(), 0, rgb.shape[:2]))
+        pred = predict_full(model, common.load_image(path), args, run.device, binary)
+        common.save_predictions(out, [path.stem], [pred], labels=not binary)
     return out, len(files)
 
 
@@ -923,10 +912,10 @@ def fuzzy_options(args):
     return {name[len("fuzzy_"):]: getattr(args, name) for name in FUZZY}
 
 
-def check_switches(args, explicit, flags):
+def check_switches(parser, args, explicit):
     """One clear line for a switch that the other switches make meaningless (never ignored)."""
     single = args.inputs in ("i", "e") or args.fusion == "input"
-    rules = [  # (flags given, condition, why they do nothing)
+    common.check_conflicts(parser, args, [  # (flags given, condition, why they do nothing)
         (("attn", "cross_attn", "merge", "gsa", "gsa_axis", "attn_proj", "edge_from",
           "rel_pos_bias"), args.fusion == "concat", "--fusion concat replaces the DIFM"),
         (("inputs",), args.fusion != "difm" and args.inputs != "ie",
@@ -940,13 +929,8 @@ def check_switches(args, explicit, flags):
         (FUZZY, args.enhance != "fuzzy", f"--enhance {args.enhance} is not fuzzy"),
         (("enhance", *FUZZY), args.inputs in ("i", "ii") and args.fusion == "difm",
          f"--inputs {args.inputs} never uses E"),
-        (("official_split",), args.task != "binary", "only binary data sets are re-split")]
-    for names, condition, why in rules:
-        given = [f for f in names if f in explicit and condition]
-        if given:
-            value = getattr(args, given[0])
-            common.fail(f"{flags[given[0]]}{'' if isinstance(value, bool) else f' {value}'} "
-                        f"conflicts: {why}")
+        (("official_split",), args.task != "binary", "only binary data sets are re-split")],
+        explicit)
     if not 1 <= args.num_difm <= 4:
         common.fail(f"--num-difm must be 1..4 (got {args.num_difm})")
 
@@ -1021,8 +1005,7 @@ def parse_args(argv):
     add("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW (MERIT; not stated)")
     explicit = common.explicit_flags(parser, argv)
     args = common.finish_args(parser.parse_args(argv), PAPER_RECIPE, TOY_RECIPE)
-    check_switches(args, explicit, {a.dest: a.option_strings[0] for a in parser._actions
-                                    if a.option_strings})
+    check_switches(parser, args, explicit)
     return args, explicit
 
 
