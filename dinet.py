@@ -948,20 +948,21 @@ def protocol_row(args, data):
 
 def bench(args, run, explicit):
     """--bench: one training step and one inference on random input, at the paper preset and
-    size unless --preset / --img-size / --batch-size say otherwise."""
+    size unless --preset / --img-size / --batch-size say otherwise; logs one JSON line."""
     preset = args.preset if args.preset_reason == "--preset" else "paper"
-    size, batch = (args.img_size if "img_size" in explicit else PAPER_RECIPE["img_size"],
-                   args.batch_size if "batch_size" in explicit else PAPER_RECIPE["batch_size"])
+    size, batch = (getattr(args, k) if k in explicit else PAPER_RECIPE[k]
+                   for k in ("img_size", "batch_size"))
     model = build_model(preset, 9, **model_switches(args)).to(run.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    image, amp = torch.rand(batch, 3, size, size), amp_setup(run.device, args.amp)
+    image, amp = torch.rand(batch, 3, size, size).to(run.device), amp_setup(run.device, args.amp)
     data = {"image": image, "enhanced": image, "mask": torch.randint(0, 9, (batch, size, size))}
-
-    infer = torch.no_grad()(lambda: model.eval()(image.to(run.device), image.to(run.device)))
-    return common.benchmark(model, lambda: train_step(model.train(), data, optimizer, args,
-                                                      run.device, amp), infer, batch,
-                            run.device, repeats=3 if run.device.type == "cuda" else 1,
-                            preset=preset, img_size=size, split_M=parameter_split(model))
+    step = lambda: train_step(model.train(), data, optimizer, args, run.device, amp)  # noqa
+    infer = torch.no_grad()(lambda: model.eval()(image, image))
+    record = common.benchmark(model, step, infer, batch, run.device, preset=preset, img_size=size,
+                              repeats=3 if run.device.type == "cuda" else 1,
+                              split_M=parameter_split(model))
+    run.log(json.dumps(record))
+    return record
 
 
 def parse_args(argv):
@@ -990,14 +991,12 @@ def parse_args(argv):
     add("--gsa", dest="gsa_axis", choices=["channel", "global"], default="channel",
         help="Eq. (6) mean over channels or over H, W (paper: channel; spec 4.4)")
     add("--attn-proj", choices=["budget", "lean"], default="budget", help="spec 4.2")
-    add("--no-rel-pos-bias", dest="rel_pos_bias", action="store_false",
-        help="no Swin relative position bias (not in the paper)")
+    add("--no-rel-pos-bias", dest="rel_pos_bias", action="store_false", help="deviation 1")
     add("--edge-from", choices=["stage", "chain"], default="stage", help="spec 3")
     add("--num-difm", type=int, default=4, help="DIFMs kept, smallest maps dropped (Tab. 6)")
     add("--decoder-dropout", type=float, default=0.1, help="before the last 1x1 (SegFormer)")
     add("--resize", choices=["bilinear", "bicubic"], default="bilinear", help="MERIT: cubic")
-    add("--official-split", action="store_true",
-        help="binary data: the layout's own split (paper: random 80:10:10, Sec. 7.6)")
+    add("--official-split", action="store_true", help="binary: the layout's split (Sec. 7.6)")
     add("--no-bnd", action="store_true", help="train without L_bnd (Tabs. 3, 8)")
     add("--bnd-reduction", choices=["mean", "sum"], default="mean",
         help="L_bnd per pixel (ours) or the L1 norm per image (Eq. 9 literally)")
@@ -1014,13 +1013,10 @@ def main(argv=None):
     common.seed_everything(args.seed)
     run = common.Run(args, "dinet")
     if args.bench:
-        record = bench(args, run, explicit)
-        run.log(json.dumps(record))
-        return record
-    checkpoint, flag = None, next((f for f in ("eval", "resume", "checkpoint")
-                                   if getattr(args, f)), None)
+        return bench(args, run, explicit)
+    flag = next((f for f in ("eval", "resume", "checkpoint") if getattr(args, f)), None)
+    checkpoint = flag and common.load_checkpoint(getattr(args, flag), "dinet", f"--{flag}")
     if flag:  # the weights bring the settings they were trained with
-        checkpoint = common.load_checkpoint(getattr(args, flag), "dinet", f"--{flag}")
         common.adopt_config(args, checkpoint, ADOPTED, explicit, f"--{flag}")
     num_classes, names = ((checkpoint["num_classes"], checkpoint["names"]) if args.predict
                           else class_names(args, args.task))
@@ -1028,9 +1024,9 @@ def main(argv=None):
     run.log(f"dinet: preset {args.preset} ({args.preset_reason}), device {run.device}, task "
             f"{args.task}, E: {args.enhance}; parameters (M) {parameter_split(model)} (paper: "
             "323.31 = 178 encoders + 119.94 DIFM + 25.27 decoder, Sec. 4.5)")
-    if checkpoint is not None and not args.resume:  # adopt_config made the architectures equal
+    if checkpoint and not args.resume:  # adopt_config made the architectures equal
         model.load_state_dict(checkpoint["model"])
-    elif checkpoint is None:
+    elif not checkpoint:
         load_pretrained(model, args.pretrained, run.log, run.is_main, run.barrier)
     model.to(run.device)
     if args.predict:
