@@ -95,6 +95,7 @@ import math
 import random
 import re
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -185,10 +186,8 @@ def window_attention(q, k, v, bias=0):
 
 class WindowCrossAttention(nn.Module):
     """One direction of the dual cross-attention (Sec. 3.1.2, Eqs. 2-3), in w x w windows.
-
     Queries come from `query_map` (e.g. m_i), keys and values from `kv_map` (m_e); the result
-    keeps the projected query as residual. Both maps (B, C, H, W) -> (B, C, H, W).
-    """
+    keeps the projected query as residual. Both maps (B, C, H, W) -> (B, C, H, W)."""
 
     def __init__(self, dim, window, head_dim, rel_pos_bias=True, proj="budget"):
         super().__init__()
@@ -255,10 +254,8 @@ def global_spatial_attention(f, axis="channel"):
 
 class DIFM(nn.Module):
     """Dual interactive fusion module (Sec. 3.1, Fig. 2b-d) for one stage: 4 maps -> F_s.
-
     `single_image`: one encoder (only I, only E, input fusion): the module becomes window
-    self-attention ("MHSA instead of DIFM", Sec. 4.4) with the same merge, FFN and gate.
-    """
+    self-attention ("MHSA instead of DIFM", Sec. 4.4) with the same merge, FFN and gate."""
 
     def __init__(self, dim, cfg, single_image=False):
         super().__init__()
@@ -305,9 +302,7 @@ class ConcatFusion(nn.Module):
 
 class MLPDecoder(nn.Module):
     """SegFormer's all-MLP decoder with a 3x3 fuse conv (Sec. 9.2, Fig. 5, Eq. 14).
-
-    Four maps (B, C_s, H_s, W_s) -> logits (B, K, H, W) at the input size `out_size`.
-    """
+    Four maps (B, C_s, H_s, W_s) -> logits (B, K, H, W) at the input size `out_size`."""
 
     def __init__(self, dims, dim, num_classes, fuse_kernel=3, dropout=0.1):
         super().__init__()
@@ -396,24 +391,14 @@ class ConvNeXtBlock(nn.Module):
         return x + y.permute(0, 3, 1, 2)  # Eq. (13)  y = conv(GELU(conv(LN(dconv(x))))) + x
 
 
-class ConvNeXtStage(nn.Module):
-    """2x2 stride-2 pooling (LN, conv; not in stage 1), then the conv-blocks (f_shape)."""
-
-    def __init__(self, c_in, c_out, depth, downsample=True):
-        super().__init__()
-        self.downsample = (nn.Sequential(LayerNorm2d(c_in, eps=1e-6), nn.Conv2d(c_in, c_out, 2, 2))
-                           if downsample else nn.Identity())
-        self.blocks = nn.Sequential(*[ConvNeXtBlock(c_out) for _ in range(depth)])
-
-    def forward(self, x):
-        return self.blocks(self.downsample(x))
+def pooling(c_in, c_out):
+    """ConvNeXt's 2x2 stride-2 pooling layer: channels-first LN, then a 2x2 conv."""
+    return nn.Sequential(LayerNorm2d(c_in, eps=1e-6), nn.Conv2d(c_in, c_out, 2, 2))
 
 
 class ConvNeXtEncoder(nn.Module):
     """Tab. 14: 3x3 stride-1 stem (f_edge of stage 1), 4 stages (f_shape), edge pools (f_edge).
-
-    x (B, 3, H, W) -> (lows, highs): lists of four (B, C_s, H_s, W_s) maps, H_s = H / 2^(s-1).
-    """
+    x (B, 3, H, W) -> (lows, highs): lists of four (B, C_s, H_s, W_s) maps, H_s = H / 2^(s-1)."""
 
     def __init__(self, cfg, in_channels=3):
         super().__init__()
@@ -421,13 +406,12 @@ class ConvNeXtEncoder(nn.Module):
         self.edge_from = cfg.edge_from
         self.stem = nn.Sequential(nn.Conv2d(in_channels, dims[0], k, s, padding=(k - s) // 2),
                                   LayerNorm2d(dims[0], eps=1e-6))
-        self.stages = nn.ModuleList(
-            ConvNeXtStage(dims[max(i - 1, 0)], dims[i], depth, downsample=i > 0)
+        self.stages = nn.ModuleList(nn.Sequential(OrderedDict(  # stage s: pooling, blocks
+            downsample=pooling(dims[i - 1], dims[i]) if i else nn.Identity(),  # not in stage 1
+            blocks=nn.Sequential(*[ConvNeXtBlock(dims[i]) for _ in range(depth)])))
             for i, depth in enumerate(cfg.depths))
         # Sec. 9.1: "two types of pooling layers": the second one extracts f_edge (spec 3)
-        self.edge = nn.ModuleList(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6),
-                                                nn.Conv2d(dims[i], dims[i + 1], 2, 2))
-                                  for i in range(len(dims) - 1))
+        self.edge = nn.ModuleList(pooling(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
 
     def forward(self, x):
         x = low = self.stem(x)  # f_edge of stage 1 (B, C_1, H/stride, W/stride)
@@ -495,9 +479,7 @@ def loss_ce(logits, target):
 
 def loss_dice(logits, target, squared=True, smooth=1e-5):
     """Soft Dice over all K classes (background too), sums over batch and pixels (spec 6).
-
-    squared=True is the base code's form (sum x^2 + sum y^2); False is Eq. (8) as printed.
-    """
+    squared=True is the base code's form (sum x^2 + sum y^2); False is Eq. (8) as printed."""
     x, y = logits.softmax(dim=1), one_hot(target, logits.shape[1])  # (B, K, H, W)
     intersection = (x * y).sum(dim=(0, 2, 3))  # (K,), sums pooled over the batch (MERIT)
     denominator = (x ** (2 if squared else 1)).sum(dim=(0, 2, 3)) + y.sum(dim=(0, 2, 3))
@@ -513,10 +495,8 @@ def sobel(x):
 
 def boundary_l1(prob, y, scales=BOUNDARY_SCALES, reduction="mean"):
     """Multi-scale gradient difference of probabilities and one-hot labels (B, K, H, W).
-
     "mean": per scale, mean |.| over batch, classes and pixels of G_H plus that of G_V (spec 6,
-    ours); "sum": the L1 norm of Eq. (9) literally, summed per image, mean over the batch.
-    """
+    ours); "sum": the L1 norm of Eq. (9) literally, summed per image, mean over the batch."""
     loss = 0.0
     for i in scales:  # average pooling with an i x i kernel: 1, 1/2, 1/4 of the size
         diff = (sobel(F.avg_pool2d(prob, i)) - sobel(F.avg_pool2d(y, i))).abs()  # (B, K, 2, ..)
@@ -547,12 +527,10 @@ def total_loss(logits, target, use_boundary=True, squared_dice=True, bnd_reducti
 @functools.lru_cache(maxsize=8)
 def fuzzy_memberships(height, width, m=2, n=2, gamma=4.0, patrascu=False):
     """Fuzzy windows W_ij as memberships w_ij (I, J, H, W) (spec 2.3).
-
     Bernstein polynomials of degree m (rows) and n (columns), raised to gamma and divided by
     their sum. The reference code keeps windows i < m, j < n and divides by the sum + 1e-5,
     which leaves the memberships near 0 along the bottom and right edges, where every kept
-    window's polynomial vanishes; Patrascu keeps all (m+1) x (n+1) windows, an exact partition.
-    """
+    window's polynomial vanishes; Patrascu keeps all (m+1) x (n+1) windows, an exact partition."""
     def bernstein(size, degree):
         t = np.arange(size) / size
         return np.stack([math.comb(degree, i) * t ** i * (1 - t) ** (degree - i)
@@ -564,14 +542,12 @@ def fuzzy_memberships(height, width, m=2, n=2, gamma=4.0, patrascu=False):
 def fuzzy_enhance(image, m=2, n=2, gamma=4.0, eps=1 / 255, patrascu=False, saturated="exclude",
                   sigma_u=math.sqrt(1 / 3), max_gain=8.0, rescale=True):
     """Fuzzy image enhancement of ref. [36] with the reference code's arithmetic (deviation 3).
-
     image (H, W) or (H, W, 3) in [0, 1] -> E, same shape, in [0, 1]. Gray levels u = 2x - 1 live
     in (-1, 1) with the logarithmic model u (+) v = tanh(phi(u) + phi(v)), phi = atanh: all is
     computed in phi-space. Colour: window statistics of the luminosity (mean phi of r, g, b),
     the same transform on each channel (spec 2.6). Saturated pixels (0 or 1 in every channel:
     CT air, MRI background) carry no gray level: they stay out of the window statistics and
-    of the rescale range, and are clipped. rescale=False returns E_raw before that rescale.
-    """
+    of the rescale range, and are clipped. rescale=False returns E_raw before that rescale."""
     image = np.asarray(image, np.float64)
     phi = np.arctanh(np.clip(2 * image - 1, -1 + eps, 1 - eps))  # gray level -> log-model space
     phi = phi[..., None] if phi.ndim == 2 else phi  # (H, W, C)
@@ -611,10 +587,8 @@ def histogram_equalize(image):
 
 def clahe(image, tiles=8, clip_limit=2.0):
     """Contrast-limited adaptive HE ('CLAHE' of Tab. 4) of a (H, W) image in [0, 1].
-
     Per tile of a tiles x tiles grid, a 256-bin histogram is clipped at clip_limit x the mean
-    bin and the excess spread over all bins (OpenCV's defaults: 8 x 8 tiles, clip 2).
-    """
+    bin and the excess spread over all bins (OpenCV's defaults: 8 x 8 tiles, clip 2)."""
     levels = np.round(np.clip(image, 0, 1) * 255).astype(np.int64)
     h, w = levels.shape
     th, tw = -(-h // tiles), -(-w // tiles)
@@ -646,10 +620,8 @@ def enhance(image, method="fuzzy", **fuzzy):
 
 def random_rotate_flip(arrays, rng):
     """MERIT's augmentation (spec 7.2), one draw for image, enhanced image and label.
-
     p = 0.5: rotate by k * 90 degrees and flip one axis; else p = 0.5: rotate by an integer
-    angle in [-20, 19] degrees, nearest-neighbour; else unchanged. Arrays (H, W[, C]).
-    """
+    angle in [-20, 19] degrees, nearest-neighbour; else unchanged. Arrays (H, W[, C])."""
     draw = rng.random()
     if draw < 0.5:
         k, axis = rng.randrange(4), rng.randrange(2)
@@ -675,11 +647,9 @@ def image_tensor(image, size, binary, resize="bilinear"):
 
 class DualImageDataset(torch.utils.data.Dataset):
     """A shared data set (toy, TransUNet slices, image/mask pairs) with its enhanced copies.
-
     E is computed once per sample, before any augmentation, and kept in memory as 8 bits
     (spec 2.7); gray slices at their native size, colour images at the model size. Items:
-    {'image', 'enhanced': (3, S, S), 'mask': (S, S) int64, 'index'}.
-    """
+    {'image', 'enhanced': (3, S, S), 'mask': (S, S) int64, 'index'}."""
 
     def __init__(self, base, size, method="fuzzy", augment=False, binary=False, fuzzy=None,
                  resize="bilinear", seed=0):
@@ -822,10 +792,8 @@ def predict_labels(model, volume, args, device):
 
 def evaluate(model, dataset, args, device, names, convention="transunet", out=None):
     """The paper's columns on one test set, computed its way; PNGs (50 overlays) into `out`.
-
     Multi-class: per volume and organ, Dice and HD95 (TransUNet's protocol, Tabs. 1-2, via
-    common.VolumeMeter). Binary: Dice per image, at the original size (Tab. 13).
-    """
+    common.VolumeMeter). Binary: Dice per image, at the original size (Tab. 13)."""
     binary, overlays = args.task == "binary", 50
     meter = (common.PerImageMeter(threshold=0.5) if binary else
              common.VolumeMeter(len(names) + 1, names, convention=convention))
