@@ -1,16 +1,15 @@
 """DIN: dual interaction network with cross-image attention for medical image segmentation.
 
 J. Noh, W. Jeon, J. Park, Pattern Recognition Letters (2025); github.com/JJeong-Gari/DIN holds no
-code, so the network is the reconstruction of ../shared/specs/dinet.md ("spec n" below), which
-reproduces the paper's 323.31 M parameters and 1,860 G multiply-adds.
+code: the network is the reconstruction of ../shared/specs/dinet.md ("spec n"), which reproduces
+the paper's 323.31 M parameters and 1,860 G multiply-adds.
 
-Idea: each slice I is also enhanced once by fuzzy image enhancement (E, Eqs. 11-12). Two
-ConvNeXt-B encoders with a 3x3 stride-1 stem (Eq. 13, Tab. 14) see I and E and give, per stage,
-an "edge" map (an extra 2x2 pooling) and a "shape" map (the blocks). At each stage a dual
-interactive fusion module (DIFM) merges edge and shape (Eq. 1), lets I's features query E's and
-E's query I's in 7x7 windows (Eqs. 2-3), refines both with a gated FFN (Eqs. 4-5) and a
-parameter-free global spatial attention (Eq. 6), and adds the two directions. A SegFormer MLP
-decoder (Eq. 14) predicts the mask; training adds a multi-scale Sobel boundary loss (Eqs. 9-10).
+Idea: each slice I is enhanced once by fuzzy image enhancement (E, Eqs. 11-12). Two ConvNeXt-B
+encoders with a 3x3 stride-1 stem (Eq. 13, Tab. 14) give per stage an "edge" map (an extra 2x2
+pooling) and a "shape" map (the blocks) of I and of E. Per stage a dual interactive fusion
+module (DIFM) merges edge and shape (Eq. 1), lets I query E and E query I in 7x7 windows
+(Eqs. 2-3), refines both with a gated FFN (Eqs. 4-5) and a parameter-free gate (Eq. 6), and adds
+the two. A SegFormer MLP decoder (Eq. 14) predicts; the loss adds Sobel boundaries (Eqs. 9-10).
 
 Equation map (metrics: common.VolumeMeter, common.PerImageMeter, called by evaluate):
   Eq. (1) -> DIFM.forward (merge_i, merge_e)
@@ -40,44 +39,44 @@ Symbols (paper preset at 224x224; stage s = 1..4, C_s = 128..1024, H_s = 224 / 2
   lambda, tau     lam, tau per fuzzy window W_ij (Eq. 11); I_ij of Eq. 12 = membership w
 
 Protocol (Sec. 4.2, supp. 7.6), printed at start-up. All rows: AdamW lr 1e-4 constant, weight
-decay 1e-4 [M], 300 epochs, batch 3, 224 x 224, MERIT's rotation/flip draw, encoders from
-ImageNet ConvNeXt-B (--pretrained auto; the paper names no source); tested: best mean Dice on
-validation, else the last epoch. [M] = MERIT, the base code; [R] = our choice.
+decay 1e-4 [M], 300 epochs, batch 3, 224 x 224, MERIT's rotation/flip draw, ImageNet ConvNeXt-B
+encoders (--pretrained auto; the paper names no source); tested: best mean Dice on validation,
+else the last epoch. [M] = MERIT, the base code; [R] = our choice.
   Synapse  | TransUNet's 18 train (2,211 slices) / 12 test volumes, no validation: last epoch
            | (MERIT picks on test) | per volume and organ: Dice, HD95 (TransUNet's test)
   ACDC     | 70 / 10 / 20 patients (1,304 / 182 slices / 40 volumes) | per volume: Dice
   ClinicDB | 612 images, random seeded 80:10:10 | Dice per image at full size
   ISIC18   | the challenge's 3,694 images (paper: 3,594) pooled, random seeded 80:10:10
            | (--official-split: 2,594 / 100 / 1,000) | Dice per image at full size
-Out of scope (other networks): Tab. 4's Zero-DCE row, the SwinUNet, FCT and MERIT rows of
-Tabs. 5 and 8, Tabs. 11-12's EMCAD decoder.
+Out of scope (other networks): Tab. 4's Zero-DCE, Tabs. 5/8's SwinUNet, FCT, MERIT, Tabs. 11-12's
+EMCAD decoder.
 
 Deviations and gaps (spec 11), each with its switch:
   1. No code: kernels, window 7, 32 channels per head, pre-attention LayerNorms and the unused
      q/k/v thirds match the spec's budget (--attn-proj lean: q, kv, out); Swin's relative
      position bias is not in the paper (--no-rel-pos-bias). Padded window keys are masked [R].
-  2. Tab. 14's x9 blocks in stage 3 miss the totals; ConvNeXt-B's 27 meet them (depths=
-     (3, 3, 9, 3) builds the table): 180.64 / 119.85 / 22.72 M = 323.20 M (the paper's
-     178 / 119.94 / 25.27 M does not add up to its 323.31 M).
-  3. E follows the public code of [36] (ivan-abboud/Image_enhancement_using_fuzzy_logic;
-     pinned by a golden array): windows i < m, j < n of degree-m Bernstein memberships over
-     their sum + 1e-5 (they fade along the bottom and right edges), ordinary sum, m = n = 2,
-     gamma 4, sigma_u = 1/sqrt3, symmetric rescale (--fuzzy-m, -n, -gamma; --fuzzy-patrascu:
-     [36] as written, (m+1)x(n+1) windows, exact partition, log-model sum). Where that
-     arithmetic breaks [R]: pixels exactly 0 or 1 stay out of the window statistics
-     (--fuzzy-saturated clip), u is clipped at +-(1 - eps) (--fuzzy-eps), gain <= 8, stretch
-     <= 1 / tanh(sigma_u). Training and testing both see E as 8-bit levels (spec 2.7).
+  2. Tab. 14's x9 blocks in stage 3 miss the totals, ConvNeXt-B's 27 meet them (depths=(3, 3,
+     9, 3) builds the table): 180.64 / 119.85 / 22.72 M = 323.20 M (the paper's 178 / 119.94 /
+     25.27 M does not add up to its 323.31 M).
+  3. E follows the public code of [36] (ivan-abboud/Image_enhancement_using_fuzzy_logic, pinned
+     by a golden array): windows i < m, j < n of degree-m Bernstein memberships over their sum
+     + 1e-5 (fading along the bottom and right edges), ordinary sum, m = n = 2, gamma 4, sigma_u
+     = 1/sqrt3, symmetric rescale (--fuzzy-m, -n, -gamma; --fuzzy-patrascu: [36] as written,
+     (m+1)x(n+1) windows, exact partition, log-model sum). Where that arithmetic breaks [R]:
+     pixels exactly 0 or 1 stay out of the window statistics (--fuzzy-saturated clip), u is
+     clipped at +-(1 - eps) (--fuzzy-eps), gain <= 8, stretch <= 1 / tanh(sigma_u). Training
+     and testing both see E as 8-bit levels (spec 2.7).
   4. The line tagged Eq. (8) computes MERIT's squared Dice, sums pooled over the batch
      (--dice-eq8: as printed); L_bnd (Eq. 9) is a mean per pixel [R] (--bnd-reduction sum).
-  5. Eq. (6) says "channel mean", a (B, 1, H, W) gate; the prose says channel weights
-     (--gsa global: mean over H, W).
+  5. Eq. (6) says "channel mean", a (B, 1, H, W) gate; the prose says channel weights (--gsa
+     global: mean over H, W).
   6. Edge pools read the previous stage's output (--edge-from chain: a chain from the stem).
      Grayscale is repeated to 3 channels (MERIT learns a 1x1 conv; no switch).
   7. PyTorch's default initialisation (no switch): ConvNeXt's trunc-normal stalls on small
      models from scratch. ImageNet's stem is 4x4: our 3x3 stem conv stays random, all of it.
-  8. From MERIT (spec 7): constant lr (computed per epoch, so --resume follows any new
-     --epochs), its rotation/flip draw, no stochastic depth; bilinear resizing (--resize
-     bicubic, near MERIT's cubic spline); SegFormer's dropout 0.1 (--decoder-dropout).
+  8. From MERIT (spec 7): constant lr (set per epoch, so --resume follows a new --epochs), its
+     rotation/flip draw, no stochastic depth; bilinear resizing (--resize bicubic, near MERIT's
+     cubic spline); SegFormer's dropout 0.1 (--decoder-dropout).
   9. Tab. 6 drops DIFMs smallest map first, with the decoder levels and stages that fed only
      them [R] (--num-difm). --amp: bf16, else fp16 with a gradient scaler [R].
   10. Toy slices use VolumeMeter's "skip" convention; real volumes TransUNet's (spec 9).
@@ -185,9 +184,8 @@ def window_attention(q, k, v, bias=0):
 
 
 class WindowCrossAttention(nn.Module):
-    """One direction of the dual cross-attention (Sec. 3.1.2, Eqs. 2-3), in w x w windows.
-    Queries come from `query_map` (e.g. m_i), keys and values from `kv_map` (m_e); the result
-    keeps the projected query as residual. Both maps (B, C, H, W) -> (B, C, H, W)."""
+    """One direction of the dual cross-attention (Sec. 3.1.2, Eqs. 2-3) in w x w windows: Q from
+    `query_map` (m_i), K, V from `kv_map` (m_e); (B, C, H, W) both -> (B, C, H, W)."""
 
     def __init__(self, dim, window, head_dim, rel_pos_bias=True, proj="budget"):
         super().__init__()
@@ -253,9 +251,8 @@ def global_spatial_attention(f, axis="channel"):
 
 
 class DIFM(nn.Module):
-    """Dual interactive fusion module (Sec. 3.1, Fig. 2b-d) for one stage: 4 maps -> F_s.
-    `single_image`: one encoder (only I, only E, input fusion): the module becomes window
-    self-attention ("MHSA instead of DIFM", Sec. 4.4) with the same merge, FFN and gate."""
+    """Dual interactive fusion module (Sec. 3.1, Fig. 2b-d) of one stage: 4 maps -> F_s. With one
+    encoder (`single_image`) it is window self-attention ("MHSA instead of DIFM", Sec. 4.4)."""
 
     def __init__(self, dim, cfg, single_image=False):
         super().__init__()
@@ -301,8 +298,7 @@ class ConcatFusion(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    """SegFormer's all-MLP decoder with a 3x3 fuse conv (Sec. 9.2, Fig. 5, Eq. 14).
-    Four maps (B, C_s, H_s, W_s) -> logits (B, K, H, W) at the input size `out_size`."""
+    """SegFormer's MLP decoder, 3x3 fuse conv (Sec. 9.2, Eq. 14): maps -> logits at `out_size`."""
 
     def __init__(self, dims, dim, num_classes, fuse_kernel=3, dropout=0.1):
         super().__init__()
@@ -526,11 +522,8 @@ def total_loss(logits, target, use_boundary=True, squared_dice=True, bnd_reducti
 
 @functools.lru_cache(maxsize=8)
 def fuzzy_memberships(height, width, m=2, n=2, gamma=4.0, patrascu=False):
-    """Fuzzy windows W_ij as memberships w_ij (I, J, H, W) (spec 2.3).
-    Bernstein polynomials of degree m (rows) and n (columns), raised to gamma and divided by
-    their sum. The reference code keeps windows i < m, j < n and divides by the sum + 1e-5,
-    which leaves the memberships near 0 along the bottom and right edges, where every kept
-    window's polynomial vanishes; Patrascu keeps all (m+1) x (n+1) windows, an exact partition."""
+    """Fuzzy windows W_ij as memberships w_ij (I, J, H, W) (spec 2.3, deviation 3): Bernstein
+    polynomials of degree m (rows), n (columns), to the power gamma, over their sum."""
     def bernstein(size, degree):
         t = np.arange(size) / size
         return np.stack([math.comb(degree, i) * t ** i * (1 - t) ** (degree - i)
@@ -541,13 +534,10 @@ def fuzzy_memberships(height, width, m=2, n=2, gamma=4.0, patrascu=False):
 
 def fuzzy_enhance(image, m=2, n=2, gamma=4.0, eps=1 / 255, patrascu=False, saturated="exclude",
                   sigma_u=math.sqrt(1 / 3), max_gain=8.0, rescale=True):
-    """Fuzzy image enhancement of ref. [36] with the reference code's arithmetic (deviation 3).
-    image (H, W) or (H, W, 3) in [0, 1] -> E, same shape, in [0, 1]. Gray levels u = 2x - 1 live
-    in (-1, 1) with the logarithmic model u (+) v = tanh(phi(u) + phi(v)), phi = atanh: all is
-    computed in phi-space. Colour: window statistics of the luminosity (mean phi of r, g, b),
-    the same transform on each channel (spec 2.6). Saturated pixels (0 or 1 in every channel:
-    CT air, MRI background) carry no gray level: they stay out of the window statistics and
-    of the rescale range, and are clipped. rescale=False returns E_raw before that rescale."""
+    """Fuzzy image enhancement of ref. [36] (deviation 3): (H, W[, 3]) in [0, 1] -> E alike.
+    Gray levels u = 2x - 1 in (-1, 1), log model u (+) v = tanh(phi(u) + phi(v)), phi = atanh:
+    all in phi-space. Colour: statistics of the mean phi, one transform per channel (spec 2.6).
+    Saturated pixels (CT air, MRI background) carry no gray level. rescale=False: E_raw."""
     image = np.asarray(image, np.float64)
     phi = np.arctanh(np.clip(2 * image - 1, -1 + eps, 1 - eps))  # gray level -> log-model space
     phi = phi[..., None] if phi.ndim == 2 else phi  # (H, W, C)
@@ -586,9 +576,8 @@ def histogram_equalize(image):
 
 
 def clahe(image, tiles=8, clip_limit=2.0):
-    """Contrast-limited adaptive HE ('CLAHE' of Tab. 4) of a (H, W) image in [0, 1].
-    Per tile of a tiles x tiles grid, a 256-bin histogram is clipped at clip_limit x the mean
-    bin and the excess spread over all bins (OpenCV's defaults: 8 x 8 tiles, clip 2)."""
+    """Contrast-limited adaptive HE ('CLAHE' of Tab. 4) of a (H, W) image in [0, 1]: 256-bin
+    histograms per tile clipped at clip_limit x the mean bin (OpenCV's defaults: 8 x 8, 2)."""
     levels = np.round(np.clip(image, 0, 1) * 255).astype(np.int64)
     h, w = levels.shape
     th, tw = -(-h // tiles), -(-w // tiles)
@@ -619,9 +608,8 @@ def enhance(image, method="fuzzy", **fuzzy):
 
 
 def random_rotate_flip(arrays, rng):
-    """MERIT's augmentation (spec 7.2), one draw for image, enhanced image and label.
-    p = 0.5: rotate by k * 90 degrees and flip one axis; else p = 0.5: rotate by an integer
-    angle in [-20, 19] degrees, nearest-neighbour; else unchanged. Arrays (H, W[, C])."""
+    """MERIT's augmentation (spec 7.2), one draw for I, E, label (H, W[, C]): p = 0.5 rot90 k
+    times and a flip; else p = 0.5 an integer angle in [-20, 19] degrees, nearest."""
     draw = rng.random()
     if draw < 0.5:
         k, axis = rng.randrange(4), rng.randrange(2)
@@ -646,10 +634,8 @@ def image_tensor(image, size, binary, resize="bilinear"):
 
 
 class DualImageDataset(torch.utils.data.Dataset):
-    """A shared data set (toy, TransUNet slices, image/mask pairs) with its enhanced copies.
-    E is computed once per sample, before any augmentation, and kept in memory as 8 bits
-    (spec 2.7); gray slices at their native size, colour images at the model size. Items:
-    {'image', 'enhanced': (3, S, S), 'mask': (S, S) int64, 'index'}."""
+    """A shared data set with its E, made once per sample before augmentation, kept as 8 bits
+    (spec 2.7). Items: {'image', 'enhanced': (3, S, S), 'mask': (S, S) int64, 'index'}."""
 
     def __init__(self, base, size, method="fuzzy", augment=False, binary=False, fuzzy=None,
                  resize="bilinear", seed=0):
@@ -771,9 +757,8 @@ def predict(model, images, args, device, binary=False):
 
 
 def predict_full(model, rgb, args, device, binary):
-    """The prediction at the size of a (H, W, 3) uint8 image: a binary mask from probabilities
-    upsampled bilinearly (Tab. 13), or labels resized nearest (TransUNet); gray models see
-    the channel mean."""
+    """Prediction at the size of a (H, W, 3) uint8 image: probabilities upsampled, thresholded
+    (Tab. 13), or labels resized nearest (TransUNet); gray models see the channel mean."""
     image = common.resize_image(rgb, args.img_size) / 255.0 if binary else rgb.mean(2) / 255
     prob = predict(model, [image], args, device, binary)  # (1, K, S, S)
     if binary:
@@ -791,9 +776,8 @@ def predict_labels(model, volume, args, device):
 
 
 def evaluate(model, dataset, args, device, names, convention="transunet", out=None):
-    """The paper's columns on one test set, computed its way; PNGs (50 overlays) into `out`.
-    Multi-class: per volume and organ, Dice and HD95 (TransUNet's protocol, Tabs. 1-2, via
-    common.VolumeMeter). Binary: Dice per image, at the original size (Tab. 13)."""
+    """The paper's columns on one test set (multi-class: Dice, HD95 per volume and organ,
+    Tabs. 1-2; binary: Dice per image at full size, Tab. 13); PNGs (50 overlays) into `out`."""
     binary, overlays = args.task == "binary", 50
     meter = (common.PerImageMeter(threshold=0.5) if binary else
              common.VolumeMeter(len(names) + 1, names, convention=convention))
@@ -938,26 +922,21 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser, PAPER_RECIPE, "Sec. 4.2", pretrained_default=None)
     add = parser.add_argument_group("DIN switches (Tabs. 3-8; docstring deviations)").add_argument
-    add("--task", choices=["multiclass", "binary"], default="multiclass",
-        help="Synapse/ACDC slices, or image/mask pairs (ClinicDB, ISIC18; supp. Sec. 7.6)")
-    add("--enhance", choices=["fuzzy", "he", "clahe", "none"], default="fuzzy",
-        help="how E is made (paper: fuzzy [36]; Tab. 4: he, clahe; none: E = I)")
+    add("--task", choices=["multiclass", "binary"], default="multiclass", help="binary: image/mask")
+    add("--enhance", choices=["fuzzy", "he", "clahe", "none"], default="fuzzy", help="E (Tab. 4)")
     add("--fuzzy-patrascu", action="store_true", help="[36] as written (deviation 3)")
     add("--fuzzy-m", type=int, default=2, help="fuzzy window grid, rows (reference: 2)")
     add("--fuzzy-n", type=int, default=2, help="fuzzy window grid, columns (reference: 2)")
     add("--fuzzy-gamma", type=float, default=4.0, help="membership exponent (reference: 4)")
     add("--fuzzy-eps", type=float, default=1 / 255, help="u clipped to +-(1 - eps) (ours)")
-    add("--fuzzy-saturated", choices=["exclude", "clip"], default="exclude",
-        help="pixels exactly 0 or 1: out of the window statistics (ours), or clipped")
-    add("--inputs", choices=["ie", "i", "e", "ii"], default="ie",
-        help="encoder inputs (paper: ie; Tab. 4: only I, only E, I + I)")
+    add("--fuzzy-saturated", choices=["exclude", "clip"], default="exclude", help="pixels 0, 1")
+    add("--inputs", choices=["ie", "i", "e", "ii"], default="ie", help="encoders' input (Tab. 4)")
     add("--fusion", choices=["difm", "concat", "input"], default="difm", help="Tab. 5")
     add("--attn", choices=["dual", "ie", "ei"], default="dual", help="directions (Tab. 7)")
     add("--no-cross-attn", dest="cross_attn", action="store_false", help="Tab. 3 without (a)")
     add("--no-merge", dest="merge", action="store_false", help="Tab. 3 without (b)")
     add("--no-gsa", dest="gsa", action="store_false", help="Tab. 3 without (c)")
-    add("--gsa", dest="gsa_axis", choices=["channel", "global"], default="channel",
-        help="Eq. (6) mean over channels or over H, W (paper: channel; spec 4.4)")
+    add("--gsa", dest="gsa_axis", choices=["channel", "global"], default="channel", help="Eq. (6)")
     add("--attn-proj", choices=["budget", "lean"], default="budget", help="spec 4.2")
     add("--no-rel-pos-bias", dest="rel_pos_bias", action="store_false", help="deviation 1")
     add("--edge-from", choices=["stage", "chain"], default="stage", help="spec 3")
@@ -966,8 +945,7 @@ def parse_args(argv):
     add("--resize", choices=["bilinear", "bicubic"], default="bilinear", help="MERIT: cubic")
     add("--official-split", action="store_true", help="binary: the layout's split (Sec. 7.6)")
     add("--no-bnd", action="store_true", help="train without L_bnd (Tabs. 3, 8)")
-    add("--bnd-reduction", choices=["mean", "sum"], default="mean",
-        help="L_bnd per pixel (ours) or the L1 norm per image (Eq. 9 literally)")
+    add("--bnd-reduction", choices=["mean", "sum"], default="mean", help="L_bnd (deviation 4)")
     add("--dice-eq8", action="store_true", help="Dice as Eq. (8) prints it (MERIT: squared)")
     add("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW (MERIT; not stated)")
     explicit = common.explicit_flags(parser, argv)
