@@ -189,8 +189,7 @@ class WindowCrossAttention(nn.Module):
 
     def __init__(self, dim, window, head_dim, rel_pos_bias=True, proj="budget"):
         super().__init__()
-        self.window, self.proj = window, proj
-        self.heads = max(1, dim // head_dim)
+        self.window, self.proj, self.heads = window, proj, max(1, dim // head_dim)
         self.norm_a, self.norm_b = nn.LayerNorm(dim), nn.LayerNorm(dim)  # pre-norm (spec 4.2)
         if proj == "budget":  # self-attention layers adapted to two inputs: 2 x 3C^2 (spec 4.2)
             self.qkv_a, self.qkv_b = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
@@ -439,11 +438,9 @@ def convnext_tensors(tensors):
 
 def load_pretrained(model, spec, log, is_main=True, barrier=None):
     """--pretrained auto|none|FILE: ImageNet ConvNeXt-B weights into every encoder (spec 3)."""
-    if spec in (None, "", "none"):
-        return
     path = spec if spec != "auto" else common.fetch_weights(
         CONVNEXT_B_URL, Path(CONVNEXT_B_URL).name, log, is_main, barrier)
-    if path is None:  # no download: fetch_weights said so in one line
+    if path in (None, "", "none"):  # none, or no download (fetch_weights said so in one line)
         return
     source = convnext_tensors(common.tensor_dict(common.load_weights(path)) or {})
     for name, encoder in (("I", model.enc_i), ("E", model.enc_e)):
@@ -553,11 +550,9 @@ def fuzzy_enhance(image, m=2, n=2, gamma=4.0, eps=1 / 255, patrascu=False, satur
     lam, tau = sigma_u / np.maximum(sigma, sigma_u / max_gain), -mu
     # Eq. (11)  psi_ij(f) = lambda_ij (x) (f (+) tau_ij), in phi-space lambda * (phi + tau)
     psi = lam[:, :, None, None, None] * (phi[None, None] + tau[:, :, None, None, None])
-    w = w[..., None]  # (I, J, H, W, 1)
-    if patrascu:  # the log-model sum of the memberships' products
-        e_raw = np.tanh((w * psi).sum(axis=(0, 1)))
-    else:
-        e_raw = np.tanh(w * psi).sum(axis=(0, 1))  # Eq. (12)  E = sum_ij w_ij (x) psi_ij(f)
+    w = w[..., None]  # (I, J, H, W, 1); Patrascu: the log-model sum of the products
+    e_raw = (np.tanh((w * psi).sum(axis=(0, 1))) if patrascu
+             else np.tanh(w * psi).sum(axis=(0, 1)))  # Eq. (12)  E = sum_ij w_ij (x) psi_ij(f)
     e_raw = e_raw[..., 0] if image.ndim == 2 else e_raw
     if not rescale:
         return e_raw
@@ -598,12 +593,10 @@ def enhance(image, method="fuzzy", **fuzzy):
     and testing both call this, so both see E quantised alike (spec 2.7)."""
     if method == "fuzzy":
         e = fuzzy_enhance(image, **fuzzy)
-    elif method == "none":
-        e = np.asarray(image, np.float64)
-    else:
-        per_channel = histogram_equalize if method == "he" else clahe
-        e = (per_channel(image) if image.ndim == 2 else
-             np.stack([per_channel(image[..., c]) for c in range(image.shape[2])], axis=2))
+    else:  # HE, CLAHE: each channel alone
+        per_channel = {"he": histogram_equalize, "clahe": clahe, "none": np.asarray}[method]
+        channels = np.moveaxis(np.atleast_3d(image), 2, 0)
+        e = np.stack([per_channel(c) for c in channels], axis=2).reshape(np.shape(image))
     return np.round(np.clip(e, 0, 1) * 255).astype(np.uint8)
 
 
@@ -834,14 +827,15 @@ def validate(model, loader, num_classes, device):
 
 
 def predict_folder(model, args, run):
-    """--predict: a PNG per image file (label map, or 0/255 mask); returns (folder, count)."""
+    """--predict: a PNG per image file (label map, or 0/255 mask) into --out."""
     files, binary = common.list_images(args.predict), args.task == "binary"
     out = Path(args.out) if args.out else run.folder() / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     for path in files:
         pred = predict_full(model, common.load_image(path), args, run.device, binary)
         common.save_predictions(out, [path.stem], [pred], labels=not binary)
-    return out, len(files)
+    run.log(f"wrote {len(files)} masks to {out}")
+    return {"predicted": len(files), "out": str(out)}
 
 
 # ==== 9. Command line ====
@@ -976,9 +970,7 @@ def main(argv=None):
         load_pretrained(model, args.pretrained, run.log, run.is_main, run.barrier)
     model.to(run.device)
     if args.predict:
-        out, count = predict_folder(model, args, run)
-        run.log(f"wrote {count} masks to {out}")
-        return {"predicted": count, "out": str(out)}
+        return predict_folder(model, args, run)
 
     data = common.load_data(args, args.task, toy_sizes=TOY_SIZES, fractions=(0.8, 0.1, 0.1),
                             official=args.official_split or args.task != "binary")
