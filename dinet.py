@@ -135,7 +135,6 @@ class DINConfig:
     edge_from: str = "stage"  # spec 3: edge pool on the previous stage output, or "chain"
     num_difm: int = 4  # Tab. 6: DIFMs (and decoder levels) kept, largest maps first
 
-
 PRESETS = {
     "paper": DINConfig(),
     "small": DINConfig(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), window=8, head_dim=16,
@@ -162,13 +161,11 @@ class LayerNorm2d(nn.LayerNorm):
     def forward(self, x):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-
 def to_windows(x, window):
     """(B, C, H, W) -> (B * H/w * W/w, w*w, C) non-overlapping windows (H, W multiples of w)."""
     b, c, h, w = x.shape
     x = x.view(b, c, h // window, window, w // window, window).permute(0, 2, 4, 3, 5, 1)
     return x.reshape(-1, window * window, c)
-
 
 def from_windows(tokens, window, b, h, w):
     """Inverse of to_windows: (B * n, w*w, C) -> (B, C, H, W)."""
@@ -176,12 +173,10 @@ def from_windows(tokens, window, b, h, w):
     x = tokens.view(b, h // window, w // window, window, window, c).permute(0, 5, 1, 3, 2, 4)
     return x.reshape(b, c, h, w)
 
-
 def window_attention(q, k, v, bias=0):
     """softmax(Q K^T / sqrt(d)) V per window and head; q, k, v: (N, heads, T, d)."""
     logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (N, heads, T, T)
     return (logits + bias).softmax(dim=-1) @ v  # Eq. (2)  softmax(Q K^T / sqrt(d)) V
-
 
 class WindowCrossAttention(nn.Module):
     """One direction of the dual cross-attention (Sec. 3.1.2, Eqs. 2-3) in w x w windows: Q from
@@ -228,7 +223,6 @@ class WindowCrossAttention(nn.Module):
         f = attended + q  # Eq. (3)  f~_IE = Atten(Q_i, K_e, V_e) + Q_i
         return from_windows(f, self.window, b, h + pad_h, w + pad_w)[:, :, :h, :w]
 
-
 class GatedFFN(nn.Module):
     """The FFN after the cross-attention (Eqs. 4-5): LN, conv C -> 2C, GELU gate, conv C -> C."""
 
@@ -242,12 +236,10 @@ class GatedFFN(nn.Module):
         f_1, f_2 = self.fc_in(self.norm(f)).chunk(2, dim=1)  # Eq. (4)  f~1, f~2 = chunk(conv(LN))
         return self.fc_out(F.gelu(f_1) * f_2) + f  # Eq. (5)  F^ = conv(GELU(f~1) (x) f~2) + f~
 
-
 def global_spatial_attention(f, axis="channel"):
     """Eq. (6): a parameter-free sigmoid gate from a mean; 'channel' -> (B, 1, H, W) gate."""
     dims = (1,) if axis == "channel" else (2, 3)  # "global": (B, C, 1, 1), spec 4.4
     return torch.sigmoid(f.mean(dim=dims, keepdim=True)) * f  # Eq. (6)  F = sigm(mean(f)) (x) f
-
 
 class DIFM(nn.Module):
     """Dual interactive fusion module (Sec. 3.1, Fig. 2b-d) of one stage: 4 maps -> F_s. With one
@@ -284,7 +276,6 @@ class DIFM(nn.Module):
             fused = fused + f  # F_s = F_IE + F_EI (Sec. 3.1.3)
         return fused
 
-
 class ConcatFusion(nn.Module):
     """Layer fusion by concatenation in place of the DIFM (Ours_concat, Tab. 5; Tab. 3 row 1)."""
 
@@ -294,7 +285,6 @@ class ConcatFusion(nn.Module):
 
     def forward(self, low_i, high_i, low_e, high_e):
         return self.proj(torch.cat([high_i, high_e], dim=1))
-
 
 class MLPDecoder(nn.Module):
     """SegFormer's MLP decoder, 3x3 fuse conv (Sec. 9.2, Eq. 14): maps -> logits at `out_size`."""
@@ -351,13 +341,11 @@ class DINet(nn.Module):
         maps = zip(lows_i, highs_i, lows_e, highs_e)
         return self.decoder([module(*m) for module, m in zip(self.difm, maps)], image.shape[-2:])
 
-
 def build_model(preset="paper", num_classes=9, **overrides):
     """DINet of a preset ('paper', 'small', 'tiny'); `overrides` replace DINConfig fields."""
     if preset not in PRESETS:
         common.fail(f"unknown preset '{preset}' (paper, small or tiny)")
     return DINet(replace(PRESETS[preset], **overrides), num_classes)
-
 
 def parameter_split(model):
     """Parameters (millions) of the encoders, the four fusion modules and the decoder (Sec. 4.5)."""
@@ -385,11 +373,9 @@ class ConvNeXtBlock(nn.Module):
         y = self.gamma * self.mlp["fc2"](F.gelu(self.mlp["fc1"](y)))  # 1x1 convs as Linear
         return x + y.permute(0, 3, 1, 2)  # Eq. (13)  y = conv(GELU(conv(LN(dconv(x))))) + x
 
-
 def pooling(c_in, c_out):
     """ConvNeXt's 2x2 stride-2 pooling layer: channels-first LN, then a 2x2 conv."""
     return nn.Sequential(LayerNorm2d(c_in, eps=1e-6), nn.Conv2d(c_in, c_out, 2, 2))
-
 
 class ConvNeXtEncoder(nn.Module):
     """Tab. 14: 3x3 stride-1 stem (f_edge of stage 1), 4 stages (f_shape), edge pools (f_edge).
@@ -418,7 +404,6 @@ class ConvNeXtEncoder(nn.Module):
             lows, highs = lows + [low], highs + [x]
         return lows, highs
 
-
 def convnext_tensors(tensors):
     """Meta's (or timm's) ConvNeXt names -> this encoder's (spec 3); the edge pools start as
     copies of the main pooling layer of their stage."""
@@ -434,7 +419,6 @@ def convnext_tensors(tensors):
         if match:
             source[f"edge.{int(match[1]) - 1}.{match[2]}"] = value
     return source
-
 
 def load_pretrained(model, spec, log, is_main=True, barrier=None):
     """--pretrained auto|none|FILE: ImageNet ConvNeXt-B weights into every encoder (spec 3)."""
@@ -459,16 +443,13 @@ def load_pretrained(model, spec, log, is_main=True, barrier=None):
 SOBEL_H = torch.tensor([[-1.0, -2.0, -1.0], [0.0, 0.0, 0.0], [1.0, 2.0, 1.0]])  # Eq. (15) G_H
 SOBEL_V = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])  # Eq. (15) G_V
 
-
 def one_hot(target, num_classes):
     """(B, H, W) int64 labels -> (B, K, H, W) float."""
     return F.one_hot(target, num_classes).permute(0, 3, 1, 2).float()
 
-
 def loss_ce(logits, target):
     """Cross-entropy on logits (B, K, H, W) against labels (B, H, W), mean over pixels."""
     return F.cross_entropy(logits, target)  # Eq. (7)  L_CE = -1/N sum_i sum_c y_ic log x_ic
-
 
 def loss_dice(logits, target, squared=True, smooth=1e-5):
     """Soft Dice over all K classes (background too), sums over batch and pixels (spec 6).
@@ -479,12 +460,10 @@ def loss_dice(logits, target, squared=True, smooth=1e-5):
     # Eq. (8)  L_Dice = 1 - 1/C sum_c 2 sum_i x_ic y_ic / (sum_i x_ic + sum_i y_ic)  (x^1: printed)
     return 1 - ((2 * intersection + smooth) / (denominator + smooth)).mean()
 
-
 def sobel(x):
     """Eq. (15) on every channel: (B, K, H, W) -> (B, K, 2, H, W) responses (G_H, G_V)."""
     kernels = torch.stack([SOBEL_H, SOBEL_V]).to(x)[:, None].repeat(x.shape[1], 1, 1, 1)
     return F.conv2d(x, kernels, padding=1, groups=x.shape[1]).unflatten(1, (x.shape[1], 2))
-
 
 def boundary_l1(prob, y, scales=BOUNDARY_SCALES, reduction="mean"):
     """Multi-scale gradient difference of probabilities and one-hot labels (B, K, H, W).
@@ -497,13 +476,11 @@ def boundary_l1(prob, y, scales=BOUNDARY_SCALES, reduction="mean"):
         loss = loss + per_image.sum(dim=1).mean()  # G_H plus G_V, then mean over the batch
     return loss
 
-
 def loss_boundary(logits, target, scales=BOUNDARY_SCALES, reduction="mean"):
     """Multi-scale boundary loss (Sec. 3.2.1, supplement Sec. 10) on softmax vs one-hot."""
     x, y = logits.softmax(dim=1), one_hot(target, logits.shape[1])
     # Eq. (9)  L_bnd = sum_{i in 1,2,4} |G(avg(x, i)) - G(avg(y, i))|_1
     return boundary_l1(x, y, scales, reduction)
-
 
 def total_loss(logits, target, use_boundary=True, squared_dice=True, bnd_reduction="mean"):
     """Eq. (10) with alpha = 0.3, beta = 0.7; returns (loss, dict of the parts)."""
@@ -527,7 +504,6 @@ def fuzzy_memberships(height, width, m=2, n=2, gamma=4.0, patrascu=False):
                          for i in range(degree + 1 if patrascu else degree)])  # (windows, size)
     raw = (bernstein(height, m)[:, None, :, None] * bernstein(width, n)[None, :, None, :]) ** gamma
     return raw / (raw.sum(axis=(0, 1), keepdims=True) + (0.0 if patrascu else 1e-5))
-
 
 def fuzzy_enhance(image, m=2, n=2, gamma=4.0, eps=1 / 255, patrascu=False, saturated="exclude",
                   sigma_u=math.sqrt(1 / 3), max_gain=8.0, rescale=True):
@@ -561,14 +537,12 @@ def fuzzy_enhance(image, m=2, n=2, gamma=4.0, eps=1 / 255, patrascu=False, satur
     half = max(np.abs(inside - centre).max(), math.tanh(sigma_u))  # [-M, M] or [min, max]
     return np.clip(0.5 + 0.5 * (e_raw - centre) / half, 0, 1)  # saturated pixels may overshoot
 
-
 def histogram_equalize(image):
     """Histogram equalisation ('HE' of Tab. 4) of a (H, W) image in [0, 1], 256 levels."""
     levels = np.round(np.clip(image, 0, 1) * 255).astype(np.int64)
     cdf = np.bincount(levels.ravel(), minlength=256).cumsum()
     first = cdf[cdf > 0][0]  # the darkest level present maps to 0, as OpenCV's equalizeHist
     return (cdf[levels] - first) / max(cdf[-1] - first, 1)
-
 
 def clahe(image, tiles=8, clip_limit=2.0):
     """Contrast-limited adaptive HE ('CLAHE' of Tab. 4) of a (H, W) image in [0, 1]: 256-bin
@@ -587,7 +561,6 @@ def clahe(image, tiles=8, clip_limit=2.0):
     cols = np.clip((np.arange(w) + 0.5) / tw - 0.5, 0, tiles - 1)[None, :]
     return ndimage.map_coordinates(lut, np.broadcast_arrays(rows, cols, levels), order=1)
 
-
 def enhance(image, method="fuzzy", **fuzzy):
     """E of a (H, W[, 3]) image in [0, 1] (Tab. 4: fuzzy, HE, CLAHE) as 8-bit levels: training
     and testing both call this, so both see E quantised alike (spec 2.7)."""
@@ -598,7 +571,6 @@ def enhance(image, method="fuzzy", **fuzzy):
         channels = np.moveaxis(np.atleast_3d(image), 2, 0)
         e = np.stack([per_channel(c) for c in channels], axis=2).reshape(np.shape(image))
     return np.round(np.clip(e, 0, 1) * 255).astype(np.uint8)
-
 
 def random_rotate_flip(arrays, rng):
     """MERIT's augmentation (spec 7.2), one draw for I, E, label (H, W[, C]): p = 0.5 rot90 k
@@ -612,7 +584,6 @@ def random_rotate_flip(arrays, rng):
         arrays = [ndimage.rotate(a, angle, order=0, reshape=False) for a in arrays]
     return [np.ascontiguousarray(a) for a in arrays]
 
-
 def image_tensor(image, size, binary, resize="bilinear"):
     """(H, W) or (H, W, 3) float in [0, 1] -> (3, S, S): gray repeated (no normalisation, as
     MERIT), colour normalised with ImageNet mean and std like the shared binary loaders."""
@@ -624,7 +595,6 @@ def image_tensor(image, size, binary, resize="bilinear"):
         x = (x - torch.tensor(common.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
             common.IMAGENET_STD).view(3, 1, 1)
     return x.contiguous()
-
 
 class DualImageDataset(torch.utils.data.Dataset):
     """A shared data set with its E, made once per sample before augmentation, kept as 8 bits
@@ -666,7 +636,6 @@ class DualImageDataset(torch.utils.data.Dataset):
                 "enhanced": image_tensor(e, self.size, self.binary, self.resize),
                 "mask": torch.from_numpy(np.ascontiguousarray(label)).long(), "index": index}
 
-
 def class_names(args, task):
     """(K, foreground class names) of the data in args.data."""
     if task == "binary":
@@ -679,7 +648,6 @@ def class_names(args, task):
         return 4, ACDC_ORGANS
     common.fail(f"--data {args.data}: neither Synapse (train_npz/) nor ACDC (train/, valid/) "
                 "layout; use --task binary for image/mask folders")
-
 
 def make_loaders(data, args):
     """Training loader (augmented, E cached before workers fork) and validation loader."""
@@ -707,7 +675,6 @@ def amp_setup(device, enabled, dtype=None):
         dtype = torch.float16 if cuda_fp16 else torch.bfloat16
     return dtype, torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16)
 
-
 def train_step(model, batch, optimizer, args, device, amp):
     """One optimisation step on a batch; `amp` = amp_setup(...). Returns the loss terms."""
     image, enhanced, target = (batch[k].to(device) for k in ("image", "enhanced", "mask"))
@@ -726,7 +693,6 @@ def train_step(model, batch, optimizer, args, device, amp):
     scaler.update()
     return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
 
-
 def train_one_epoch(model, loader, optimizer, args, device, amp, show=True):
     """One pass over the training slices; returns the mean of each loss term."""
     model.train()
@@ -736,7 +702,6 @@ def train_one_epoch(model, loader, optimizer, args, device, amp, show=True):
             break
         rows.append(train_step(model, batch, optimizer, args, device, amp))
     return {k: sum(r[k] for r in rows) / max(len(rows), 1) for k in ("loss", "ce", "dice", "bnd")}
-
 
 @torch.no_grad()
 def predict(model, images, args, device, binary=False):
@@ -748,7 +713,6 @@ def predict(model, images, args, device, binary=False):
                                          args.img_size, binary, args.resize) for i in images])
     return model(image.to(device), enhanced.to(device)).softmax(dim=1).float().cpu()
 
-
 def predict_full(model, rgb, args, device, binary):
     """Prediction at the size of a (H, W, 3) uint8 image: probabilities upsampled, thresholded
     (Tab. 13), or labels resized nearest (TransUNet); gray models see the channel mean."""
@@ -758,7 +722,6 @@ def predict_full(model, rgb, args, device, binary):
         return F.interpolate(prob, size=rgb.shape[:2], mode="bilinear")[0, 1].numpy() >= 0.5
     return common.resize_mask(prob[0].argmax(0).numpy(), 0, rgb.shape[:2])
 
-
 def predict_labels(model, volume, args, device):
     """Label volume (D, H, W): --batch-size slices per forward at img_size, argmax, back to
     H x W nearest (TransUNet's test, spec 9; common.predict_volume cannot pass E)."""
@@ -766,7 +729,6 @@ def predict_labels(model, volume, args, device):
     labels = [predict(model, list(volume[d:d + step]), args, device).argmax(dim=1).numpy()
               for d in range(0, len(volume), step)]
     return np.stack([common.resize_mask(p, 0, volume.shape[1:]) for p in np.concatenate(labels)])
-
 
 def evaluate(model, dataset, args, device, names, convention="transunet", out=None):
     """The paper's columns on one test set (multi-class: Dice, HD95 per volume and organ,
@@ -798,7 +760,6 @@ def evaluate(model, dataset, args, device, names, convention="transunet", out=No
     return {"Dice": scores["mean_dice"] * 100, "HD95": scores["mean_hd95"],
             **{n: scores[f"dice_{n}"] * 100 for n in names}}
 
-
 def test_all(model, state, data, args, run, names):
     """Test the weights `state` on every test group; print and save the paper's columns."""
     common.unwrap(model).load_state_dict(state)
@@ -810,7 +771,6 @@ def test_all(model, state, data, args, run, names):
         run.log(f"test [{group}] " + "  ".join(f"{k} {v:.2f}" for k, v in metrics[group].items()))
     run.save_json("test_metrics.json", metrics)
     return metrics
-
 
 def validate(model, loader, num_classes, device):
     """Mean foreground Dice over validation slices (each scored alone, 'skip' convention)."""
@@ -824,7 +784,6 @@ def validate(model, loader, num_classes, device):
             for pred, label in zip(logits.argmax(dim=1).cpu().numpy(), batch["mask"].numpy()):
                 meter.update(pred, label)
     return meter.compute()["mean_dice"]
-
 
 def predict_folder(model, args, run):
     """--predict: a PNG per image file (label map, or 0/255 mask) into --out."""
@@ -845,18 +804,15 @@ SWITCHES = ("inputs", "fusion", "attn", "cross_attn", "merge", "gsa", "gsa_axis"
 FUZZY = ("fuzzy_m", "fuzzy_n", "fuzzy_gamma", "fuzzy_eps", "fuzzy_patrascu", "fuzzy_saturated")
 ADOPTED = ("task", "enhance", *FUZZY, "resize", "img_size", *SWITCHES)  # what weights fit
 
-
 def model_switches(args):
     """The ablation switches of the command line as DINConfig fields."""
     return {name: getattr(args, name) for name in SWITCHES}
-
 
 def fuzzy_options(args):
     """The --fuzzy-* flags as keyword arguments of fuzzy_enhance (empty for other methods)."""
     if args.enhance != "fuzzy":
         return {}
     return {name[len("fuzzy_"):]: getattr(args, name) for name in FUZZY}
-
 
 def check_switches(parser, args, explicit):
     """One clear line for a switch that the other switches make meaningless (never ignored)."""
@@ -880,7 +836,6 @@ def check_switches(parser, args, explicit):
     if not 1 <= args.num_difm <= 4:
         common.fail(f"--num-difm must be 1..4 (got {args.num_difm})")
 
-
 def protocol_row(args, data):
     """The docstring's protocol row for this run's data set (printed at start-up)."""
     name = {"synapse": "Synapse", "acdc": "ACDC", "clinicdb": "ClinicDB",
@@ -890,7 +845,6 @@ def protocol_row(args, data):
         return f"protocol: {data['layout']} is none of the paper's data sets" + (
             "" if args.data == "toy" else " (their recipe applies)")
     return f"protocol [{name}]: " + " ".join(row[1].split()) + " (docstring: recipe)"
-
 
 def bench(args, run, explicit):
     """--bench: one training step and one inference on random input, at the paper preset and
@@ -909,7 +863,6 @@ def bench(args, run, explicit):
                               split_M=parameter_split(model))
     run.log(json.dumps(record))
     return record
-
 
 def parse_args(argv):
     """The shared flags plus DIN's switches; returns (args, the flags given explicitly)."""
@@ -946,7 +899,6 @@ def parse_args(argv):
     args = common.finish_args(parser.parse_args(argv), PAPER_RECIPE, TOY_RECIPE)
     check_switches(parser, args, explicit)
     return args, explicit
-
 
 def main(argv=None):
     args, explicit = parse_args(argv)
@@ -1008,7 +960,6 @@ def main(argv=None):
         if run.is_main else {}
     run.close()
     return metrics
-
 
 if __name__ == "__main__":
     common.cli(main)
