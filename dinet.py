@@ -31,10 +31,9 @@ Equation map (metrics: common.VolumeMeter, common.PerImageMeter, called by evalu
 Symbols (paper preset at 224x224; stage s = 1..4, C_s = 128..1024, H_s = 224 / 2^(s-1)):
   I, E            image, enhanced (B, 3, H, W); grayscale repeated to 3 channels
   f_low, f_high   lows, highs: edge and shape maps per stage (B, C_s, H_s, W_s)
-  f~ (Eq. 1)      m_i, m_e: merged maps (B, C_s, H_s, W_s)
+  f~ (Eq. 1), F_s m_i, m_e: merged maps; fused = F_IE + F_EI, the DIFM output (alike)
   Q, K, V         q, k, v: (B * windows, heads, 49, d), d = 32 channels per head
   f~_IE, F^, F    f after Eq. 3, after the FFN (Eq. 5), after the gate (Eq. 6)
-  F_s             fused = F_IE + F_EI, the DIFM output (B, C_s, H_s, W_s)
   x, y (7-9)      softmax probabilities, one-hot labels (B, K, H, W); K = 9 / 4 / 2
   lambda, tau     lam, tau per fuzzy window W_ij (Eq. 11); I_ij of Eq. 12 = membership w
 
@@ -72,8 +71,8 @@ Deviations and gaps (spec 11), each with its switch:
      global: mean over H, W).
   6. Edge pools read the previous stage's output (--edge-from chain: a chain from the stem).
      Grayscale is repeated to 3 channels (MERIT learns a 1x1 conv; no switch).
-  7. PyTorch's default initialisation (no switch): ConvNeXt's trunc-normal stalls on small
-     models from scratch. ImageNet's stem is 4x4: our 3x3 stem conv stays random, all of it.
+  7. PyTorch's default init (ConvNeXt's trunc-normal stalls small models from scratch; no
+     switch). ImageNet's stem is 4x4: our 3x3 stem conv stays random, all of it.
   8. From MERIT (spec 7): constant lr (set per epoch, so --resume follows a new --epochs), its
      rotation/flip draw, no stochastic depth; bilinear resizing (--resize bicubic, near MERIT's
      cubic spline); SegFormer's dropout 0.1 (--decoder-dropout).
@@ -83,8 +82,7 @@ Deviations and gaps (spec 11), each with its switch:
 
 Run (toy data, small preset: ~1.5 min on an idle 2-core CPU; paper recipe: a 48 GB GPU):
   python dinet.py [--data PATH/Synapse | PATH/ACDC [--inputs i] | PATH/ClinicDB --task binary]
-  python dinet.py --eval runs/dinet/<time>/best.pt [--data PATH]
-  python dinet.py --predict DIR --checkpoint best.pt --out DIR2
+  python dinet.py --eval runs/dinet/<time>/best.pt [--data PATH]   # or --predict DIR --checkpoint F
   python dinet.py --bench --batch-size 1                 # paper preset at 224x224, one JSON line
 """
 import argparse
@@ -135,13 +133,11 @@ class DINConfig:
     edge_from: str = "stage"  # spec 3: edge pool on the previous stage output, or "chain"
     num_difm: int = 4  # Tab. 6: DIFMs (and decoder levels) kept, largest maps first
 
-PRESETS = {
-    "paper": DINConfig(),
-    "small": DINConfig(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), window=8, head_dim=16,
-                       decoder_dim=32, stem_kernel=2, stem_stride=2, decoder_dropout=0.0),
-    "tiny": DINConfig(dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), window=4, head_dim=8,
-                      decoder_dim=16),
-}
+PRESETS = {"paper": DINConfig(),
+           "small": DINConfig(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), window=8, head_dim=16,
+                              decoder_dim=32, stem_kernel=2, stem_stride=2, decoder_dropout=0.0),
+           "tiny": DINConfig(dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), window=4, head_dim=8,
+                             decoder_dim=16)}
 PAPER_RECIPE = {"epochs": 300, "batch_size": 3, "lr": 1e-4, "img_size": 224}  # Sec. 4.2
 TOY_RECIPE = {"epochs": 12, "batch_size": 4, "lr": 2e-3, "img_size": 64}
 TOY_SIZES = (160, 24, 40)  # toy train / val / test slices
@@ -378,8 +374,7 @@ def pooling(c_in, c_out):
     return nn.Sequential(LayerNorm2d(c_in, eps=1e-6), nn.Conv2d(c_in, c_out, 2, 2))
 
 class ConvNeXtEncoder(nn.Module):
-    """Tab. 14: 3x3 stride-1 stem (f_edge of stage 1), 4 stages (f_shape), edge pools (f_edge).
-    x (B, 3, H, W) -> (lows, highs): lists of four (B, C_s, H_s, W_s) maps, H_s = H / 2^(s-1)."""
+    """Tab. 14: x (B, 3, H, W) -> lows (stem, edge pools), highs (stages): (B, C_s, H_s, W_s)."""
 
     def __init__(self, cfg, in_channels=3):
         super().__init__()
@@ -405,8 +400,7 @@ class ConvNeXtEncoder(nn.Module):
         return lows, highs
 
 def convnext_tensors(tensors):
-    """Meta's (or timm's) ConvNeXt names -> this encoder's (spec 3); the edge pools start as
-    copies of the main pooling layer of their stage."""
+    """Meta's (or timm's) ConvNeXt names -> ours (spec 3); edge pools copy their stage's pooling."""
     source = {}
     for name, value in tensors.items():
         for pattern, new in ((r"^module\.", ""), ("dwconv", "conv_dw"),
@@ -573,8 +567,7 @@ def enhance(image, method="fuzzy", **fuzzy):
     return np.round(np.clip(e, 0, 1) * 255).astype(np.uint8)
 
 def random_rotate_flip(arrays, rng):
-    """MERIT's augmentation (spec 7.2), one draw for I, E, label (H, W[, C]): p = 0.5 rot90 k
-    times and a flip; else p = 0.5 an integer angle in [-20, 19] degrees, nearest."""
+    """MERIT's draw (spec 7.2) for I, E, label: 1/2 rot90 + flip, 1/4 rotation by -20..19 deg."""
     draw = rng.random()
     if draw < 0.5:
         k, axis = rng.randrange(4), rng.randrange(2)
@@ -585,8 +578,7 @@ def random_rotate_flip(arrays, rng):
     return [np.ascontiguousarray(a) for a in arrays]
 
 def image_tensor(image, size, binary, resize="bilinear"):
-    """(H, W) or (H, W, 3) float in [0, 1] -> (3, S, S): gray repeated (no normalisation, as
-    MERIT), colour normalised with ImageNet mean and std like the shared binary loaders."""
+    """(H, W[, 3]) in [0, 1] -> (3, S, S): gray repeated as is (MERIT), colour normalised."""
     x = torch.from_numpy(np.ascontiguousarray(image, np.float32))
     x = x[None].expand(3, -1, -1) if x.dim() == 2 else x.permute(2, 0, 1)
     if x.shape[-1] != size or x.shape[-2] != size:
@@ -705,8 +697,7 @@ def train_one_epoch(model, loader, optimizer, args, device, amp, show=True):
 
 @torch.no_grad()
 def predict(model, images, args, device, binary=False):
-    """Softmax probabilities (n, K, S, S) at img_size for a list of images (H, W[, 3]) in [0, 1];
-    E is made from each image at its own size (spec 2.7), then both are resized."""
+    """Softmax (n, K, S, S) of images (H, W[, 3]) in [0, 1]; E made at their size (spec 2.7)."""
     model.eval()
     image = torch.stack([image_tensor(i, args.img_size, binary, args.resize) for i in images])
     enhanced = torch.stack([image_tensor(enhance(i, args.enhance, **fuzzy_options(args)) / 255,
@@ -723,8 +714,7 @@ def predict_full(model, rgb, args, device, binary):
     return common.resize_mask(prob[0].argmax(0).numpy(), 0, rgb.shape[:2])
 
 def predict_labels(model, volume, args, device):
-    """Label volume (D, H, W): --batch-size slices per forward at img_size, argmax, back to
-    H x W nearest (TransUNet's test, spec 9; common.predict_volume cannot pass E)."""
+    """Labels (D, H, W): --batch-size slices per forward, resized nearest (TransUNet, spec 9)."""
     step = args.batch_size
     labels = [predict(model, list(volume[d:d + step]), args, device).argmax(dim=1).numpy()
               for d in range(0, len(volume), step)]
@@ -847,8 +837,7 @@ def protocol_row(args, data):
     return f"protocol [{name}]: " + " ".join(row[1].split()) + " (docstring: recipe)"
 
 def bench(args, run, explicit):
-    """--bench: one training step and one inference on random input, at the paper preset and
-    size unless --preset / --img-size / --batch-size say otherwise; logs one JSON line."""
+    """--bench: a training step and an inference, paper preset and size unless given; one line."""
     preset = args.preset if args.preset_reason == "--preset" else "paper"
     size, batch = (getattr(args, k) if k in explicit else PAPER_RECIPE[k]
                    for k in ("img_size", "batch_size"))
