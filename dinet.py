@@ -4,12 +4,11 @@ J. Noh, W. Jeon, J. Park, Pattern Recognition Letters (2025); github.com/JJeong-
 code: the network is the reconstruction of ../shared/specs/dinet.md ("spec n"), which reproduces
 the paper's 323.31 M parameters and 1,860 G multiply-adds.
 
-Idea: each slice I is enhanced once by fuzzy image enhancement (E, Eqs. 11-12). Two ConvNeXt-B
-encoders with a 3x3 stride-1 stem (Eq. 13, Tab. 14) give per stage an "edge" map (an extra 2x2
-pooling) and a "shape" map (the blocks) of I and of E. Per stage a dual interactive fusion
-module (DIFM) merges edge and shape (Eq. 1), lets I query E and E query I in 7x7 windows
-(Eqs. 2-3), refines both with a gated FFN (Eqs. 4-5) and a parameter-free gate (Eq. 6), and adds
-the two. A SegFormer MLP decoder (Eq. 14) predicts; the loss adds Sobel boundaries (Eqs. 9-10).
+Idea: I and its fuzzy enhancement E (Eqs. 11-12) go through two ConvNeXt-B encoders with a 3x3
+stride-1 stem (Eq. 13, Tab. 14): per stage an "edge" map (an extra 2x2 pooling) and a "shape" map.
+Per stage a dual interactive fusion module (DIFM) merges them (Eq. 1), lets I query E and E query
+I in 7x7 windows (Eqs. 2-3), refines both (gated FFN, Eqs. 4-5; parameter-free gate, Eq. 6) and
+adds the two; a SegFormer MLP decoder (Eq. 14) predicts; the loss adds Sobel edges (Eqs. 9-10).
 
 Equation map (metrics: common.VolumeMeter, common.PerImageMeter, called by evaluate):
   Eq. (1) -> DIFM.forward (merge_i, merge_e)
@@ -55,16 +54,15 @@ Deviations and gaps (spec 11), each with its switch:
      q/k/v thirds match the spec's budget (--attn-proj lean: q, kv, out); Swin's relative
      position bias is not in the paper (--no-rel-pos-bias). Padded window keys are masked [R].
   2. Tab. 14's x9 blocks in stage 3 miss the totals, ConvNeXt-B's 27 meet them (depths=(3, 3,
-     9, 3) builds the table): 180.64 / 119.85 / 22.72 M = 323.20 M (the paper's 178 / 119.94 /
-     25.27 M does not add up to its 323.31 M).
-  3. E follows the public code of [36] (ivan-abboud/Image_enhancement_using_fuzzy_logic, pinned
-     by a golden array): windows i < m, j < n of degree-m Bernstein memberships over their sum
-     + 1e-5 (fading along the bottom and right edges), ordinary sum, m = n = 2, gamma 4, sigma_u
-     = 1/sqrt3, symmetric rescale (--fuzzy-m, -n, -gamma; --fuzzy-patrascu: [36] as written,
-     (m+1)x(n+1) windows, exact partition, log-model sum). Where that arithmetic breaks [R]:
-     pixels exactly 0 or 1 stay out of the window statistics (--fuzzy-saturated clip), u is
-     clipped at +-(1 - eps) (--fuzzy-eps), gain <= 8, stretch <= 1 / tanh(sigma_u). Training
-     and testing both see E as 8-bit levels (spec 2.7).
+     9, 3): the table): 180.64 / 119.85 / 22.72 M = 323.20 M (the paper's 178 / 119.94 / 25.27 M
+     does not add up to its 323.31 M).
+  3. E is the public code of [36] (ivan-abboud/Image_enhancement_using_fuzzy_logic; a golden
+     array pins it): windows i < m, j < n of degree-m Bernstein memberships over their sum +
+     1e-5 (fading along the bottom and right edges), ordinary sum, m = n = 2, gamma 4, sigma_u =
+     1/sqrt3, symmetric rescale (--fuzzy-m, -n, -gamma; --fuzzy-patrascu: [36] as written,
+     (m+1)x(n+1) windows, exact partition, log-model sum). Where it breaks [R]: pixels exactly
+     0 or 1 stay out of the window statistics (--fuzzy-saturated clip), u is clipped at +-(1 -
+     eps) (--fuzzy-eps), gain <= 8, stretch <= 1 / tanh(sigma_u). Train and test see 8-bit E.
   4. The line tagged Eq. (8) computes MERIT's squared Dice, sums pooled over the batch
      (--dice-eq8: as printed); L_bnd (Eq. 9) is a mean per pixel [R] (--bnd-reduction sum).
   5. Eq. (6) says "channel mean", a (B, 1, H, W) gate; the prose says channel weights (--gsa
@@ -77,8 +75,8 @@ Deviations and gaps (spec 11), each with its switch:
      rotation/flip draw, no stochastic depth; bilinear resizing (--resize bicubic, near MERIT's
      cubic spline); SegFormer's dropout 0.1 (--decoder-dropout).
   9. Tab. 6 drops DIFMs smallest map first, with the decoder levels and stages that fed only
-     them [R] (--num-difm). --amp: bf16, else fp16 with a gradient scaler [R].
-  10. Toy slices use VolumeMeter's "skip" convention; real volumes TransUNet's (spec 9).
+     them [R] (--num-difm). --amp: bf16, else fp16 with a gradient scaler [R]. Toy slices use
+     VolumeMeter's "skip" convention; real volumes TransUNet's (spec 9).
 
 Run (toy data, small preset: ~1.5 min on an idle 2-core CPU; paper recipe: a 48 GB GPU):
   python dinet.py [--data PATH/Synapse | PATH/ACDC [--inputs i] | PATH/ClinicDB --task binary]
@@ -753,7 +751,7 @@ def evaluate(model, dataset, args, device, names, convention="transunet", out=No
 def test_all(model, state, data, args, run, names):
     """Test the weights `state` on every test group; print and save the paper's columns."""
     common.unwrap(model).load_state_dict(state)
-    convention = "skip" if args.data == "toy" else "transunet"  # docstring point 10
+    convention = "skip" if args.data == "toy" else "transunet"  # deviation 9
     metrics = {}
     for group, dataset in data["test"].items():
         metrics[group] = evaluate(common.unwrap(model), dataset, args, run.device, names,
