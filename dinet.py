@@ -106,7 +106,7 @@ import common
 
 @dataclass
 class DINConfig:
-    """Architecture of one preset; the ablation switches of Tabs. 3-5, 7, 8 live here too."""
+    """Architecture of one preset, then the ablation switches (Tabs. 3-8; the command line's)."""
     dims: tuple = (128, 256, 512, 1024)  # C_s, Tab. 14 (ConvNeXt-B widths)
     depths: tuple = (3, 3, 27, 3)  # Tab. 14 says x9 for stage 3; the totals need 27 (spec 3)
     stem_kernel: int = 3  # Tab. 14, Sec. 9.1: 3x3 stem ...
@@ -119,7 +119,6 @@ class DINConfig:
     decoder_dim: int = 768  # Sec. 9.2: all maps to 768 channels
     fuse_kernel: int = 3  # Eq. (14): 3x3 fuse conv
     decoder_dropout: float = 0.1  # SegFormer's default (spec 5)
-    # switches (paper defaults), set from the command line
     inputs: str = "ie"  # Tab. 4: ie | i (only I) | e (only E) | ii (I + I)
     fusion: str = "difm"  # Tab. 5: difm | concat (Ours_concat) | input (Ours_IF)
     attn: str = "dual"  # Tab. 7: dual | ie | ei
@@ -151,7 +150,6 @@ CONVNEXT_B_URL = "https://dl.fbaipublicfiles.com/convnext/convnext_base_1k_224_e
 
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, H, W) map (ConvNeXt's channels-first LN)."""
-
     def forward(self, x):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
@@ -173,9 +171,7 @@ def window_attention(q, k, v, bias=0):
     return (logits + bias).softmax(dim=-1) @ v  # Eq. (2)  softmax(Q K^T / sqrt(d)) V
 
 class WindowCrossAttention(nn.Module):
-    """One direction of the dual cross-attention (Sec. 3.1.2, Eqs. 2-3) in w x w windows: Q from
-    `query_map` (m_i), K, V from `kv_map` (m_e); (B, C, H, W) both -> (B, C, H, W)."""
-
+    """One direction of the cross-attention (Sec. 3.1.2, Eqs. 2-3): Q of m_i, K, V of m_e."""
     def __init__(self, dim, window, head_dim, rel_pos_bias=True, proj="budget"):
         super().__init__()
         self.window, self.proj, self.heads = window, proj, max(1, dim // head_dim)
@@ -219,7 +215,6 @@ class WindowCrossAttention(nn.Module):
 
 class GatedFFN(nn.Module):
     """The FFN after the cross-attention (Eqs. 4-5): LN, conv C -> 2C, GELU gate, conv C -> C."""
-
     def __init__(self, dim, kernel=3):
         super().__init__()
         self.norm = LayerNorm2d(dim)
@@ -236,9 +231,7 @@ def global_spatial_attention(f, axis="channel"):
     return torch.sigmoid(f.mean(dim=dims, keepdim=True)) * f  # Eq. (6)  F = sigm(mean(f)) (x) f
 
 class DIFM(nn.Module):
-    """Dual interactive fusion module (Sec. 3.1, Fig. 2b-d) of one stage: 4 maps -> F_s. With one
-    encoder (`single_image`) it is window self-attention ("MHSA instead of DIFM", Sec. 4.4)."""
-
+    """DIFM of one stage (Sec. 3.1, Fig. 2b-d); one encoder: self-attention (MHSA, Sec. 4.4)."""
     def __init__(self, dim, cfg, single_image=False):
         super().__init__()
         self.cfg = cfg
@@ -272,7 +265,6 @@ class DIFM(nn.Module):
 
 class ConcatFusion(nn.Module):
     """Layer fusion by concatenation in place of the DIFM (Ours_concat, Tab. 5; Tab. 3 row 1)."""
-
     def __init__(self, dim):
         super().__init__()
         self.proj = nn.Conv2d(2 * dim, dim, 1)
@@ -282,7 +274,6 @@ class ConcatFusion(nn.Module):
 
 class MLPDecoder(nn.Module):
     """SegFormer's MLP decoder, 3x3 fuse conv (Sec. 9.2, Eq. 14): maps -> logits at `out_size`."""
-
     def __init__(self, dims, dim, num_classes, fuse_kernel=3, dropout=0.1):
         super().__init__()
         self.linear_c = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(c, dim)}) for c in dims)
@@ -305,12 +296,10 @@ class MLPDecoder(nn.Module):
             logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
         return logits
 
-
 # ==== 4. Model ====
 
 class DINet(nn.Module):
     """I and E -> two encoders -> a fusion module per stage -> MLP decoder (Fig. 2a)."""
-
     def __init__(self, cfg, num_classes):
         super().__init__()
         self.cfg = cfg
@@ -348,13 +337,11 @@ def parameter_split(model):
             **{k: round(count(m), 3) for k, m in (("difm", model.difm),
                                                   ("decoder", model.decoder), ("total", model))}}
 
-
 # ==== 5. Backbone (not this paper's contribution): modified ConvNeXt-B (Sec. 9.1, Tab. 14) ====
 # Parameter names follow timm's ConvNeXt, so ImageNet weights load by name (spec 3, 12).
 
 class ConvNeXtBlock(nn.Module):
     """Conv-block of Eq. (13): 7x7 depthwise conv, LN, 1x1 (4C), GELU, 1x1 (C), layer scale."""
-
     def __init__(self, dim):
         super().__init__()
         self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
@@ -373,7 +360,6 @@ def pooling(c_in, c_out):
 
 class ConvNeXtEncoder(nn.Module):
     """Tab. 14: x (B, 3, H, W) -> lows (stem, edge pools), highs (stages): (B, C_s, H_s, W_s)."""
-
     def __init__(self, cfg, in_channels=3):
         super().__init__()
         dims, k, s = cfg.dims, cfg.stem_kernel, cfg.stem_stride
@@ -429,7 +415,6 @@ def load_pretrained(model, spec, log, is_main=True, barrier=None):
                 f"{'x'.join(map(str, source['stem.0.weight'].shape[1:]))})")
         common.load_matching(encoder, tensors, f"encoder {name}", path, log)
 
-
 # ==== 6. Losses (Sec. 3.2, Eqs. 7-10, 15) ====
 
 SOBEL_H = torch.tensor([[-1.0, -2.0, -1.0], [0.0, 0.0, 0.0], [1.0, 2.0, 1.0]])  # Eq. (15) G_H
@@ -444,8 +429,7 @@ def loss_ce(logits, target):
     return F.cross_entropy(logits, target)  # Eq. (7)  L_CE = -1/N sum_i sum_c y_ic log x_ic
 
 def loss_dice(logits, target, squared=True, smooth=1e-5):
-    """Soft Dice over all K classes (background too), sums over batch and pixels (spec 6).
-    squared=True is the base code's form (sum x^2 + sum y^2); False is Eq. (8) as printed."""
+    """Soft Dice over all K classes, sums pooled over the batch (spec 6, deviation 4)."""
     x, y = logits.softmax(dim=1), one_hot(target, logits.shape[1])  # (B, K, H, W)
     intersection = (x * y).sum(dim=(0, 2, 3))  # (K,), sums pooled over the batch (MERIT)
     denominator = (x ** (2 if squared else 1)).sum(dim=(0, 2, 3)) + y.sum(dim=(0, 2, 3))
@@ -458,9 +442,8 @@ def sobel(x):
     return F.conv2d(x, kernels, padding=1, groups=x.shape[1]).unflatten(1, (x.shape[1], 2))
 
 def boundary_l1(prob, y, scales=BOUNDARY_SCALES, reduction="mean"):
-    """Multi-scale gradient difference of probabilities and one-hot labels (B, K, H, W).
-    "mean": per scale, mean |.| over batch, classes and pixels of G_H plus that of G_V (spec 6,
-    ours); "sum": the L1 norm of Eq. (9) literally, summed per image, mean over the batch."""
+    """Multi-scale Sobel difference of probabilities and one-hot labels (B, K, H, W); "mean":
+    per pixel (ours), "sum": Eq. (9)'s L1 norm per image; G_H + G_V, mean over the batch."""
     loss = 0.0
     for i in scales:  # average pooling with an i x i kernel: 1, 1/2, 1/4 of the size
         diff = (sobel(F.avg_pool2d(prob, i)) - sobel(F.avg_pool2d(y, i))).abs()  # (B, K, 2, ..)
@@ -483,13 +466,11 @@ def total_loss(logits, target, use_boundary=True, squared_dice=True, bnd_reducti
     loss = alpha * parts["ce"] + beta * parts["dice"] + parts["bnd"]  # Eq. (10)
     return loss, parts
 
-
 # ==== 7. Data: image enhancement (Sec. 8, Tab. 4) and paired augmentation ====
 
 @functools.lru_cache(maxsize=8)
 def fuzzy_memberships(height, width, m=2, n=2, gamma=4.0, patrascu=False):
-    """Fuzzy windows W_ij as memberships w_ij (I, J, H, W) (spec 2.3, deviation 3): Bernstein
-    polynomials of degree m (rows), n (columns), to the power gamma, over their sum."""
+    """Memberships w_ij (I, J, H, W) of the fuzzy windows W_ij (spec 2.3, deviation 3)."""
     def bernstein(size, degree):
         t = np.arange(size) / size
         return np.stack([math.comb(degree, i) * t ** i * (1 - t) ** (degree - i)
@@ -499,10 +480,9 @@ def fuzzy_memberships(height, width, m=2, n=2, gamma=4.0, patrascu=False):
 
 def fuzzy_enhance(image, m=2, n=2, gamma=4.0, eps=1 / 255, patrascu=False, saturated="exclude",
                   sigma_u=math.sqrt(1 / 3), max_gain=8.0, rescale=True):
-    """Fuzzy image enhancement of ref. [36] (deviation 3): (H, W[, 3]) in [0, 1] -> E alike.
-    Gray levels u = 2x - 1 in (-1, 1), log model u (+) v = tanh(phi(u) + phi(v)), phi = atanh:
-    all in phi-space. Colour: statistics of the mean phi, one transform per channel (spec 2.6).
-    Saturated pixels (CT air, MRI background) carry no gray level. rescale=False: E_raw."""
+    """Fuzzy enhancement of ref. [36] (deviation 3): (H, W[, 3]) in [0, 1] -> E alike. Gray
+    levels u = 2x - 1, log model u (+) v = tanh(phi(u) + phi(v)), phi = atanh: all in phi-space.
+    Colour: statistics of the mean phi, one transform per channel (spec 2.6)."""
     image = np.asarray(image, np.float64)
     phi = np.arctanh(np.clip(2 * image - 1, -1 + eps, 1 - eps))  # gray level -> log-model space
     phi = phi[..., None] if phi.ndim == 2 else phi  # (H, W, C)
@@ -537,8 +517,7 @@ def histogram_equalize(image):
     return (cdf[levels] - first) / max(cdf[-1] - first, 1)
 
 def clahe(image, tiles=8, clip_limit=2.0):
-    """Contrast-limited adaptive HE ('CLAHE' of Tab. 4) of a (H, W) image in [0, 1]: 256-bin
-    histograms per tile clipped at clip_limit x the mean bin (OpenCV's defaults: 8 x 8, 2)."""
+    """CLAHE (Tab. 4) of a (H, W) image in [0, 1], OpenCV's defaults (8 x 8 tiles, clip 2)."""
     levels = np.round(np.clip(image, 0, 1) * 255).astype(np.int64)
     h, w = levels.shape
     th, tw = -(-h // tiles), -(-w // tiles)
@@ -554,8 +533,7 @@ def clahe(image, tiles=8, clip_limit=2.0):
     return ndimage.map_coordinates(lut, np.broadcast_arrays(rows, cols, levels), order=1)
 
 def enhance(image, method="fuzzy", **fuzzy):
-    """E of a (H, W[, 3]) image in [0, 1] (Tab. 4: fuzzy, HE, CLAHE) as 8-bit levels: training
-    and testing both call this, so both see E quantised alike (spec 2.7)."""
+    """E (Tab. 4) of a (H, W[, 3]) image in [0, 1] as 8 bits, for training and test (spec 2.7)."""
     if method == "fuzzy":
         e = fuzzy_enhance(image, **fuzzy)
     else:  # HE, CLAHE: each channel alone
@@ -587,9 +565,7 @@ def image_tensor(image, size, binary, resize="bilinear"):
     return x.contiguous()
 
 class DualImageDataset(torch.utils.data.Dataset):
-    """A shared data set with its E, made once per sample before augmentation, kept as 8 bits
-    (spec 2.7). Items: {'image', 'enhanced': (3, S, S), 'mask': (S, S) int64, 'index'}."""
-
+    """A shared data set with E made once per sample (spec 2.7): {image, enhanced, mask, index}."""
     def __init__(self, base, size, method="fuzzy", augment=False, binary=False, fuzzy=None,
                  resize="bilinear", seed=0):
         self.base, self.size, self.method, self.augment = base, size, method, augment
@@ -653,13 +629,11 @@ def make_loaders(data, args):
         return loader, None
     return loader, common.make_loader(make("val", False), args.batch_size, False, args.workers)
 
-
 # ==== 8. Train, evaluate, predict ====
 
 def amp_setup(device, enabled, dtype=None):
-    """--amp: (autocast dtype, gradient scaler). bf16 where the device supports it; else fp16
-    with a scaler, because the blocks' layer scale (1e-6) makes their gradients (~1e-9)
-    underflow fp16 without one (fc1 and conv_dw would get exact zeros)."""
+    """--amp: (dtype, scaler): bf16 if supported, else fp16 with a scaler, since layer scale
+    1e-6 makes the blocks' gradients (~1e-9) underflow fp16 (fc1, conv_dw would get zeros)."""
     if dtype is None:
         cuda_fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
         dtype = torch.float16 if cuda_fp16 else torch.bfloat16
@@ -703,8 +677,7 @@ def predict(model, images, args, device, binary=False):
     return model(image.to(device), enhanced.to(device)).softmax(dim=1).float().cpu()
 
 def predict_full(model, rgb, args, device, binary):
-    """Prediction at the size of a (H, W, 3) uint8 image: probabilities upsampled, thresholded
-    (Tab. 13), or labels resized nearest (TransUNet); gray models see the channel mean."""
+    """Mask (Tab. 13: upsampled probabilities) or labels (nearest) at a (H, W, 3) image's size."""
     image = common.resize_image(rgb, args.img_size) / 255.0 if binary else rgb.mean(2) / 255
     prob = predict(model, [image], args, device, binary)  # (1, K, S, S)
     if binary:
@@ -719,8 +692,7 @@ def predict_labels(model, volume, args, device):
     return np.stack([common.resize_mask(p, 0, volume.shape[1:]) for p in np.concatenate(labels)])
 
 def evaluate(model, dataset, args, device, names, convention="transunet", out=None):
-    """The paper's columns on one test set (multi-class: Dice, HD95 per volume and organ,
-    Tabs. 1-2; binary: Dice per image at full size, Tab. 13); PNGs (50 overlays) into `out`."""
+    """The paper's columns on one test set (Tabs. 1-2, 13, protocol table); PNGs into `out`."""
     binary, overlays = args.task == "binary", 50
     meter = (common.PerImageMeter(threshold=0.5) if binary else
              common.VolumeMeter(len(names) + 1, names, convention=convention))
@@ -784,7 +756,6 @@ def predict_folder(model, args, run):
     run.log(f"wrote {len(files)} masks to {out}")
     return {"predicted": len(files), "out": str(out)}
 
-
 # ==== 9. Command line ====
 
 SWITCHES = ("inputs", "fusion", "attn", "cross_attn", "merge", "gsa", "gsa_axis", "attn_proj",
@@ -798,16 +769,13 @@ def model_switches(args):
 
 def fuzzy_options(args):
     """The --fuzzy-* flags as keyword arguments of fuzzy_enhance (empty for other methods)."""
-    if args.enhance != "fuzzy":
-        return {}
-    return {name[len("fuzzy_"):]: getattr(args, name) for name in FUZZY}
+    return {n[len("fuzzy_"):]: getattr(args, n) for n in FUZZY} if args.enhance == "fuzzy" else {}
 
 def check_switches(parser, args, explicit):
     """One clear line for a switch that the other switches make meaningless (never ignored)."""
     single = args.inputs in ("i", "e") or args.fusion == "input"
     common.check_conflicts(parser, args, [  # (flags given, condition, why they do nothing)
-        (("attn", "cross_attn", "merge", "gsa", "gsa_axis", "attn_proj", "edge_from",
-          "rel_pos_bias"), args.fusion == "concat", "--fusion concat replaces the DIFM"),
+        (SWITCHES[2:10], args.fusion == "concat", "--fusion concat replaces the DIFM"),  # attn ... rel_pos_bias
         (("inputs",), args.fusion != "difm" and args.inputs != "ie",
          f"--fusion {args.fusion} fuses I and E"),
         (("attn",), single, "one encoder (--inputs i/e, --fusion input) has one direction"),
