@@ -187,7 +187,6 @@ class WindowCrossAttention(nn.Module):
             yx = torch.stack(torch.meshgrid(*[torch.arange(window)] * 2, indexing="ij")).flatten(1)
             offset = yx[:, :, None] - yx[:, None, :] + window - 1  # (2, T, T) in 0..2w-2
             self.register_buffer("rpb_index", offset[0] * (2 * window - 1) + offset[1], False)
-
     def forward(self, query_map, kv_map):
         b, c, h, w = query_map.shape
         pad_h, pad_w = -h % self.window, -w % self.window  # pad to whole windows
@@ -220,7 +219,6 @@ class GatedFFN(nn.Module):
         self.norm = LayerNorm2d(dim)
         self.fc_in = nn.Conv2d(dim, 2 * dim, kernel, padding=kernel // 2)
         self.fc_out = nn.Conv2d(dim, dim, 1)
-
     def forward(self, f):
         f_1, f_2 = self.fc_in(self.norm(f)).chunk(2, dim=1)  # Eq. (4)  f~1, f~2 = chunk(conv(LN))
         return self.fc_out(F.gelu(f_1) * f_2) + f  # Eq. (5)  F^ = conv(GELU(f~1) (x) f~2) + f~
@@ -246,7 +244,6 @@ class DIFM(nn.Module):
             setattr(self, f"attn_{d}", WindowCrossAttention(dim, cfg.window, cfg.head_dim,
                     cfg.rel_pos_bias, cfg.attn_proj) if active and cfg.cross_attn else None)
             setattr(self, f"ffn_{d}", GatedFFN(dim, cfg.ffn_kernel) if active else None)
-
     def forward(self, low_i, high_i, low_e, high_e):
         m_i, m_e = high_i, high_e  # Tab. 3 without (b): the shape features alone
         if self.merge_i is not None:
@@ -268,7 +265,6 @@ class ConcatFusion(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.proj = nn.Conv2d(2 * dim, dim, 1)
-
     def forward(self, low_i, high_i, low_e, high_e):
         return self.proj(torch.cat([high_i, high_e], dim=1))
 
@@ -282,7 +278,6 @@ class MLPDecoder(nn.Module):
             nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
         self.dropout = nn.Dropout2d(dropout)
         self.linear_pred = nn.Conv2d(dim, num_classes, 1)  # "MLP layer": 1x1 conv
-
     def forward(self, features, out_size):
         size = features[0].shape[-2:]  # level 1: 224x224 in the paper preset
         levels = []
@@ -312,7 +307,6 @@ class DINet(nn.Module):
                                   else DIFM(c, cfg, single_image=single) for c in dims)
         self.decoder = MLPDecoder(dims, cfg.decoder_dim, num_classes, cfg.fuse_kernel,
                                   cfg.decoder_dropout)
-
     def forward(self, image, enhanced):
         """image, enhanced: (B, 3, H, W) -> logits (B, K, H, W)."""
         first, second = {"ie": (image, enhanced), "ii": (image, image), "i": (image, None),
@@ -348,7 +342,6 @@ class ConvNeXtBlock(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.ModuleDict({"fc1": nn.Linear(dim, 4 * dim), "fc2": nn.Linear(4 * dim, dim)})
         self.gamma = nn.Parameter(torch.full((dim,), 1e-6))  # ConvNeXt's layer scale
-
     def forward(self, x):
         y = self.norm(self.conv_dw(x).permute(0, 2, 3, 1))  # (B, H, W, C) channels-last
         y = self.gamma * self.mlp["fc2"](F.gelu(self.mlp["fc1"](y)))  # 1x1 convs as Linear
@@ -372,7 +365,6 @@ class ConvNeXtEncoder(nn.Module):
             for i, depth in enumerate(cfg.depths))
         # Sec. 9.1: "two types of pooling layers": the second one extracts f_edge (spec 3)
         self.edge = nn.ModuleList(pooling(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
-
     def forward(self, x):
         x = low = self.stem(x)  # f_edge of stage 1 (B, C_1, H/stride, W/stride)
         lows, highs = [], []
@@ -573,10 +565,8 @@ class DualImageDataset(torch.utils.data.Dataset):
         self.rng = random.Random(seed)  # augmentation draws (common.make_loader reseeds it)
         self.reader = common.VolumeDataset(base.files) if hasattr(base, "files") else None
         self.names, self.cache = base.names, {}
-
     def __len__(self):
         return len(self.base)
-
     def raw(self, index):
         """(image (H, W) or (H, W, 3) in [0, 1], label (H, W) int64) before augmentation."""
         if self.binary:
@@ -585,13 +575,11 @@ class DualImageDataset(torch.utils.data.Dataset):
                     common.resize_mask(mask, self.size).astype(np.int64))
         image, label, _ = self.reader[index] if self.reader else self.base.volume(index)
         return image[0], label[0]  # one-slice volume -> slice
-
     def enhanced(self, index, image):
         """E of sample `index` (cached as uint8, so an epoch does not recompute it)."""
         if index not in self.cache:
             self.cache[index] = enhance(image, self.method, **self.fuzzy)
         return self.cache[index] / 255.0
-
     def __getitem__(self, index):
         image, label = self.raw(index)
         e = self.enhanced(index, image)
@@ -771,36 +759,14 @@ def fuzzy_options(args):
     """The --fuzzy-* flags as keyword arguments of fuzzy_enhance (empty for other methods)."""
     return {n[len("fuzzy_"):]: getattr(args, n) for n in FUZZY} if args.enhance == "fuzzy" else {}
 
-def check_switches(parser, args, explicit):
-    """One clear line for a switch that the other switches make meaningless (never ignored)."""
-    single = args.inputs in ("i", "e") or args.fusion == "input"
-    common.check_conflicts(parser, args, [  # (flags given, condition, why they do nothing)
-        (SWITCHES[2:10], args.fusion == "concat", "--fusion concat replaces the DIFM"),  # attn ... rel_pos_bias
-        (("inputs",), args.fusion != "difm" and args.inputs != "ie",
-         f"--fusion {args.fusion} fuses I and E"),
-        (("attn",), single, "one encoder (--inputs i/e, --fusion input) has one direction"),
-        (("attn", "attn_proj", "rel_pos_bias"), not args.cross_attn,
-         "--no-cross-attn removes the attention"),
-        (("edge_from",), not args.merge, "--no-merge leaves the edge maps unused"),
-        (("gsa_axis",), not args.gsa, "--no-gsa removes the gate"),
-        (("bnd_reduction",), args.no_bnd, "--no-bnd removes L_bnd"),
-        (FUZZY, args.enhance != "fuzzy", f"--enhance {args.enhance} is not fuzzy"),
-        (("enhance", *FUZZY), args.inputs in ("i", "ii") and args.fusion == "difm",
-         f"--inputs {args.inputs} never uses E"),
-        (("official_split",), args.task != "binary", "only binary data sets are re-split")],
-        explicit)
-    if not 1 <= args.num_difm <= 4:
-        common.fail(f"--num-difm must be 1..4 (got {args.num_difm})")
-
 def protocol_row(args, data):
     """The docstring's protocol row for this run's data set (printed at start-up)."""
-    name = {"synapse": "Synapse", "acdc": "ACDC", "clinicdb": "ClinicDB",
-            "isic2018": "ISIC18"}.get(data["layout"])
-    row = name and re.search(rf"^  {name} +(\|.*(\n {{4,}}\|.*)*)", __doc__, re.MULTILINE)
+    name = re.escape({"isic2018": "ISIC18"}.get(data["layout"], data["layout"]))  # table's names
+    row = re.search(rf"^  ({name}) +(\|.*(\n {{4,}}\|.*)*)", __doc__, re.MULTILINE | re.IGNORECASE)
     if not row:
         return f"protocol: {data['layout']} is none of the paper's data sets" + (
             "" if args.data == "toy" else " (their recipe applies)")
-    return f"protocol [{name}]: " + " ".join(row[1].split()) + " (docstring: recipe)"
+    return f"protocol [{row[1]}]: " + " ".join(row[2].split()) + " (docstring: recipe)"
 
 def bench(args, run, explicit):
     """--bench: a training step and an inference, paper preset and size unless given; one line."""
@@ -820,7 +786,7 @@ def bench(args, run, explicit):
     return record
 
 def parse_args(argv):
-    """The shared flags plus DIN's switches; returns (args, the flags given explicitly)."""
+    """Shared flags + DIN's switches; one that the others make meaningless fails. (args, given)"""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser, PAPER_RECIPE, "Sec. 4.2", pretrained_default=None)
     add = parser.add_argument_group("DIN switches (Tabs. 3-8; docstring deviations)").add_argument
@@ -852,7 +818,22 @@ def parse_args(argv):
     add("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW (MERIT; not stated)")
     explicit = common.explicit_flags(parser, argv)
     args = common.finish_args(parser.parse_args(argv), PAPER_RECIPE, TOY_RECIPE)
-    check_switches(parser, args, explicit)
+    single = args.inputs in ("i", "e") or args.fusion == "input"
+    common.check_conflicts(parser, args, [  # (flags, condition: they do nothing, why)
+        (SWITCHES[2:10], args.fusion == "concat", "--fusion concat replaces the DIFM"),  # DIFM's
+        (("inputs",), args.fusion != "difm" and args.inputs != "ie",
+         f"--fusion {args.fusion} fuses I and E"),
+        (("attn",), single, "one encoder (--inputs i/e, --fusion input) has one direction"),
+        (("attn", "attn_proj", "rel_pos_bias"), not args.cross_attn, "--no-cross-attn drops it"),
+        (("edge_from",), not args.merge, "--no-merge leaves the edge maps unused"),
+        (("gsa_axis",), not args.gsa, "--no-gsa removes the gate"),
+        (("bnd_reduction",), args.no_bnd, "--no-bnd removes L_bnd"),
+        (FUZZY, args.enhance != "fuzzy", f"--enhance {args.enhance} is not fuzzy"),
+        (("enhance", *FUZZY), args.inputs in ("i", "ii") and args.fusion == "difm",
+         f"--inputs {args.inputs} never uses E"),
+        (("official_split",), args.task != "binary", "only binary data are re-split")], explicit)
+    if not 1 <= args.num_difm <= 4:
+        common.fail(f"--num-difm must be 1..4 (got {args.num_difm})")
     return args, explicit
 
 def main(argv=None):
@@ -878,7 +859,6 @@ def main(argv=None):
     model.to(run.device)
     if args.predict:
         return predict_folder(model, args, run)
-
     data = common.load_data(args, args.task, toy_sizes=TOY_SIZES, fractions=(0.8, 0.1, 0.1),
                             official=args.official_split or args.task != "binary")
     if not data["test"]:
