@@ -11,11 +11,15 @@ Public API, by section:
                 PerImageMeter, GlobalMeter, VolumeMeter
   3. image I/O  load_image, load_mask, load_label_map, resize_image, resize_mask,
                 save_mask_png, save_label_png, save_overlay
-  4. discovery  find_pairs, discover_splits, find_slice_files, list_images, natural_key
+  4. discovery  find_pairs, check_pairs, detect_layout, discover_splits, find_slice_files,
+                list_images, natural_key
   5. datasets   PairDataset, SliceDataset, VolumeDataset, ToyBinary, ToyMulticlass,
-                write_toy, random_flip_rotate, load_data, predict_volume
-  6. run        add_common_args, finish_args, Run, seed_everything, choose_device,
-                save_checkpoint, load_checkpoint, make_loader, progress, benchmark, unwrap
+                write_toy, random_flip_rotate, load_data, predict_volume, read_slice,
+                count_labels, zoom_slice
+  6. run        add_common_args, finish_args, explicit_flags, adopt_config, Run (restore,
+                end_epoch, final_weights), seed_everything, choose_device, save_checkpoint,
+                load_checkpoint, load_weights, tensor_dict, fetch_weights, load_matching,
+                Foreign, set_lr, make_loader, seed_worker, progress, benchmark, unwrap
   7. scan       selective_scan, selective_scan_reference, scan_backend, bench_scan
 
 Threads: every script (and this file) sets OMP_WAIT_POLICY=PASSIVE before torch is imported.
@@ -27,6 +31,7 @@ user exported.
 Command line of this file:
   python common.py toy --out DIR --kind binary|multiclass   write the toy set to disk
   python common.py bench-scan                                time the selective scan
+                                   (against its version before the speed-up, from git)
 """
 import os
 
@@ -1146,7 +1151,7 @@ class PairDataset(torch.utils.data.Dataset):
         return item
 
 
-def _read_npz_or_h5(path):
+def read_slice(path):
     """(image float32, label int64) from a TransUNet npz ('image' or 'img') or an .h5 volume."""
     path = Path(path)
     try:
@@ -1166,6 +1171,32 @@ def _read_npz_or_h5(path):
         fail(f"cannot read {path}: {type(error).__name__}: {error}")
 
 
+def count_labels(paths):
+    """The class count K = 1 + the largest label id in any of `paths` (npz / h5 / label PNG).
+
+    Read at discovery, so a rare class in a single file cannot crash training later; a
+    negative id, or no foreground at all, ends with one line naming the culprit.
+    """
+    top = 0
+    for path in paths:
+        labels = read_slice(path)[1] if Path(path).suffix in (".npz", ".h5") else \
+            load_label_map(path)
+        if labels.min() < 0:
+            fail(f"{path}: the label map holds the negative id {int(labels.min())}")
+        top = max(top, int(labels.max()))
+    if top < 1:
+        fail(f"no foreground label in any of the {len(paths)} label maps")
+    return top + 1
+
+
+def zoom_slice(array, shape, order):
+    """scipy.ndimage.zoom of a 2-D map to `shape` (TransUNet's resize: order 3 image, 0 labels)."""
+    if array.shape[:2] == tuple(shape):
+        return array
+    return scipy.ndimage.zoom(array, (shape[0] / array.shape[0], shape[1] / array.shape[1]),
+                              order=order)
+
+
 def _gray_to_tensor(image, size, channels):
     """float (H, W) slice in [0, 1] -> (channels, S, S) float, bilinear resize."""
     x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
@@ -1175,10 +1206,15 @@ def _gray_to_tensor(image, size, channels):
 
 
 class SliceDataset(torch.utils.data.Dataset):
-    """2-D multi-class slices (TransUNet npz): {'image': (C, S, S), 'mask': (S, S) int64}."""
+    """2-D multi-class slices (TransUNet npz): {'image': (C, S, S), 'mask': (S, S) int64}.
 
-    def __init__(self, files, size, augment=None, channels=3, seed=0):
+    `resize="bilinear"`: torch's bilinear image, nearest labels; `"cubic"`: TransUNet's scipy
+    zoom (order 3 image, order 0 labels), after the augmentation as TransUNet does.
+    """
+
+    def __init__(self, files, size, augment=None, channels=3, seed=0, resize="bilinear"):
         self.files, self.size, self.augment, self.channels = files, size, augment, channels
+        self.resize = resize
         self.rng = random.Random(seed)
         self.names = [Path(f).stem for f in files]
 
@@ -1186,11 +1222,14 @@ class SliceDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index):
-        image, label = _read_npz_or_h5(self.files[index])
+        image, label = read_slice(self.files[index])
         if image.ndim != 2:
             fail(f"{self.files[index]} holds a {image.ndim}-D array; training expects 2-D slices")
         if self.augment is not None:
             image, label = self.augment(image, label, self.rng)
+        if self.resize == "cubic":
+            image = zoom_slice(image, (self.size, self.size), 3)
+            label = zoom_slice(label, (self.size, self.size), 0)
         label = resize_mask(label, self.size)
         return {"image": _gray_to_tensor(image, self.size, self.channels),
                 "mask": torch.from_numpy(np.ascontiguousarray(label)).long(), "index": index}
@@ -1207,7 +1246,7 @@ class VolumeDataset:
         return len(self.files)
 
     def __getitem__(self, index):
-        image, label = _read_npz_or_h5(self.files[index])
+        image, label = read_slice(self.files[index])
         if image.ndim == 2:
             image, label = image[None], label[None]
         return image, label, self.names[index]
@@ -1343,17 +1382,23 @@ class ToyMulticlass(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def predict_volume(logits_fn, volume, size, channels=3, device="cpu", batch=16):
+def predict_volume(logits_fn, volume, size, channels=3, device="cpu", batch=16,
+                   resize="bilinear"):
     """Label volume (D, H, W) int64: each slice resized to `size`, argmax of `logits_fn`, resized back.
 
     `logits_fn` maps (n, channels, size, size) float to (n, K, size, size) logits; the prediction
     is brought back to the slice's own H x W nearest-neighbour, as the TransUNet test does.
+    `resize="cubic"`: slices in by scipy zoom order 3 and back by order 0 (TransUNet's calls).
     """
-    labels = []
+    labels, square = [], (size, size)
     for start in range(0, volume.shape[0], batch):
-        x = torch.stack([_gray_to_tensor(s, size, channels) for s in volume[start:start + batch]])
+        chunk = volume[start:start + batch]
+        if resize == "cubic":
+            chunk = [zoom_slice(np.asarray(s, np.float32), square, 3) for s in chunk]
+        x = torch.stack([_gray_to_tensor(s, size, channels) for s in chunk])
         pred = logits_fn(x.to(device)).argmax(dim=1).cpu().numpy()  # (n, S, S)
-        labels.extend(resize_mask(p, 0, volume.shape[1:]) for p in pred)
+        labels.extend(zoom_slice(p, volume.shape[1:], 0) if resize == "cubic" else
+                      resize_mask(p, 0, volume.shape[1:]) for p in pred)
     return np.stack(labels)
 
 
@@ -1382,7 +1427,7 @@ def write_toy(out, kind="binary", n=100, size=256, seed=0):
 
 def load_data(args, task="binary", augment=None, toy_sizes=(160, 20, 40), instance=False,
               mean=IMAGENET_MEAN, std=IMAGENET_STD, channels=3, official=True,
-              fractions=(0.8, 0.1, 0.1)):
+              fractions=(0.8, 0.1, 0.1), resize="bilinear"):
     """The data of a run: {'train', 'val', 'test': {group: dataset}, 'source', 'splits',
     'layout', 'pairs'}.
 
@@ -1390,7 +1435,7 @@ def load_data(args, task="binary", augment=None, toy_sizes=(160, 20, 40), instan
     (`discover_splits`: `official=False` re-splits the layout by `fractions`); multi-class tasks
     read TransUNet npz/h5 files (`find_slice_files`) or pairs of images and label-map PNGs. Test
     sets of multi-class tasks are VolumeDatasets. With `args.eval` set, the folder is all test
-    data: every group in it, in full.
+    data: every group in it, in full. `resize` is SliceDataset's (TransUNet slices only).
     """
     size, seed = args.img_size, args.seed
     if args.data == "toy":
@@ -1413,10 +1458,11 @@ def load_data(args, task="binary", augment=None, toy_sizes=(160, 20, 40), instan
         if files is not None:
             if evaluating:  # every file of the folder is test data
                 files = {"train": [], "val": [], "test": files["test"] or files["train"]}
-            val = SliceDataset(files["val"], size, None, channels) if files["val"] else None
+            val = (SliceDataset(files["val"], size, None, channels, resize=resize)
+                   if files["val"] else None)
             tests = {"test": VolumeDataset(files["test"])} if files["test"] else {}
             layout = "synapse" if (root / "train_npz").is_dir() else "acdc"
-            return {"train": SliceDataset(files["train"], size, augment, channels, seed),
+            return {"train": SliceDataset(files["train"], size, augment, channels, seed, resize),
                     "val": val, "test": tests, "splits": None, "layout": layout, "pairs": None,
                     "source": f"TransUNet-style slices in {root} ({len(files['train'])} train)"}
     split = discover_splits(root, seed, getattr(args, "val_fraction", 0.1), fractions, official,
@@ -1528,26 +1574,30 @@ def explicit_flags(parser, argv=None):
     return set(vars(given))
 
 
-def adopt_config(args, checkpoint, keys, explicit, flag):
+def adopt_config(args, checkpoint, keys, explicit, flag, check_only=False, path=None):
     """Take the checkpoint's values of `keys` (and its preset); an explicit, different flag stops.
 
     The weights only fit the architecture they were trained with, so a flag that would change it
-    is a mistake worth one clear line rather than a shape-mismatch traceback.
+    is a mistake worth one clear line rather than a shape-mismatch traceback. `check_only=True`
+    (a second checkpoint that must fit the settings already made): every differing key stops,
+    nothing is copied. `path`: the file the message names (default: the value of `flag`).
     """
     config = checkpoint.get("config", {})
+    path = getattr(args, flag.lstrip("-").replace("-", "_"), "") if path is None else path
     for key in keys:
         if key not in config:
             continue
-        if key in explicit and getattr(args, key) != config[key]:
-            fail(f"{flag} {getattr(args, flag.lstrip('-').replace('-', '_'), '')}: "
-                 f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's "
-                 f"{config[key]} (it changes the architecture)")
-        setattr(args, key, config[key])
+        if (check_only or key in explicit) and getattr(args, key) != config[key]:
+            fail(f"{flag} {path}: --{key.replace('_', '-')} {getattr(args, key)} differs from "
+                 f"the checkpoint's {config[key]} (it changes the architecture)")
+        if not check_only:
+            setattr(args, key, config[key])
     if checkpoint.get("preset"):
-        if "preset" in explicit and args.preset != checkpoint["preset"]:
-            fail(f"{flag}: --preset {args.preset} differs from the checkpoint's "
+        if (check_only or "preset" in explicit) and args.preset != checkpoint["preset"]:
+            fail(f"{flag} {path}: --preset {args.preset} differs from the checkpoint's "
                  f"{checkpoint['preset']}")
-        args.preset, args.preset_reason = checkpoint["preset"], "the checkpoint's"
+        if not check_only:
+            args.preset, args.preset_reason = checkpoint["preset"], "the checkpoint's"
     return args
 
 
@@ -1946,11 +1996,13 @@ class Run:
         if self.is_main:
             save_checkpoint(self.out / name, dict(state, script=self.script))
 
-    def restore(self, checkpoint, model, optimizer=None, scaler=None, path=None):
+    def restore(self, checkpoint, model, optimizer=None, scaler=None, path=None, prefix="",
+                epochs=None):
         """Continue from a `--resume` checkpoint: load its states, return the next epoch.
 
         Resumed into a new folder, the run starts with the old run's best.pt beside it (or the
-        resumed state, if there is none), so the best-so-far is never lost.
+        resumed state, if there is none), so the best-so-far is never lost. `prefix`: that of
+        end_epoch's files; `epochs`: the total logged (default args.epochs).
         """
         unwrap(model).load_state_dict(checkpoint["model"])
         if optimizer is not None and checkpoint.get("optimizer"):
@@ -1959,20 +2011,23 @@ class Run:
             scaler.load_state_dict(checkpoint["scaler"])
         self.best = checkpoint.get("best")
         source = Path(path or self.args.resume)
-        if self.is_main and not (self.out / "best.pt").exists():
-            old = source.parent / "best.pt"
+        best = f"{prefix}best.pt"
+        if self.is_main and not (self.out / best).exists():
+            old = source.parent / best
             if old.exists():
-                shutil.copyfile(old, self.out / "best.pt")
+                shutil.copyfile(old, self.out / best)
             else:
-                save_checkpoint(self.out / "best.pt", checkpoint)
+                save_checkpoint(self.out / best, checkpoint)
         start = checkpoint["epoch"] + 1
-        self.log(f"resumed from {source} at epoch {start} of {self.args.epochs}")
+        self.log(f"resumed from {source} at epoch {start} of {epochs or self.args.epochs}")
         return start
 
-    def end_epoch(self, epoch, row, state, score=None, higher_is_better=True):
+    def end_epoch(self, epoch, row, state, score=None, higher_is_better=True, prefix=""):
         """Log the epoch's row, write last.pt, and best.pt when `score` improves; True if it did.
 
-        `score` None (or nan) means no validation: best.pt is then the last epoch.
+        `score` None (or nan) means no validation: best.pt is then the last epoch. `prefix`
+        names the files (e.g. "recon_": recon_last.pt, recon_best.pt) of a run with two stages;
+        `self.best` is the current stage's (reset it to None between stages).
         """
         if score is not None and math.isnan(score):
             score = None
@@ -1984,9 +2039,9 @@ class Run:
         self.log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                            for k, v in row.items()))
         full = dict(state, epoch=epoch, best=self.best)
-        self.checkpoint("last.pt", full)
+        self.checkpoint(f"{prefix}last.pt", full)
         if improved:
-            self.checkpoint("best.pt", full)
+            self.checkpoint(f"{prefix}best.pt", full)
         self.barrier()
         return improved
 

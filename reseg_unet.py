@@ -4,11 +4,10 @@ Li, Tang, Chu, Yang, Yu, "ReSeg-UNet: A Reconstruction-Guided Optimization Frame
 Medical Image Segmentation", MICCAI 2025. Code: https://github.com/Li-gzhu/ReSeg-UNet (UNet.zip;
 only the U-Net variant is released; its facts are in ../shared/specs/reseg_unet.md, "spec n").
 
-Idea. Stage 1 trains a U-Net to reconstruct the image from the ground-truth label map (0.6
-MSE + 0.4 L1), then freezes it. Stage 2 trains a second U-Net of the same shape to segment, and
-pulls its features towards the frozen net's features of the same slice's label map, crosswise:
-recon encoder <-> seg decoder, recon decoder <-> seg encoder, and the bottlenecks. Inference is
-the plain U-Net.
+Idea. Stage 1 trains a U-Net to reconstruct the image from the ground-truth label map (0.6 MSE
++ 0.4 L1), then freezes it. Stage 2 trains a second U-Net to segment, its features pulled towards
+the frozen net's features of the same slice's label map, crosswise: recon encoder <-> seg decoder,
+recon decoder <-> seg encoder, and the bottlenecks. Inference is the plain U-Net.
 
 Equation map (paper number -> code):
     Eq. (1) -> mse_loss
@@ -56,26 +55,25 @@ Protocol, one row per data set (the row that applies is printed at start-up):
   other two defaults below already are the authors').
 
 Readings of the paper and departures, each with its switch:
-  - Stage-1 target: the image (default). Sec. 2.2 feeds the GT in for "image reconstruction",
-    comparing the "reconstructed image" with the "ground truth image" and keeping "edge and
-    texture features" (a label map has none); the authors' code regresses the CT/MR slice on
-    all K output channels (spec 2.1; RGB data: the channel mean). `--recon-target gt`: x_hat
-    read as the one-hot label map (GT -> GT).
+  - Stage-1 target: the image (default). Sec. 2.2 feeds the GT in for "image reconstruction" of
+    the "ground truth image", keeping "edge and texture features" (a label map has none); the
+    authors' code regresses the CT/MR slice on all K channels (spec 2.1; RGB: the channel mean).
+    `--recon-target gt`: x_hat is the one-hot label map (GT -> GT).
   - Eq. (6): the bottleneck x5 (default; Sec. 2.3 "the bottleneck layer"). The authors' code
     aligns u1, which Eq. (4) already pulls (spec 3.2): `--mid-feature up1`, behind Tab. 1.
-  - Frozen net's BatchNorm: batch statistics (default, the authors' code, spec 2.4). The paper's
-    frozen is "no parameter updates", true either way. `--recon-bn eval`: running statistics.
+  - Frozen net's BatchNorm: batch statistics (default, the authors' code, spec 2.4); the paper's
+    "frozen" (no parameter updates) holds either way. `--recon-bn eval`: running statistics.
   - Fig. 4(a) ablations (`--align-groups`) keep Eq. (7)'s division by 3 (the paper is silent).
   - Stage 2 loads the *final* stage-1 weights (recon_last.pt), as the authors' code does.
-  - Slices are resized as TransUNet does (scipy zoom: cubic image, nearest labels), in training
-    and test; `--resize bilinear`: common.py's torch resize. Augmentation draws from the
-    dataset's `random.Random` (TransUNet: NumPy); off on toy data (flips swap its L/R classes).
+  - Slices resized as TransUNet (scipy zoom: cubic image, nearest labels) in training and test
+    (common's resize="cubic"); `--resize bilinear`: common's torch resize. Augmentation draws
+    from the dataset's `random.Random` (TransUNet: NumPy); off on toy data (flips swap L/R).
   - Paired baseline (ours): stage 2 draws its initial weights and data order from its own seed,
     so `--lam 0` (no stage 1) starts stage 2 as the ReSeg run does; `--compare` runs both.
   - No schedule in checkpoints: each iteration's lr comes from (iteration, epochs), so
     `--resume --epochs LARGER` follows the new total from the next epoch on.
-  - Toy test "volumes" are one slice missing 0-4 organs: scored with VolumeMeter's "skip" rule
-    (absent from prediction and truth: left out); TransUNet's (Dice 0) on real data.
+  - Toy test "volumes" are one slice missing 0-4 organs: VolumeMeter's "skip" rule (absent from
+    prediction and truth: left out); TransUNet's (Dice 0) on real data.
 
 Run:
     python reseg_unet.py                      # toy data, both stages: ~2 min on an idle 2-core CPU
@@ -90,8 +88,7 @@ Run:
     python reseg_unet.py --bench                                      # paper preset, 224 x 224
 """
 import os
-# before torch loads OpenMP (common.py, "Threads")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (common.py)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -113,7 +110,6 @@ SCRIPT = "reseg_unet"
 
 # ==== 2. Presets and the paper's recipe ====
 
-
 @dataclass(frozen=True)
 class Preset:
     """U-Net size: channels of inc, down1 .. down4 (the decoder mirrors them)."""
@@ -122,8 +118,7 @@ class Preset:
 
 
 PRESETS = {
-    "paper": Preset(widths=(64, 128, 256, 512, 1024),  # spec 1.2 (authors' U-Net, Sec. 3.2)
-                    in_channels=3),  # spec 1.3
+    "paper": Preset(widths=(64, 128, 256, 512, 1024), in_channels=3),  # spec 1.2, 1.3; Sec. 3.2
     "small": Preset(widths=(16, 32, 64, 128, 256)),  # CPU toy demo
     "tiny": Preset(widths=(4, 8, 16, 32, 64)),  # tests: every code path, in seconds
 }
@@ -156,11 +151,9 @@ CLASS_NAMES = {  # label ids 1 .. K-1 (Synapse: TransUNet's order, spec 6.1)
 }
 
 # ==== 3. Building blocks (the authors' U-Net parts, spec 1.1) ====
-# The paper only says "U-Net" (Sec. 3.2). The released one is milesial/Pytorch-UNet with
-# bias-free 3x3 convs; the module and attribute names below are chosen so that its state_dict
-# keys come out identical. Every block ends in BN + ReLU, so the features that stage 2 aligns
-# are non-negative activations, compared raw (no projection, no normalisation; spec 3.2).
-
+# The paper only says "U-Net" (Sec. 3.2); the released one is milesial/Pytorch-UNet with bias-free
+# 3x3 convs, and the names below give its state_dict keys. Every block ends in BN + ReLU: stage 2
+# aligns non-negative activations, raw (no projection, no normalisation; spec 3.2).
 
 class DoubleConv(nn.Module):
     """(conv 3x3 without bias -> BN -> ReLU) x 2; spec 1.1. (B, C_in, H, W) -> (B, C_out, H, W)."""
@@ -189,10 +182,8 @@ class Down(nn.Module):
 
 
 class Up(nn.Module):
-    """Transposed-conv upsampling, pad to the skip, concat [skip, up], DoubleConv; spec 1.1.
-
-    deep (B, C_in, h, w), skip (B, C_in/2, 2h, 2w) -> (B, C_out, 2h, 2w).
-    """
+    """Transposed conv up, pad to the skip, concat [skip, up], DoubleConv; spec 1.1.
+    deep (B, C_in, h, w), skip (B, C_in/2, 2h, 2w) -> (B, C_out, 2h, 2w)."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
@@ -218,23 +209,17 @@ class OutConv(nn.Module):
 
 
 # ==== 4. Model ====
-
-
-# The authors' 4-tuple, with names: encoder [x2, x3, x4, x5] shallow -> deep, decoder [u1, u2,
-# u3] deep -> shallow, mid F_in of Eq. (6).
+# The authors' 4-tuple, named: encoder [x2..x5] shallow -> deep, decoder [u1..u3] deep -> shallow
 UNetOutput = namedtuple("UNetOutput", "logits mid encoder decoder")
 
 
 class ReSegUNet(nn.Module):
     """The U-Net used for both branches (Fig. 1; the authors' UNet_se and UNet_hd, spec 1).
 
-    role "seg" takes the image (B, 1 or 3, H, W); role "recon" takes the label map (B, H, W),
-    whose raw ids 0 .. K-1 become the pixel intensities (spec 1.3). Returns a UNetOutput whose
-    features are the DoubleConv outputs that Eqs. (4)-(6) align; `mid_feature` picks F_in.
-
-    Both roles share one layout ("keeping the model architecture unchanged", Sec. 2.2), which is
-    what makes the cross pairs possible: the encoder of one and the decoder of the other meet
-    at equal shapes because the U-Net is symmetric.
+    role "seg" takes the image (B, 1 or 3, H, W); role "recon" the label map (B, H, W), its raw
+    ids 0 .. K-1 as intensities (spec 1.3). Returns a UNetOutput of the DoubleConv outputs that
+    Eqs. (4)-(6) align; `mid_feature` picks F_in. Both roles share one layout (Sec. 2.2), so the
+    encoder of one and the decoder of the other meet at equal shapes: the cross pairs.
     """
 
     def __init__(self, num_classes, widths=(64, 128, 256, 512, 1024), in_channels=3,
@@ -271,12 +256,9 @@ class ReSegUNet(nn.Module):
 
 
 def build_model(preset="paper", num_classes=9, role="seg", as_released=False, **overrides):
-    """The U-Net of a preset. `as_released=True`: the authors' network exactly (Eq. (6) on u1).
-
-    The layers and state-dict keys are the released ones in every case (118 keys at any
-    preset), so the authors' checkpoints load with strict=True. Overrides: widths, in_channels,
-    mid_feature.
-    """
+    """The U-Net of a preset; `as_released=True`: the authors' (Eq. (6) on u1). The 118
+    state-dict keys are the released ones at any preset (strict loading). Overrides: widths,
+    in_channels, mid_feature."""
     if preset not in PRESETS:
         common.fail(f"unknown preset '{preset}' (paper, small or tiny)")
     settings = asdict(PRESETS[preset])
@@ -303,10 +285,8 @@ def load_released_weights(model, path, flag="--pretrained"):
 
 
 # ==== 5. Losses ====
-# Stage 1 minimises Eq. (3); stage 2 minimises Eq. (8). Every reduction is a mean (over batch,
-# channels and pixels), as in the authors' F.mse_loss / nn.L1Loss calls, so the loss scale does
-# not depend on the image size, and lambda = 0.035 keeps its meaning at any preset.
-
+# Stage 1 minimises Eq. (3), stage 2 Eq. (8). Every reduction is a mean over batch, channels and
+# pixels (the authors' F.mse_loss / nn.L1Loss), so lambda = 0.035 keeps its meaning at any size.
 
 def mse_loss(x, x_hat):
     """Mean squared error over H x W x C (and the batch); x, x_hat (B, C, H, W)."""
@@ -326,10 +306,8 @@ def recon_loss(x, x_hat, alpha=0.6, beta=0.4):
 
 
 def recon_target(labels, images, num_classes, target="image"):
-    """x_hat of Eqs. (1)-(3): the image on every channel (code, default) or the one-hot GT.
-
-    labels (B, H, W) int, images (B, 3, H, W) -> (B, K, H, W) float.
-    """
+    """x_hat of Eqs. (1)-(3), (B, K, H, W) float: the images (B, 3, H, W) on every channel
+    (code, default) or the one-hot GT of labels (B, H, W) int."""
     if target == "gt":  # the GT -> GT reading of Sec. 2.2
         return F.one_hot(labels, num_classes).permute(0, 3, 1, 2).float()  # (B, K, H, W)
     gray = images.float().mean(dim=1, keepdim=True)  # (B, 1, H, W): the slice (RGB: the mean)
@@ -348,13 +326,10 @@ ALIGN_GROUPS = ("e2d", "d2e", "mid")  # Recon-E -> Seg-D, Recon-D -> Seg-E, midd
 def alignment_loss(seg, rec, groups=ALIGN_GROUPS):
     """Three-level cross-feature alignment, Sec. 2.3; seg, rec are UNetOutputs of equal shapes.
 
-    Level l = 1 is the deepest (spec 3.2): Recon-E^1 is x4 and Seg-D^1 is u1, both (B, C_4,
-    H/8, W/8). The frozen net's features are constants (computed without gradient).
-    Returns (L_align, dict of the per-term values).
-
-    Why crosswise: the seg decoder is pulled towards the reconstruction *encoder*'s view of the
-    label map (clean anatomy, no image noise), and the seg encoder towards the reconstruction
-    decoder's, so both halves of the segmentation U-Net get a target (Sec. 2.3, Fig. 1(b)).
+    Level l = 1 is the deepest (spec 3.2): Recon-E^1 is x4, Seg-D^1 is u1, both (B, C_4, H/8,
+    W/8). The frozen net's features are constants. Returns (L_align, dict of the terms).
+    Crosswise, so both halves of the seg U-Net get a target from the label map's clean anatomy
+    (Sec. 2.3, Fig. 1(b)).
     """
     terms = {}
     for level in (1, 2, 3):
@@ -370,7 +345,6 @@ def alignment_loss(seg, rec, groups=ALIGN_GROUPS):
 
 def dice_loss(logits, labels, eps=1e-5):
     """TransUNet's soft Dice loss (spec 3.4): softmax, one-hot incl. background, squared sums.
-
     logits (B, K, H, W), labels (B, H, W); per class over the whole batch
     d_c = 1 - (2 sum p g + eps) / (sum p^2 + sum g^2 + eps), then the mean over the K classes.
     """
@@ -389,10 +363,8 @@ def seg_loss(logits, labels, ce_weight=0.5, dice_weight=0.5):
 
 def total_loss(seg, labels, rec=None, lam=0.035, groups=ALIGN_GROUPS, ce_weight=0.5,
                dice_weight=0.5):
-    """Stage-2 objective, Sec. 2.3; rec None or lam 0 gives the plain baseline.
-
-    Returns (L_total, L_align as a float for logging).
-    """
+    """Stage-2 objective, Sec. 2.3; rec None or lam 0: the plain baseline. Returns (L_total,
+    L_align as a float for logging)."""
     l_seg = seg_loss(seg.logits, labels, ce_weight, dice_weight)
     if rec is None or lam == 0 or not groups:
         return l_seg, 0.0
@@ -401,17 +373,13 @@ def total_loss(seg, labels, rec=None, lam=0.035, groups=ALIGN_GROUPS, ce_weight=
 
 
 # ==== 6. Data handling: TransUNet's augmentation, class names, test cases ====
-# common.load_data reads every layout (TransUNet npz / h5, MT-UNet's ACDC npz, PNG pairs, toy);
-# what is ReSeg's own is the baseline's augmentation (Sec. 3.2: "identical to the baseline") and
-# the names of the organs in the paper's tables.
-
+# common.load_data reads every layout; ReSeg's own are the baseline's augmentation (Sec. 3.2:
+# "identical to the baseline") and the organ names of the paper's tables.
 
 def transunet_augment(image, label, rng):
-    """TransUNet's RandomGenerator (spec 5.2) on a float slice (H, W) and its labels (H, W).
-
-    p = 0.5: rot90 by k in {0..3} then a flip; else p = 0.5: rotate by an integer angle in
-    [-20, 19] degrees, nearest-neighbour for image and label alike.
-    """
+    """TransUNet's RandomGenerator (spec 5.2) on a float slice (H, W) and its labels (H, W):
+    p = 0.5 rot90 by k in {0..3} then a flip; else p = 0.5 rotate by an integer angle in [-20,
+    19] degrees, nearest-neighbour for image and label alike."""
     from scipy.ndimage import rotate
     if rng.random() > 0.5:
         k, axis = rng.randrange(4), rng.randrange(2)
@@ -421,44 +389,6 @@ def transunet_augment(image, label, rng):
         image = rotate(image, angle, order=0, reshape=False)
         label = rotate(label, angle, order=0, reshape=False)
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
-
-
-def zoom_to(array, shape, order):
-    """scipy.ndimage.zoom of a 2-D map to `shape` (TransUNet's resize); a no-op at that shape."""
-    from scipy.ndimage import zoom
-    if array.shape[:2] == tuple(shape):
-        return array
-    return zoom(array, (shape[0] / array.shape[0], shape[1] / array.shape[1]), order=order)
-
-
-class SlicePrep:
-    """TransUNet's RandomGenerator for a gray slice: augment (optional), then resize to S x S.
-
-    Cubic for the image and nearest for the labels (spec 5.2, step 3), so common.SliceDataset's
-    own bilinear resize finds the slice at its size and does nothing. RGB images (PNG pairs)
-    arrive resized already and only get the augmentation.
-    """
-
-    def __init__(self, size, augment=None, resize="cubic"):
-        self.size, self.augment, self.resize = size, augment, resize
-
-    def __call__(self, image, label, rng):
-        if self.augment is not None:
-            image, label = self.augment(image, label, rng)
-        if self.resize == "cubic" and image.ndim == 2:
-            image = zoom_to(image, (self.size, self.size), 3)  # order 3, as TransUNet
-            label = zoom_to(label, (self.size, self.size), 0)
-        return image, label
-
-
-def label_maps(dataset):
-    """Every label map of a data set as stored, without augmentation (for counting ids)."""
-    for index in range(len(dataset)):
-        if isinstance(dataset, common.SliceDataset):  # read the file: no augment, no resize
-            yield common._read_npz_or_h5(dataset.files[index])[1]
-        else:  # VolumeDataset (image, labels, name); PairDataset.full (image, labels)
-            yield (dataset[index] if isinstance(dataset, common.VolumeDataset)
-                   else dataset.full(index))[1]
 
 
 def dataset_kind(args):
@@ -471,27 +401,17 @@ def dataset_kind(args):
 
 
 def resolve_classes(args, data):
-    """(K, class names, note): the paper's names, or K counted from every label map; checked.
-
-    Unnamed data: K = 1 + the largest id in any training, validation or test label map, so a
-    rare class in a few slices cannot crash training later. Named data (and the toy set) are
-    not scanned; train_one_epoch stops with one line at a batch holding an id >= K.
-    """
+    """(K, class names, note): the paper's names, or K = 1 + the largest id in any label map
+    (common.count_labels). Named data are not scanned; train_one_epoch stops with one line at a
+    batch holding an id >= K."""
     kind = dataset_kind(args)
     if kind in CLASS_NAMES:
         names = CLASS_NAMES[kind]
         return len(names) + 1, names, f"{kind} classes"
-    sets = [data["train"], data["val"], *data["test"].values()]
-    top = -1
-    for dataset in (s for s in sets if s is not None):
-        for labels in label_maps(dataset):
-            if labels.min() < 0:
-                common.fail(f"--data {args.data}: a label map holds the negative id "
-                            f"{int(labels.min())}")
-            top = max(top, int(labels.max()))
-    if top < 1:
-        common.fail(f"--data {args.data}: no foreground label found in the label maps")
-    return top + 1, [f"class{c}" for c in range(1, top + 1)], "counted in every label map"
+    sets = [s for s in (data["train"], data["val"], *data["test"].values()) if s is not None]
+    k = common.count_labels([f for s in sets for f in (s.files if hasattr(s, "files")  # npz, h5
+                                                       else [p["masks"][0] for p in s.pairs])])
+    return k, [f"class{c}" for c in range(1, k)], "counted in every label map"
 
 
 def protocol_row(kind):
@@ -503,26 +423,21 @@ def protocol_row(kind):
 def test_cases(dataset):
     """Yield (image, labels, name) per test case: a volume (D, H, W) float, or one RGB image."""
     for index in range(len(dataset)):
-        if isinstance(dataset, common.VolumeDataset):
-            yield dataset[index]
-        elif hasattr(dataset, "volume"):  # the toy set: one-slice volumes
-            yield dataset.volume(index)
-        else:  # a folder of image / label-map PNGs
-            image, labels = dataset.full(index)
-            yield image, labels, dataset.names[index]
+        if hasattr(dataset, "full"):  # a folder of image / label-map PNGs
+            yield (*dataset.full(index), dataset.names[index])
+        else:  # VolumeDataset, or the toy set's one-slice volumes
+            yield dataset.volume(index) if hasattr(dataset, "volume") else dataset[index]
 
 
 def display_slice(image):
     """A gray slice or RGB image as uint8 (H, W, 3) for overlays (min-max scaled if float)."""
     if image.dtype == np.uint8:
         return image
-    low, high = float(image.min()), float(image.max())
-    gray = ((image - low) / max(high - low, 1e-8) * 255).astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=2)
+    gray = (image - image.min()) / max(float(image.max() - image.min()), 1e-8)
+    return np.repeat((gray[..., None] * 255).astype(np.uint8), 3, axis=2)
 
 
 # ==== 7. Train, evaluate, predict ====
-
 
 def autocast(device, enabled):
     """Mixed precision context (fp16 on CUDA, bf16 on CPU), a no-op when disabled."""
@@ -539,11 +454,9 @@ def train_one_epoch(model, loader, optimizer, device, args, stage="seg", recon_n
                     scaler=None, show=True, iteration=0, total_iterations=1):
     """One epoch of stage 1 (`stage="recon"`, model = recon net) or stage 2 (model = seg net).
 
-    In stage 2 `recon_net` is the frozen reconstruction net, fed the same batch's label maps
-    (after the same augmentation, spec 3.1): it needs the ground truth, so it runs only while
-    training and inference is the plain U-Net. The lr of every step is computed from
-    (iteration, total_iterations), never stored, so a resumed run follows a new --epochs.
-    Returns {'loss', 'align'} averaged over batches.
+    In stage 2 the frozen `recon_net` gets the same batch's augmented label maps (spec 3.1), so
+    it runs only in training. Each step's lr comes from (iteration, total_iterations), never
+    stored: a resumed run follows a new --epochs. Returns {'loss', 'align'}, batch means.
     """
     model.train()
     if recon_net is not None:  # batch statistics (code, spec 2.4) or the running ones
@@ -555,8 +468,7 @@ def train_one_epoch(model, loader, optimizer, device, args, stage="seg", recon_n
             break
         common.set_lr(optimizer, poly_lr(args.lr, iteration + step, total_iterations,
                                   PAPER_RECIPE["poly_power"]))
-        images = batch["image"].to(device)  # (B, 3, H, W)
-        labels = batch["mask"].to(device)  # (B, H, W) ids
+        images, labels = batch["image"].to(device), batch["mask"].to(device)  # (B, 3 | -, H, W)
         if int(labels.max()) >= args.num_classes:
             common.fail(f"--data {args.data}: a label map holds id {int(labels.max())}, but "
                         f"{args.num_classes} classes were set (--dataset {args.dataset})")
@@ -587,17 +499,14 @@ def train_one_epoch(model, loader, optimizer, device, args, stage="seg", recon_n
 def validate(model, dataset, args, device, stage="seg"):
     """Validation score: mean stage-1 loss (recon), or the pooled foreground Dice (seg)."""
     model.eval()
-    loader = common.make_loader(dataset, args.batch_size, train=False)
-    k = args.num_classes
-    loss_sum, count = 0.0, 0
+    k, loss_sum, count = args.num_classes, 0.0, 0
     inter, total = torch.zeros(k), torch.zeros(k)
-    for batch in loader:
+    for batch in common.make_loader(dataset, args.batch_size, train=False):
         images, labels = batch["image"].to(device), batch["mask"].to(device)
         if stage == "recon":
-            x = model(labels).logits
             x_hat = recon_target(labels, images, k, args.recon_target)
-            loss_sum += float(recon_loss(x, x_hat, args.alpha, args.beta)) * len(labels)
-            count += len(labels)
+            loss = recon_loss(model(labels).logits, x_hat, args.alpha, args.beta)
+            loss_sum, count = loss_sum + float(loss) * len(labels), count + len(labels)
             continue
         pred = model(images).logits.argmax(1)  # (B, H, W)
         for c in range(1, k):
@@ -613,9 +522,8 @@ def validate(model, dataset, args, device, stage="seg"):
 def predict(model, image, img_size, device, rgb=False, resize="cubic"):
     """Label map of one test case at its own size, slice by slice (TransUNet's test, spec 6.3).
 
-    image: a volume (D, H, W) float (or one slice (H, W)) -> (D, H, W) int64: each slice is
-    resized to S x S (cubic, or bilinear with resize="bilinear"), argmax, nearest back to H x W.
-    With rgb=True: a uint8 RGB image (H, W, 3) normalised as in training -> (H, W) int64.
+    A volume (D, H, W) float (or a slice (H, W)) -> (D, H, W) int64 by common.predict_volume
+    (`resize` cubic or bilinear); rgb=True: a uint8 (H, W, 3) image, normalised as in training.
     """
     model.eval()
     logits_fn = lambda x: model(x).logits  # noqa: E731  (n, 3, S, S) -> (n, K, S, S)
@@ -626,32 +534,20 @@ def predict(model, image, img_size, device, rgb=False, resize="cubic"):
         pred = logits_fn(x).argmax(1)[0].cpu().numpy()  # (S, S)
         return common.resize_mask(pred, 0, image.shape[:2])
     volume = image[None] if image.ndim == 2 else image
-    if resize == "bilinear":
-        return common.predict_volume(logits_fn, volume, img_size, 3, device)
-    labels = []
-    for start in range(0, len(volume), 16):
-        chunk = [zoom_to(s, (img_size, img_size), 3) for s in volume[start:start + 16]]
-        x = torch.from_numpy(np.stack(chunk).astype(np.float32))[:, None].to(device)
-        pred = logits_fn(x).argmax(1).cpu().numpy()  # (n, S, S); the 1 channel is repeated
-        labels += [zoom_to(p, volume.shape[1:], 0) for p in pred]
-    return np.stack(labels)
+    return common.predict_volume(logits_fn, volume, img_size, 3, device, resize=resize)
 
 
 def evaluate(model, dataset, args, device, pred_dir=None, max_overlays=50):
-    """The paper's columns (Tab. 1, 2): Dice and HD95 per volume and organ, then averaged.
-
-    Uses common.VolumeMeter with voxel-unit HD95 and TransUNet's empty-organ convention
-    (spec 6.3; "skip" on the one-slice toy volumes). Writes label PNGs (one per slice) and up
-    to `max_overlays` overlays if `pred_dir` is given.
-    Returns {'mean_dice', 'mean_hd95', 'dice_<organ>', 'hd95_<organ>'}.
+    """The paper's columns (Tab. 1, 2): Dice and HD95 (voxels) per volume and organ, averaged
+    by common.VolumeMeter, TransUNet's empty-organ rule (spec 6.3; "skip" on toy volumes).
+    Writes one label PNG per slice and up to `max_overlays` overlays into `pred_dir`, if given.
     """
     convention = "skip" if args.data == "toy" else "transunet"  # docstring, deviations
     meter = common.VolumeMeter(args.num_classes, args.class_names, None, convention)
     rgb = isinstance(dataset, common.PairDataset)
     overlays = 0
     for image, labels, name in test_cases(dataset):
-        pred = predict(model, image, args.img_size, device, rgb, args.resize)
-        pred = pred.reshape(labels.shape)
+        pred = predict(model, image, args.img_size, device, rgb, args.resize).reshape(labels.shape)
         meter.update(pred, labels)
         if pred_dir is None:
             continue
@@ -668,84 +564,57 @@ def evaluate(model, dataset, args, device, pred_dir=None, max_overlays=50):
 
 def predict_folder(args, saved, run):
     """--predict DIR: one label-map PNG per image in DIR, from a stage-2 checkpoint."""
-    files = common.list_images(args.predict)
-    model = build_model(args.preset, args.num_classes, mid_feature=args.mid_feature)
-    model.load_state_dict(saved["model"])
-    model.to(run.device)
+    files, model = common.list_images(args.predict), seg_net(args, saved["model"], run.device)
+    rgb = args.input_kind == "rgb"  # trained on PNG pairs; else CT/MR slices, gray in [0, 1]
     for path in files:
         image = common.load_image(path)  # (H, W, 3) uint8
-        if args.input_kind == "rgb":  # trained on PNG pairs: ImageNet-normalised RGB
-            labels = predict(model, image, args.img_size, run.device, rgb=True)
-        else:  # trained on CT/MR slices (or the toy set): gray values in [0, 1]
-            gray = image.mean(axis=2).astype(np.float32) / 255.0
-            labels = predict(model, gray, args.img_size, run.device)[0]
-        common.save_label_png(run.out / "predictions" / f"{path.stem}.png", labels)
+        image = image if rgb else image.mean(axis=2).astype(np.float32) / 255.0
+        labels = predict(model, image, args.img_size, run.device, rgb, args.resize)
+        common.save_label_png(run.out / "predictions" / f"{path.stem}.png",
+                              labels.reshape(image.shape[:2]))
     run.log(f"wrote {len(files)} label maps to {run.out / 'predictions'}")
     run.close()
     return {"predicted": len(files), "folder": str(run.out / "predictions")}
 
 
-def print_table(run, group, metrics, class_names, toy=False):
-    """Print one test group as the paper's table row: DSC (%), HD95, per-organ Dice (%)."""
-    names = ["DSC(%)", "HD95"] + list(class_names)
-    values = [100 * metrics["mean_dice"], metrics["mean_hd95"]]
-    values += [100 * metrics[f"dice_{n}"] for n in class_names]
-    width = max(8, *(len(n) + 1 for n in names))
-    convention = "absent organs skipped" if toy else "TransUNet's empty-organ rule"
-    run.log(f"test [{group}]  (HD95 in voxels; {convention})")
-    run.log("".join(f"{n:>{width}}" for n in names))
-    run.log("".join(f"{v:>{width}.2f}" for v in values))
-
-
 # ==== 8. Command line and the two-stage training run ====
-
 
 def build_parser():
     """The shared flags plus the paper's switches (ablations and the authors' variants)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     common.add_common_args(parser, PAPER_RECIPE, "Sec. 3.2 / spec 5.1")
-    group = parser.add_argument_group("ReSeg-UNet switches")
-    group.add_argument("--stage", choices=["both", "recon", "seg"], default="both",
-                       help="stage 1 (recon), stage 2 (seg) or both in one run (default both)")
-    group.add_argument("--recon-ckpt", default=None, metavar="FILE",
-                       help="stage-1 weights for --stage seg (ours, or the authors' .pth)")
-    group.add_argument("--recon-epochs", type=int, default=None,
-                       help="stage-1 epochs (paper: 150, spec 2.3)")
-    group.add_argument("--dataset", choices=["auto", "synapse", "acdc", "toy"], default="auto",
-                       help="class names and count (auto: from the data folder's name)")
-    group.add_argument("--lam", type=float, default=PAPER_RECIPE["lam"],
-                       help="lambda of Eq. (8); 0 = plain U-Net baseline (paper: 0.035)")
-    group.add_argument("--align-groups", default="e2d,d2e,mid",
-                       help="Fig. 4(a): which of e2d (Eq. 4), d2e (Eq. 5), mid (Eq. 6) are on")
-    group.add_argument("--alpha", type=float, default=PAPER_RECIPE["alpha"],
-                       help="MSE weight of Eq. (3) (paper: 0.6)")
-    group.add_argument("--beta", type=float, default=PAPER_RECIPE["beta"],
-                       help="L1 weight of Eq. (3) (paper: 0.4)")
-    group.add_argument("--recon-target", choices=["image", "gt"], default=None,
-                       help="stage-1 target: image (Sec. 2.2 + authors' code, default) or gt")
-    group.add_argument("--mid-feature", choices=["bottleneck", "up1"], default=None,
-                       help="F_in of Eq. (6): bottleneck (paper, default) or up1 (authors')")
-    group.add_argument("--recon-bn", choices=["batch", "eval"], default=None,
-                       help="frozen net's BN: batch statistics (authors' code, default) or eval")
-    group.add_argument("--as-released", action="store_true",
-                       help="the authors' code exactly (= --mid-feature up1; Tab. 1)")
-    group.add_argument("--compare", action="store_true",
-                       help="run ReSeg and the paired --lam 0 baseline; print the Delta")
-    group.add_argument("--resize", choices=["cubic", "bilinear"], default="cubic",
-                       help="slice resizing: cubic (TransUNet's, spec 5.2 / 6.3) or bilinear")
-    group.add_argument("--augment", choices=["auto", "on", "off"], default="auto",
-                       help="TransUNet augmentation (auto: on for real data, off for toy)")
-    group.add_argument("--toy-sizes", default=None, metavar="TRAIN,VAL,TEST",
-                       help=f"toy set sizes (default {TOY_RECIPE['toy_sizes']})")
+    add = parser.add_argument_group("ReSeg-UNet switches").add_argument
+    add("--stage", choices=["both", "recon", "seg"], default="both", help="stage(s) to train")
+    add("--recon-ckpt", metavar="FILE", help="stage-1 weights for --stage seg (ours or authors')")
+    add("--recon-epochs", type=int, help="stage-1 epochs (paper: 150, spec 2.3)")
+    add("--dataset", choices=["auto", "synapse", "acdc", "toy"], default="auto",
+        help="class names and count (auto: from the data folder's name)")
+    add("--lam", type=float, default=PAPER_RECIPE["lam"],
+        help="lambda of Eq. (8); 0 = plain U-Net baseline (paper: 0.035)")
+    add("--align-groups", default="e2d,d2e,mid",
+        help="Fig. 4(a): which of e2d (Eq. 4), d2e (Eq. 5), mid (Eq. 6) are on")
+    add("--alpha", type=float, default=PAPER_RECIPE["alpha"], help="MSE weight, Eq. (3) (0.6)")
+    add("--beta", type=float, default=PAPER_RECIPE["beta"], help="L1 weight, Eq. (3) (0.4)")
+    add("--recon-target", choices=["image", "gt"],
+        help="stage-1 target: image (Sec. 2.2 + authors' code, default) or gt")
+    add("--mid-feature", choices=["bottleneck", "up1"],
+        help="F_in of Eq. (6): bottleneck (paper, default) or up1 (authors')")
+    add("--recon-bn", choices=["batch", "eval"],
+        help="frozen net's BN: batch statistics (authors' code, default) or eval")
+    add("--as-released", action="store_true", help="the authors' code (= --mid-feature up1)")
+    add("--compare", action="store_true", help="ReSeg and the paired --lam 0 baseline; Delta")
+    add("--resize", choices=["cubic", "bilinear"], default="cubic",
+        help="slice resizing: cubic (TransUNet's, spec 5.2 / 6.3) or bilinear")
+    add("--augment", choices=["auto", "on", "off"], default="auto",
+        help="TransUNet augmentation (auto: on for real data, off for toy)")
+    add("--toy-sizes", metavar="TRAIN,VAL,TEST", help=f"toy set sizes ({TOY_RECIPE['toy_sizes']})")
     return parser
 
 
 def finish_method_args(args):
     """Resolve the paper switches after common.finish_args; stop on bad values."""
-    variants = ("image", "up1", "batch") if args.as_released else ("image", "bottleneck", "batch")
-    for name, value in zip(("recon_target", "mid_feature", "recon_bn"), variants):
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    args.recon_target, args.recon_bn = args.recon_target or "image", args.recon_bn or "batch"
+    args.mid_feature = args.mid_feature or ("up1" if args.as_released else "bottleneck")
     if args.recon_epochs is None:
         args.recon_epochs = (TOY_RECIPE if args.data == "toy" else PAPER_RECIPE)["recon_epochs"]
     if args.recon_epochs < 1:
@@ -758,12 +627,10 @@ def finish_method_args(args):
     if args.lam < 0:
         common.fail(f"--lam must be >= 0 (got {args.lam})")
     sizes = args.toy_sizes or TOY_RECIPE["toy_sizes"]
-    try:
-        sizes = tuple(int(n) for n in (sizes.split(",") if isinstance(sizes, str) else sizes))
-        assert len(sizes) == 3 and min(sizes) >= 1
-    except (ValueError, AssertionError):
+    sizes = [str(n).strip() for n in (sizes.split(",") if isinstance(sizes, str) else sizes)]
+    if len(sizes) != 3 or not all(n.isdigit() and int(n) > 0 for n in sizes):
         common.fail(f"--toy-sizes {args.toy_sizes}: give three positive counts, e.g. 80,8,8")
-    args.toy_sizes = sizes
+    args.toy_sizes = tuple(int(n) for n in sizes)
     args.aligned = args.lam > 0 and bool(args.align_groups)
     if args.stage == "recon" and not args.aligned:
         common.fail("--stage recon with --lam 0 (or no --align-groups): nothing to train")
@@ -771,12 +638,6 @@ def finish_method_args(args):
         common.fail("--stage seg needs --recon-ckpt FILE (stage-1 weights), or --lam 0 for "
                     "the plain baseline")
     return args
-
-
-def load_ours(path, flag, stage=None):
-    """One of our checkpoints, its stage checked (recon_*.pt: "recon"; best/last.pt: "seg")."""
-    expect = {"stage": stage} if stage else {}
-    return common.load_checkpoint(path, SCRIPT, flag, **expect)
 
 
 ARCHITECTURE = ("num_classes", "class_names", "input_kind")  # with the preset: the network
@@ -790,7 +651,7 @@ def load_recon_net(args, path, flag="--recon-ckpt"):
     if not (isinstance(obj, dict) and "script" in obj):  # not ours: the authors' epoch_149.pth
         return load_released_weights(net, path, flag).requires_grad_(False)
     state = common.load_checkpoint(path, SCRIPT, flag, stage="recon")
-    common.adopt_config(args, state, ["num_classes"], {"num_classes", "preset"}, flag)  # = ours?
+    common.adopt_config(args, state, ["num_classes"], set(), flag, check_only=True, path=path)
     net.load_state_dict(state["model"])
     return net.requires_grad_(False)
 
@@ -809,32 +670,24 @@ def new_model(args, role):
 def run_stage(stage, model, data, args, run, recon_net=None, resume=None):
     """The training loop of one stage: recon_last / recon_best.pt, or last / best.pt.
 
-    Both stages use the same recipe (spec 2.3, 3.5): a fresh SGD with momentum, poly decay per
-    iteration, the baseline's batch size, data order and augmentation from the stage's own
-    seed. Validation keeps the best epoch (lowest stage-1 loss, highest stage-2 Dice); without
-    a validation set (Synapse) the last epoch is the best. Each stage keeps its own files, so
-    `--resume` of either continues that stage.
+    Both stages use one recipe (spec 2.3, 3.5): fresh SGD + momentum, poly decay per iteration,
+    data order and augmentation from the stage's seed. best: the lowest stage-1 loss / highest
+    stage-2 Dice on validation, else the last epoch. `--resume` of either file continues it.
     """
     recon = stage == "recon"
     epochs = args.recon_epochs if recon else args.epochs
     if run.distributed:
         model = nn.parallel.DistributedDataParallel(model)
     # the frozen net is not part of `model`, so it never moves
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr,
-                                momentum=PAPER_RECIPE["momentum"],
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=PAPER_RECIPE["momentum"],
                                 weight_decay=PAPER_RECIPE["weight_decay"])
     loader = common.make_loader(data["train"], args.batch_size, train=True,  # reseeds the rng
                                 workers=args.workers, seed=stage_seed(args, stage))
     per_epoch = min(len(loader), args.limit_batches or len(loader))
     scaler = torch.amp.GradScaler(enabled=args.amp and run.device.type == "cuda")
-    start, best = 0, float("inf")  # stage 1's own best (Run.best belongs to stage 2)
-    if resume is not None and recon:  # Run.restore would write a stage-1 best.pt
-        common.unwrap(model).load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        start, best = resume["epoch"] + 1, resume["best"]
-        run.log(f"resumed stage 1 from {args.resume} at epoch {start} of {epochs}")
-    elif resume is not None:
-        start = run.restore(resume, model, optimizer, scaler)
+    prefix, run.best, start = "recon_" if recon else "", None, 0  # each stage its own best
+    if resume is not None:
+        start = run.restore(resume, model, optimizer, scaler, prefix=prefix, epochs=epochs)
     run.log(f"stage '{stage}': {epochs} epochs x {per_epoch} iterations, lr {args.lr}")
     for epoch in range(start, epochs):
         if hasattr(loader.sampler, "set_epoch"):  # torchrun: a new shard order each epoch
@@ -852,30 +705,15 @@ def run_stage(stage, model, data, args, run, recon_net=None, resume=None):
         row["val_recon_loss" if recon else "val_dice"] = "" if score is None else score
         state = {"model": common.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                  "config": vars(args), "preset": args.preset, "stage": stage}
-        if not recon:
-            run.end_epoch(epoch, row, state, score)
-            continue
-        improved = score is None or score < best  # Run.end_epoch, with recon_ files
-        best = score if score is not None and improved else best
-        run.log_epoch(row)
-        run.log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in row.items()))
-        state.update(epoch=epoch, best=best)
-        run.checkpoint("recon_last.pt", state)
-        if improved:
-            run.checkpoint("recon_best.pt", state)
-    run.barrier()
+        run.end_epoch(epoch, row, state, score, higher_is_better=not recon, prefix=prefix)
 
 
 def run_comparison(argv, args):
-    """--compare: the ReSeg run and the paired --lam 0 baseline (same seed), then the Delta.
-
-    Both runs share stage 2's initial weights and data order (stage_seed), so the difference is
-    the alignment's alone, as the paper's Delta rows mean it (Tab. 1, 2).
-    """
-    for flag in ("eval", "resume", "predict", "bench"):
-        if getattr(args, flag):
-            common.fail(f"--compare trains two runs; it cannot be combined with --{flag}")
+    """--compare: the ReSeg run and the paired --lam 0 baseline, then the Delta. Both share stage
+    2's initial weights and data order (stage_seed): the difference is the alignment's alone, as
+    the paper's Delta rows mean it (Tab. 1, 2)."""
+    for flag in (f for f in ("eval", "resume", "predict", "bench") if getattr(args, f)):
+        common.fail(f"--compare trains two runs; it cannot be combined with --{flag}")
     if args.lam == 0 or args.stage != "both":
         common.fail("--compare needs the ReSeg run: no --lam 0, no --stage")
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -886,12 +724,10 @@ def run_comparison(argv, args):
     delta = {group: {k: reseg[group][k] - plain[group][k] for k in reseg[group]}
              for group in reseg}
     for group in reseg:
-        keys = ["mean_dice", "mean_hd95"] + [k for k in reseg[group] if k.startswith("dice_")]
         print(f"compare [{group}]: {'':14}{'ReSeg':>9}{'lam 0':>9}{'Delta':>9}")
-        for k in keys:
-            scale = 1 if "hd95" in k else 100
-            print(f"compare [{group}]: {k:14}" + "".join(
-                f"{scale * v:9.2f}" for v in (reseg[group][k], plain[group][k], delta[group][k])))
+        for k in ["mean_dice", "mean_hd95"] + [k for k in reseg[group] if k[:5] == "dice_"]:
+            print(f"compare [{group}]: {k:14}" + "".join(f"{(1 if 'hd95' in k else 100) * v:9.2f}"
+                  for v in (reseg[group][k], plain[group][k], delta[group][k])))
     result = {"reseg": reseg, "baseline": plain, "delta": delta, "folder": str(base)}
     (base / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -926,20 +762,16 @@ def run_bench(args, given, run):
 
 
 def adopt_saved(args, given):
-    """--resume / --eval / --predict: the checkpoint (stage checked) and its settings.
-
-    The settings saved with it (preset, image size, classes, switches) rebuild the same network
-    and data, so a bare `--eval best.pt` works; a flag typed on this command line still wins.
-    """
+    """--resume / --eval / --predict: the checkpoint (stage checked) and its settings (preset,
+    size, classes, switches), so a bare `--eval best.pt` works; a flag typed here still wins."""
     if not (args.resume or args.eval or args.predict):
         return None
     flag, path, stage = (("--resume", args.resume, None) if args.resume else
                          ("--eval", args.eval, "seg") if args.eval else
                          ("--checkpoint", args.checkpoint, "seg"))
-    saved = load_ours(path, flag, stage)
+    saved = common.load_checkpoint(path, SCRIPT, flag, **({"stage": stage} if stage else {}))
     common.adopt_config(args, saved, ARCHITECTURE, given, flag)  # preset too; conflicts stop
-    keep = {"resume", "eval", "predict", "checkpoint", "out", "bench", "device", "workers",
-            "compare"}
+    keep = {"resume", "eval", "predict", "checkpoint", "out", "bench", "device", "workers"}
     for key, value in saved["config"].items():  # the switches, image size, recipe
         if key not in given and key not in keep:
             setattr(args, key, value)
@@ -952,36 +784,45 @@ def load_method_data(args, run, saved):
     """The data, the class count (checked against a checkpoint's), and the augmentation."""
     augment = transunet_augment if args.augment == "on" or (
         args.augment == "auto" and args.data != "toy") else None
-    prep = SlicePrep(args.img_size, augment, args.resize)
-    data = common.load_data(args, "multiclass", augment=prep, toy_sizes=args.toy_sizes)
-    if getattr(data["val"], "augment", None) is None and hasattr(data["val"], "files"):
-        data["val"].augment = SlicePrep(args.img_size, None, args.resize)  # resize only
+    data = common.load_data(args, "multiclass", augment=augment, toy_sizes=args.toy_sizes,
+                            resize=args.resize)  # cubic: TransUNet's zoom (spec 5.2, step 3)
     if data["splits"] is not None:
         run.save_json("splits.json", data["splits"])
     if not data["test"]:
         common.fail(f"--data {args.data}: no test volumes or images found")
     args.input_kind = "rgb" if isinstance(data["train"], common.PairDataset) else "gray"
+    note = "classes from the checkpoint"
     if saved is None or "num_classes" not in saved["config"]:
         args.num_classes, args.class_names, note = resolve_classes(args, data)
-    else:
-        note = "classes from the checkpoint"
     run.log(f"data: {data['source']} | {args.num_classes} classes ({note}): "
             f"{', '.join(args.class_names)}")
     return data
 
 
-def test_model(args, run, data, state):
-    """Test a stage-2 state dict per volume, as Tab. 1-2; prints and saves the metrics."""
+def seg_net(args, state, device):
+    """The stage-2 U-Net of these settings with a checkpoint's weights, on `device`."""
     model = build_model(args.preset, args.num_classes, mid_feature=args.mid_feature)
     model.load_state_dict(state)
-    model.to(run.device)
-    metrics = {}
+    return model.to(device)
+
+
+def test_model(args, run, data, state):
+    """Test a stage-2 state dict per volume; print each group as the paper's table row (Tab.
+    1-2: DSC %, HD95, per-organ Dice %) and save the metrics."""
+    model, metrics = seg_net(args, state, run.device), {}
+    names = ["DSC(%)", "HD95", *args.class_names]
+    width = max(8, *(len(n) + 1 for n in names))
+    rule = "absent organs skipped" if args.data == "toy" else "TransUNet's empty-organ rule"
     if run.is_main:
         for group, dataset in data["test"].items():
             pred_dir = run.out / "predictions" / (group if len(data["test"]) > 1 else "")
             pred_dir.mkdir(parents=True, exist_ok=True)
-            metrics[group] = evaluate(model, dataset, args, run.device, pred_dir)
-            print_table(run, group, metrics[group], args.class_names, args.data == "toy")
+            got = metrics[group] = evaluate(model, dataset, args, run.device, pred_dir)
+            values = [100 * got["mean_dice"], got["mean_hd95"],
+                      *(100 * got[f"dice_{n}"] for n in args.class_names)]
+            run.log(f"test [{group}]  (HD95 in voxels; {rule})")
+            run.log("".join(f"{n:>{width}}" for n in names))
+            run.log("".join(f"{v:>{width}.2f}" for v in values))
         run.save_json("test_metrics.json", metrics)
     return metrics
 
@@ -1013,9 +854,8 @@ def main(argv=None):
             f"groups {','.join(args.align_groups)} | resize {args.resize}")
     if args.eval:
         return test_model(args, run, data, saved["model"])
-    run.save_json("config.json", {**vars(args), "source": data["source"],
-                                  "device": str(run.device),
-                                  "preset_values": asdict(PRESETS[args.preset])})
+    run.save_json("config.json", {**vars(args), "source": data["source"], "device": str(
+        run.device), "preset_values": asdict(PRESETS[args.preset])})
     resume_stage = saved["stage"] if args.resume else None
     recon_path = args.recon_ckpt  # --stage seg: the given stage-1 file
 

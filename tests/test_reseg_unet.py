@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import common
 import reseg_unet as m
@@ -441,15 +442,24 @@ def test_transunet_augment_moves_image_and_label_together():
         assert np.array_equal(image, out.astype(np.float32))
 
 
-def test_slice_resize_is_transuNets_cubic_zoom():
+def test_slice_resize_is_transuNets_cubic_zoom(tmp_path):
     from scipy.ndimage import zoom  # TransUNet's call: zoom(image, (S/x, S/y), order=3)
     rng = np.random.default_rng(0)
-    image, label = rng.random((8, 12)).astype(np.float32), rng.integers(0, 4, (8, 12))
-    out, lab = m.SlicePrep(24)(image, label, None)
-    assert np.allclose(out, zoom(image, (3, 2), order=3))
-    assert np.array_equal(lab, zoom(label, (3, 2), order=0)) and lab.shape == (24, 24)
-    bilinear, _ = m.SlicePrep(24, resize="bilinear")(image, label, None)
-    assert bilinear.shape == (8, 12)  # left to common.SliceDataset's torch resize
+    image, label = rng.random((16, 24)).astype(np.float32), rng.integers(0, 4, (16, 24))
+    for split in ("train", "valid", "test"):
+        (tmp_path / split).mkdir()
+        np.savez(tmp_path / split / "case0.npz", img=image, label=label)
+    run = common.Run(make_args(out=str(tmp_path / "o")), m.SCRIPT)
+    for resize in ("cubic", "bilinear"):  # --resize, through load_method_data
+        args = make_args(data=str(tmp_path), resize=resize, augment="off", img_size=48)
+        data = m.load_method_data(args, run, None)
+        for item in (data["train"][0], data["val"][0]):  # training and validation alike
+            cubic = np.allclose(item["image"][1].numpy(), zoom(image, (3, 2), order=3),
+                                atol=1e-6)
+            assert cubic == (resize == "cubic"), resize
+            assert item["mask"].shape == (48, 48)
+        if resize == "cubic":
+            assert np.array_equal(item["mask"].numpy(), zoom(label, (3, 2), order=0))
 
 
 class Probe(torch.nn.Module):
@@ -491,6 +501,25 @@ def test_validation_dice_is_foreground_only_and_pooled():
     assert m.validate(Probe(constant=1), items, args, torch.device("cpu")) == pytest.approx(0.4)
 
 
+def test_validation_recon_score_is_eq3_per_sample_mean():
+    class Zero(torch.nn.Module):  # recon net stand-in: x = 0 on K = 3 channels
+        def forward(self, labels):
+            return m.UNetOutput(torch.zeros(labels.shape[0], 3, *labels.shape[1:]), None, [], [])
+    args = make_args(batch_size=2)
+    args.num_classes = 3
+    items = [{"image": torch.full((3, 4, 6), v), "mask": torch.zeros(4, 6, dtype=torch.long)}
+             for v in (0.5, 1.0, 0.0)]  # batches of 2 and 1: a mean per sample, not per batch
+    # x_hat = the slice on every channel: 0.6 * 0.25 + 0.4 * 0.5 = 0.35, 0.6 + 0.4 = 1, and 0
+    score = m.validate(Zero(), items, args, torch.device("cpu"), stage="recon")
+    assert score == pytest.approx((0.35 + 1.0 + 0.0) / 3)
+
+
+def test_bad_toy_sizes_stop_with_one_line():
+    for sizes in ("8,0,3", "8,4", "a,b,c"):
+        with pytest.raises(common.UserError, match=f"--toy-sizes {sizes}: give three"):
+            make_args(toy_sizes=sizes)
+
+
 def write_npz_layout(root, rare_id=11):
     """An ACDC-like (MT-UNet) layout in a folder without a data-set name; one rare class."""
     for split, n in (("train", 6), ("valid", 2), ("test", 2)):
@@ -507,11 +536,31 @@ def write_npz_layout(root, rare_id=11):
 def test_unnamed_data_counts_classes_in_every_label_map(tmp_path):
     root = write_npz_layout(tmp_path / "mydata")
     args = make_args(data=str(root))
-    data = common.load_data(args, "multiclass", augment=m.SlicePrep(32), toy_sizes=(1, 1, 1))
+    data = common.load_data(args, "multiclass", augment=m.transunet_augment,
+                            toy_sizes=(1, 1, 1), resize="cubic")
     k, names, note = m.resolve_classes(args, data)
     assert k == 12 and len(names) == 11 and "every label map" in note
     args.dataset = "acdc"  # named: the paper's 4 classes
     assert m.resolve_classes(args, data)[0] == 4
+
+
+def test_png_pairs_give_every_case_and_their_class_count(tmp_path):
+    pairs = []
+    for i in range(2):  # two RGB images with different label maps (ids up to 3 + i)
+        labels = np.zeros((6, 10), np.int64)
+        labels[i:i + 2, 2 + i:6] = 3 + i
+        common.save_label_png(tmp_path / f"m{i}.png", labels)
+        image = np.random.default_rng(i).integers(0, 255, (6, 10, 3), dtype=np.uint8)
+        Image.fromarray(image).save(tmp_path / f"i{i}.png")
+        pairs.append({"key": f"i{i}", "image": tmp_path / f"i{i}.png",
+                      "masks": [tmp_path / f"m{i}.png"], "context": None})
+    dataset = common.PairDataset(pairs, 16, labels=True)
+    cases = list(m.test_cases(dataset))
+    assert [name for _, _, name in cases] == ["i0", "i1"]
+    assert [int(lab.max()) for _, lab, _ in cases] == [3, 4] and cases[1][0].shape == (6, 10, 3)
+    args = make_args(data=str(tmp_path))
+    k, names, _ = m.resolve_classes(args, {"train": dataset, "val": None, "test": {"t": dataset}})
+    assert k == 5 and names[-1] == "class4"
 
 
 # ---- the command line: the two stages wired ----
@@ -561,10 +610,29 @@ def test_startup_prints_the_protocol_row_and_both_epoch_counts(tmp_path, capsys)
     assert "Tab. 1" in m.protocol_row("synapse") and "Tab. 2" in m.protocol_row("acdc")
 
 
+def test_each_stage_keeps_its_own_best_epoch(tmp_path, monkeypatch):
+    scores = {"recon": iter([0.9, 0.8]), "seg": iter([0.6, 0.5])}  # stage 1 lower is better
+    monkeypatch.setattr(m, "validate", lambda model, data, args, device, stage: next(scores[stage]))
+    m.main(TINY + ["--epochs", "2", "--recon-epochs", "2", "--limit-batches", "1",
+                   "--out", str(tmp_path)])
+    epoch = {f: torch.load(tmp_path / f"{f}.pt", weights_only=True)["epoch"]
+             for f in ("recon_best", "recon_last", "best", "last")}
+    assert epoch == {"recon_best": 1, "recon_last": 1, "best": 0, "last": 1}
+
+
 def test_eval_reproduces_test_metrics(run_dir, tmp_path):
     metrics = m.main(["--eval", str(run_dir / "best.pt"), "--out", str(tmp_path)])
     saved = json.loads((run_dir / "test_metrics.json").read_text())
     assert metrics["toy"] == pytest.approx(saved["toy"], nan_ok=True)  # nan: organ never seen
+
+
+def test_eval_of_a_checkpoint_without_a_class_count_counts_them(run_dir, tmp_path):
+    state = common.load_checkpoint(run_dir / "best.pt", m.SCRIPT)
+    for key in ("num_classes", "class_names"):
+        del state["config"][key]
+    common.save_checkpoint(tmp_path / "old.pt", state)
+    metrics = m.main(["--eval", str(tmp_path / "old.pt"), "--out", str(tmp_path / "o")])
+    assert "dice_vessel" in metrics["toy"]  # the toy names: 8 organs, K = 9
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -572,6 +640,8 @@ def test_eval_reproduces_test_metrics(run_dir, tmp_path):
     (["--stage", "seg", "--recon-ckpt", "{run}/last.pt"], "its stage is 'seg'"),
     (["--eval", "{run}/recon_last.pt"], "its stage is 'recon', expected 'seg'"),
     (["--stage", "seg", "--recon-ckpt", "{run}/recon_last.pt", "--preset", "small"], "preset"),
+    (["--stage", "seg", "--recon-ckpt", "{run}/recon_last.pt", "--dataset", "acdc"],
+     "--num-classes 4 differs from the checkpoint's 9"),
     (["--stage", "seg", "--recon-ckpt", "{tmp}/model.pth"], "not a state_dict"),
     (["--stage", "seg", "--recon-ckpt", "{tmp}/list.pth"], "not a state_dict"),
     (["--pretrained", "{tmp}/model.pth", "--lam", "0"], "--pretrained"),
@@ -625,6 +695,15 @@ def test_resume_continues_each_stage_with_the_folders_own_frozen_net(run_dir, tm
     assert loaded[-1] == again / "recon_last.pt"
 
 
+def test_stage1_resumed_into_a_new_folder_keeps_its_own_best(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(m, "validate", lambda *a: 99.0)  # never better than the old best
+    out = tmp_path / "new"
+    m.main(["--resume", str(run_dir / "recon_last.pt"), "--stage", "recon", "--recon-epochs", "2",
+            "--limit-batches", "1", "--out", str(out)])
+    assert sorted(p.name for p in out.glob("*.pt")) == ["recon_best.pt", "recon_last.pt"]
+    assert torch.load(out / "recon_best.pt", weights_only=True)["epoch"] == 0  # the old run's
+
+
 def test_compare_pairs_the_baseline_and_prints_the_delta(tmp_path, monkeypatch, capsys):
     seen, original = [], m.train_one_epoch
 
@@ -664,6 +743,19 @@ def test_predict_writes_one_png_per_image(run_dir, tmp_path):
     written = sorted(p.name for p in (out / "predictions").glob("*.png"))
     assert written == ["im0.png", "im1.png", "im2.png"]
     assert common.load_label_map(out / "predictions" / "im0.png").shape == (40, 40)
+
+
+def test_predict_follows_the_resize_setting(run_dir, tmp_path, monkeypatch):
+    seen, original = [], common.predict_volume
+    monkeypatch.setattr(common, "predict_volume", lambda *a, **k: (
+        seen.append(k.get("resize")), original(*a, **k))[1])
+    images = tmp_path / "images"
+    images.mkdir()
+    common.save_mask_png(images / "im0.png", common.make_toy_multiclass(0, 40)[0] > 0.5)
+    for resize in ("bilinear", "cubic"):
+        m.main(["--predict", str(images), "--checkpoint", str(run_dir / "best.pt"),
+                "--resize", resize, "--out", str(tmp_path / resize)])
+    assert seen == ["bilinear", "cubic"]
 
 
 def test_unnamed_folder_trains_with_the_counted_classes(tmp_path):
