@@ -533,6 +533,8 @@ def test_cli_binary_task(tmp_path, small_toy):
     metrics = dinet.main(TINY + ["--epochs", "1", "--task", "binary", "--enhance", "clahe",
                                  "--out", str(tmp_path)])
     assert 0 <= metrics["toy"]["Dice"] <= 100
+    written = sorted(p.name for p in (tmp_path / "predictions").glob("*.png"))
+    assert written and all(name.startswith("toy_") for name in written)  # named by the image
 
 
 def test_bench_prints_one_record(tmp_path):
@@ -828,22 +830,23 @@ def test_protocol_row_is_the_docstring_row_of_the_layout(layout, row):
 def test_evaluate_writes_every_prediction_and_at_most_50_overlays(tmp_path):
     import argparse
 
-    class Volumes:  # one test volume of 60 slices, 12 x 10
-        names = ["v0"]
+    class Volumes:  # two test volumes of 30 slices, 12 x 10: one budget of 50 overlays
+        names = ["v0", "v1"]
 
         def __len__(self):
-            return 1
+            return 2
 
         def volume(self, index):
             rng = np.random.default_rng(index)
-            return rng.uniform(0, 1, (60, 12, 10)), rng.integers(0, 4, (60, 12, 10)), "v0"
+            return rng.uniform(0, 1, (30, 12, 10)), rng.integers(0, 4, (30, 12, 10)), f"v{index}"
     args = argparse.Namespace(task="multiclass", img_size=16, enhance="none", resize="bilinear",
                               batch_size=32)
     metrics = dinet.evaluate(dinet.build_model("tiny", 4), Volumes(), args, torch.device("cpu"),
                              ["a", "b", "c"], out=tmp_path)
     assert set(metrics) == {"Dice", "HD95", "a", "b", "c"}
-    assert len(list(tmp_path.glob("v0_*_overlay.png"))) == 50
-    assert len(list(tmp_path.glob("v0_[0-9][0-9][0-9].png"))) == 60
+    assert len(list(tmp_path.glob("v0_*_overlay.png"))) == 30
+    assert len(list(tmp_path.glob("v1_*_overlay.png"))) == 20
+    assert len(list(tmp_path.glob("v[01]_[0-9][0-9][0-9].png"))) == 60
 
 
 def test_binary_prediction_is_class_one_upsampled_to_the_image(monkeypatch):
@@ -855,3 +858,21 @@ def test_binary_prediction_is_class_one_upsampled_to_the_image(monkeypatch):
     args = argparse.Namespace(img_size=4)
     mask = dinet.predict_full(None, np.zeros((6, 8, 3), np.uint8), args, "cpu", True)
     assert mask.shape == (6, 8) and mask[:, :4].all() and not mask[:, 4:].any()
+
+
+def test_train_one_epoch_averages_the_steps_and_honours_limit_batches(monkeypatch):
+    import argparse
+    steps = iter([{"loss": 1.0, "ce": 2.0, "dice": 3.0, "bnd": 4.0},
+                  {"loss": 3.0, "ce": 4.0, "dice": 5.0, "bnd": 8.0}, None])
+    monkeypatch.setattr(dinet, "train_step", lambda *a: next(steps))
+    model = dinet.build_model("tiny", 4)
+    args = argparse.Namespace(limit_batches=2)
+    means = dinet.train_one_epoch(model, [{}, {}, {}], None, args, "cpu", None, show=False)
+    assert means == {"loss": 2.0, "ce": 3.0, "dice": 4.0, "bnd": 6.0} and model.training
+
+
+def test_lean_projection_uses_q_kv_and_out():
+    attn = randomise(dinet.WindowCrossAttention(4, 4, 2, proj="lean"), seed=3)
+    attn(torch.randn(2, 4, 8, 6), torch.randn(2, 4, 8, 6)).square().sum().backward()
+    for layer in (attn.q, attn.kv, attn.out):
+        assert layer.weight.grad.abs().sum() > 0
