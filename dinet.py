@@ -476,8 +476,7 @@ def fuzzy_enhance(image, m=2, n=2, gamma=4.0, eps=1 / 255, patrascu=False, satur
     levels u = 2x - 1, log model u (+) v = tanh(phi(u) + phi(v)), phi = atanh: all in phi-space.
     Colour: statistics of the mean phi, one transform per channel (spec 2.6)."""
     image = np.asarray(image, np.float64)
-    phi = np.arctanh(np.clip(2 * image - 1, -1 + eps, 1 - eps))  # gray level -> log-model space
-    phi = phi[..., None] if phi.ndim == 2 else phi  # (H, W, C)
+    phi = np.arctanh(np.clip(2 * np.atleast_3d(image) - 1, -1 + eps, 1 - eps))  # (H, W, C) phi
     lum = phi.mean(axis=2)  # (H, W)
     valid = np.ones_like(lum, bool) if saturated == "clip" else (
         (image > 0).reshape(*lum.shape, -1).any(-1) & (image < 1).reshape(*lum.shape, -1).any(-1))
