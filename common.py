@@ -759,6 +759,22 @@ def save_overlay(path, image, pred, gt=None):
     Image.fromarray(np.concatenate(panels, axis=1)).save(path)
 
 
+def save_predictions(folder, stems, preds, images=None, gts=None, labels=False, overlays=0):
+    """Write `stem`.png per prediction (0/255 mask, or palette label map if `labels`) and, for
+    the first `overlays` of them, `stem`_overlay.png (see save_overlay; needs `images`).
+
+    Returns how many overlays it wrote, so that a caller can cap them per group of files.
+    """
+    written = 0
+    for i, stem in enumerate(stems):
+        (save_label_png if labels else save_mask_png)(Path(folder) / f"{stem}.png", preds[i])
+        if images is not None and written < overlays:
+            save_overlay(Path(folder) / f"{stem}_overlay.png", images[i], preds[i],
+                         None if gts is None else gts[i])
+            written += 1
+    return written
+
+
 # ==== 4. Dataset discovery (datasets.md section 0) ====
 
 IGNORED_NAMES = {"__macosx", "thumbs.db"}
@@ -2087,6 +2103,21 @@ def benchmark(model, train_step, infer_step, batch_size, device, repeats=3, **ex
               "threads": torch.get_num_threads()}
     record.update(extra)
     return record
+
+
+def check_conflicts(parser, args, rules, explicit):
+    """Stop with one line when a flag given explicitly is made meaningless by the others.
+
+    `rules`: (dests, condition, why) triples; the first dest in `explicit` of a rule whose
+    condition holds fails as "--flag [VALUE] conflicts: why" (never silently ignored).
+    """
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    for dests, condition, why in rules:
+        given = [d for d in dests if d in explicit] if condition else []
+        if given:
+            value = getattr(args, given[0])
+            fail(f"{flags[given[0]]}{'' if isinstance(value, bool) else f' {value}'} "
+                 f"conflicts: {why}")
 
 
 # ==== 7. Selective scan (Mamba's S6), used by cmssm_unet.py and mfel.py ====

@@ -377,8 +377,12 @@ def test_histogram_equalisation_and_clahe_by_hand():
     big = np.random.default_rng(0).uniform(0, 1, (40, 50))
     out = dinet.clahe(big)
     assert out.shape == big.shape and 0 <= out.min() and out.max() <= 1
-    colour = dinet.enhance(np.random.default_rng(1).uniform(0, 1, (9, 9, 3)), "he")
-    assert colour.shape == (9, 9, 3)
+    rgb = np.random.default_rng(1).uniform(0, 1, (9, 7, 3))
+    for method, per_channel in (("he", dinet.histogram_equalize), ("clahe", dinet.clahe)):
+        colour = dinet.enhance(rgb, method)  # each channel equalised alone, as 8-bit levels
+        assert colour.shape == (9, 7, 3) and colour.dtype == np.uint8
+        for c in range(3):
+            assert np.abs(colour[..., c] / 255 - per_channel(rgb[..., c])).max() <= 0.5 / 255
 
 
 def test_enhanced_image_is_computed_once_per_sample(monkeypatch):
@@ -487,6 +491,7 @@ def test_cli_train_resume_eval_predict(tmp_path, small_toy):
     assert result["predicted"] == 2
     assert sorted(p.name for p in (tmp_path / "pred").glob("*.png")) == ["im0.png", "im1.png"]
     assert Image.open(tmp_path / "pred" / "im0.png").size == (30, 40)
+    assert Image.open(tmp_path / "pred" / "im0.png").mode == "P"  # a label map, not a 0/255 mask
 
 
 def isic2018_folder(root):
@@ -528,6 +533,8 @@ def test_cli_binary_task(tmp_path, small_toy):
     metrics = dinet.main(TINY + ["--epochs", "1", "--task", "binary", "--enhance", "clahe",
                                  "--out", str(tmp_path)])
     assert 0 <= metrics["toy"]["Dice"] <= 100
+    written = sorted(p.name for p in (tmp_path / "predictions").glob("*.png"))
+    assert written and all(name.startswith("toy_") for name in written)  # named by the image
 
 
 def test_bench_prints_one_record(tmp_path):
@@ -741,6 +748,8 @@ def test_label_value_at_or_above_k_stops_with_one_line():
 
 @pytest.mark.parametrize("argv, culprit", [
     (["--fusion", "concat", "--attn", "ie"], "--attn"),
+    (["--fusion", "concat", "--no-rel-pos-bias"], "--no-rel-pos-bias"),
+    (["--fusion", "concat", "--edge-from", "chain"], "--edge-from"),
     (["--fusion", "input", "--inputs", "e"], "--inputs"),
     (["--inputs", "i", "--attn", "ei"], "--attn"),
     (["--no-cross-attn", "--attn-proj", "lean"], "--attn-proj"),
@@ -807,3 +816,63 @@ def test_training_step_honours_each_loss_flag(flag, term):
                                                                            False)))
     for key in ("ce", "dice", "bnd"):
         assert (parts[0][key] != parts[1][key]) == (key == term), key
+
+
+@pytest.mark.parametrize("layout, row", [
+    ("synapse", "protocol [Synapse]: | TransUNet's 18 train"), ("acdc", "protocol [ACDC]: | 70 /"),
+    ("clinicdb", "protocol [ClinicDB]: | 612 images"), ("isic2018", "protocol [ISIC18]: | the"),
+    ("kvasir", "protocol: kvasir is none of the paper's")])
+def test_protocol_row_is_the_docstring_row_of_the_layout(layout, row):
+    import argparse
+    assert dinet.protocol_row(argparse.Namespace(data="DIR"), {"layout": layout}).startswith(row)
+
+
+def test_evaluate_writes_every_prediction_and_at_most_50_overlays(tmp_path):
+    import argparse
+
+    class Volumes:  # two test volumes of 30 slices, 12 x 10: one budget of 50 overlays
+        names = ["v0", "v1"]
+
+        def __len__(self):
+            return 2
+
+        def volume(self, index):
+            rng = np.random.default_rng(index)
+            return rng.uniform(0, 1, (30, 12, 10)), rng.integers(0, 4, (30, 12, 10)), f"v{index}"
+    args = argparse.Namespace(task="multiclass", img_size=16, enhance="none", resize="bilinear",
+                              batch_size=32)
+    metrics = dinet.evaluate(dinet.build_model("tiny", 4), Volumes(), args, torch.device("cpu"),
+                             ["a", "b", "c"], out=tmp_path)
+    assert set(metrics) == {"Dice", "HD95", "a", "b", "c"}
+    assert len(list(tmp_path.glob("v0_*_overlay.png"))) == 30
+    assert len(list(tmp_path.glob("v1_*_overlay.png"))) == 20
+    assert len(list(tmp_path.glob("v[01]_[0-9][0-9][0-9].png"))) == 60
+
+
+def test_binary_prediction_is_class_one_upsampled_to_the_image(monkeypatch):
+    import argparse
+    prob = torch.zeros(1, 2, 4, 4)
+    prob[0, 1, :, :2], prob[0, 0, :, 2:] = 0.8, 0.9  # class 1 on the left half only
+    prob[0, 0, :, :2], prob[0, 1, :, 2:] = 0.2, 0.1
+    monkeypatch.setattr(dinet, "predict", lambda *a, **k: prob)
+    args = argparse.Namespace(img_size=4)
+    mask = dinet.predict_full(None, np.zeros((6, 8, 3), np.uint8), args, "cpu", True)
+    assert mask.shape == (6, 8) and mask[:, :4].all() and not mask[:, 4:].any()
+
+
+def test_train_one_epoch_averages_the_steps_and_honours_limit_batches(monkeypatch):
+    import argparse
+    steps = iter([{"loss": 1.0, "ce": 2.0, "dice": 3.0, "bnd": 4.0},
+                  {"loss": 3.0, "ce": 4.0, "dice": 5.0, "bnd": 8.0}, None])
+    monkeypatch.setattr(dinet, "train_step", lambda *a: next(steps))
+    model = dinet.build_model("tiny", 4)
+    args = argparse.Namespace(limit_batches=2)
+    means = dinet.train_one_epoch(model, [{}, {}, {}], None, args, "cpu", None, show=False)
+    assert means == {"loss": 2.0, "ce": 3.0, "dice": 4.0, "bnd": 6.0} and model.training
+
+
+def test_lean_projection_uses_q_kv_and_out():
+    attn = randomise(dinet.WindowCrossAttention(4, 4, 2, proj="lean"), seed=3)
+    attn(torch.randn(2, 4, 8, 6), torch.randn(2, 4, 8, 6)).square().sum().backward()
+    for layer in (attn.q, attn.kv, attn.out):
+        assert layer.weight.grad.abs().sum() > 0
