@@ -10,16 +10,17 @@ Public API, by section:
                 e_measure_curve, adaptive_e_measure, dice_iou_curves, PolypMeter,
                 PerImageMeter, GlobalMeter, VolumeMeter
   3. image I/O  load_image, load_mask, load_label_map, resize_image, resize_mask,
-                save_mask_png, save_label_png, save_overlay
+                save_mask_png, save_label_png, save_overlay, save_predictions
   4. discovery  find_pairs, check_pairs, detect_layout, discover_splits, find_slice_files,
                 list_images, natural_key
   5. datasets   PairDataset, SliceDataset, VolumeDataset, ToyBinary, ToyMulticlass,
                 write_toy, random_flip_rotate, load_data, predict_volume, read_slice,
                 count_labels, zoom_slice
-  6. run        add_common_args, finish_args, explicit_flags, adopt_config, Run (restore,
-                end_epoch, final_weights), seed_everything, choose_device, save_checkpoint,
-                load_checkpoint, load_weights, tensor_dict, fetch_weights, load_matching,
-                Foreign, set_lr, make_loader, seed_worker, progress, benchmark, unwrap
+  6. run        add_common_args, finish_args, explicit_flags, adopt_config, check_conflicts,
+                Run (restore, end_epoch, final_weights), seed_everything, choose_device,
+                save_checkpoint, load_checkpoint, load_weights, tensor_dict, fetch_weights,
+                load_matching, Foreign, set_lr, make_loader, seed_worker, progress,
+                benchmark, unwrap
   7. scan       selective_scan, selective_scan_reference, scan_backend, bench_scan
 
 Threads: every script (and this file) sets OMP_WAIT_POLICY=PASSIVE before torch is imported.

@@ -87,20 +87,21 @@ import argparse
 import functools
 import json
 import math
+import os
 import random
 import re
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (common.py)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from scipy import ndimage
-
-import common
+import common  # noqa: E402
 
 # ==== 2. Presets and recipe ====
 

@@ -77,3 +77,22 @@ def test_notebook_opening_and_size(method):
     text = "".join("".join(c["source"]) for c in cells)
     shown = set(re.findall(r"(?:Eq\.|\\quad|\\tag\{?) ?\(?(\d+)\)?", text))
     assert equations <= shown, f"equations missing from the notebook: {equations - shown}"
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_threads_are_set_once_the_same_way(method):
+    # common.py's docstring ("Threads") says why; every script does it before importing torch.
+    source = (ROOT / f"{method}.py").read_text()
+    line = 'os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")'
+    assert line in source, f"{method}.py does not set OMP_WAIT_POLICY"
+    assert source.index(line) < source.index("import torch"), f"{method}.py: set it before torch"
+    assert "MAX_IMAGE_PIXELS" not in source + (ROOT / "common.py").read_text()
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_script_and_main_stay_short(method):
+    source = (ROOT / f"{method}.py").read_text()
+    assert len(source.splitlines()) <= 900, f"{method}.py is over 900 lines"
+    main = next(node for node in ast.parse(source).body
+                if isinstance(node, ast.FunctionDef) and node.name == "main")
+    assert main.end_lineno - main.lineno + 1 <= 70, f"{method}.py: main() is over 70 lines"
