@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import cmssm_unet as m
 import common
+from test_common_run import write_vmamba_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--img-size", "32", "--batch-size", "4", "--limit-batches", "1",
@@ -198,36 +199,6 @@ def test_vmunet_checkpoints_load_strictly_and_reproduce_the_output(tmp_path, lay
         assert torch.equal(source(x), target(x))
 
 
-def _write_vmamba_checkpoint(path, weights, monkeypatch, tmp_path):
-    """Save `weights` as VMamba's training code does: {'model', 'optimizer', ..., 'config'},
-    where `config` is a yacs CfgNode (a dict subclass with its own attribute state), from a
-    throwaway `yacs` package that is gone again before loading."""
-    package = tmp_path / "fake_site" / "yacs"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "config.py").write_text(
-        "class CfgNode(dict):\n"
-        "    def __init__(self, init_dict=None, key_list=None, new_allowed=False):\n"
-        "        super().__init__(init_dict or {})\n"
-        "        self.__dict__['__immutable__'] = False\n"
-        "        self.__dict__['__new_allowed__'] = new_allowed\n"
-        "    def __getattr__(self, name):\n"
-        "        if name in self:\n"
-        "            return self[name]\n"
-        "        raise AttributeError(name)\n")
-    monkeypatch.syspath_prepend(str(tmp_path / "fake_site"))
-    from yacs.config import CfgNode
-    config = CfgNode({"MODEL": CfgNode({"TYPE": "vssm", "DROP_PATH_RATE": 0.3}),
-                      "TRAIN": CfgNode({"EPOCHS": 300})})
-    torch.save({"model": weights, "optimizer": {}, "max_accuracy": 83.5, "epoch": 238,
-                "config": config}, path)
-    for name in [n for n in sys.modules if n == "yacs" or n.startswith("yacs.")]:
-        del sys.modules[name]
-    sys.path.remove(str(tmp_path / "fake_site"))
-    with pytest.raises(ImportError):
-        __import__("yacs.config")
-
-
 def test_vmamba_checkpoint_with_a_pickled_yacs_config_loads(tmp_path, monkeypatch):
     donor = _vmunet(3)
     weights = {k: v + 1 for k, v in donor.state_dict().items() if k.startswith(("layers.",
@@ -235,7 +206,9 @@ def test_vmamba_checkpoint_with_a_pickled_yacs_config_loads(tmp_path, monkeypatc
     weights["layers.2.blocks.5.ln_1.weight"] = torch.ones(4 * m.PRESETS["tiny"].dims)
     weights["head.weight"] = torch.zeros(10, 64)  # classifier keys are ignored
     path = tmp_path / "vssmsmall_dp03_ckpt_epoch_238.pth"
-    _write_vmamba_checkpoint(path, weights, monkeypatch, tmp_path)
+    write_vmamba_checkpoint(path, weights, {"MODEL": {"TYPE": "vssm", "DROP_PATH_RATE": 0.3},
+                                            "TRAIN": {"EPOCHS": 300}},
+                            monkeypatch, tmp_path, optimizer={}, max_accuracy=83.5, epoch=238)
     model = m.build_model("tiny")  # the full CM-SSM model: SE, CMN, CRA stay random
     lines = []
     loaded = m.load_pretrained(model, str(path), lines.append)

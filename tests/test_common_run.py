@@ -45,27 +45,42 @@ def test_weight_file_loader_never_runs_code_but_keeps_tensors(tmp_path):
     assert common.tensor_dict(loaded) is loaded["model"]
 
 
-def test_published_file_with_a_foreign_config_class_loads(tmp_path, monkeypatch):
-    # VMamba's checkpoints pickle a yacs CfgNode (a dict subclass with attributes): build one
-    # with a throwaway module of that name, then load it where no such module exists.
-    package = tmp_path / "pkgs" / "yacs"
+def write_vmamba_checkpoint(path, weights, config, monkeypatch, tmp_path, **entries):
+    """Save `weights` as VMamba's training code does: {'model', ..., 'config'}, where `config`
+    (a nested dict here) becomes a yacs CfgNode, a dict subclass with its own attribute state,
+    from a throwaway `yacs` package that is gone again before the caller loads the file."""
+    package = tmp_path / "fake_site" / "yacs"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "config.py").write_text(
         "class CfgNode(dict):\n"
-        "    def __init__(self, d=None):\n"
-        "        super().__init__(d or {})\n"
-        "        self.__dict__['frozen'] = False\n")
-    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+        "    def __init__(self, init_dict=None, key_list=None, new_allowed=False):\n"
+        "        super().__init__(init_dict or {})\n"
+        "        self.__dict__['__immutable__'] = False\n"
+        "        self.__dict__['__new_allowed__'] = new_allowed\n"
+        "    def __getattr__(self, name):\n"
+        "        if name in self:\n"
+        "            return self[name]\n"
+        "        raise AttributeError(name)\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "fake_site"))
     from yacs.config import CfgNode
-    config = CfgNode({"MODEL": CfgNode({"NAME": "vssm", "DEPTHS": [2, 2, 15, 2]}), "LR": 1e-3})
-    weights = {"patch_embed.0.weight": torch.randn(96, 3, 4, 4), "head.bias": torch.randn(5)}
-    torch.save({"model": weights, "config": config, "epoch": 299}, tmp_path / "vssm.pth")
-    for name in [m for m in sys.modules if m.startswith("yacs")]:
+
+    def node(value):
+        return CfgNode({k: node(v) for k, v in value.items()}) if isinstance(value, dict) else value
+    torch.save({"model": weights, **entries, "config": node(config)}, path)
+    for name in [n for n in sys.modules if n == "yacs" or n.startswith("yacs.")]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if "pkgs" not in p])
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path / "fake_site")])
     with pytest.raises(ImportError):
         __import__("yacs.config")
+
+
+def test_published_file_with_a_foreign_config_class_loads(tmp_path, monkeypatch):
+    # VMamba's checkpoints pickle a yacs CfgNode; load one where no such module exists.
+    weights = {"patch_embed.0.weight": torch.randn(96, 3, 4, 4), "head.bias": torch.randn(5)}
+    write_vmamba_checkpoint(tmp_path / "vssm.pth", weights,
+                            {"MODEL": {"NAME": "vssm", "DEPTHS": [2, 2, 15, 2]}, "LR": 1e-3},
+                            monkeypatch, tmp_path, epoch=299)
     loaded = common.load_weights(tmp_path / "vssm.pth")
     assert loaded["epoch"] == 299
     assert loaded["config"].origin == "yacs.config.CfgNode"
@@ -73,6 +88,7 @@ def test_published_file_with_a_foreign_config_class_loads(tmp_path, monkeypatch)
     tensors = common.tensor_dict(loaded)
     assert set(tensors) == set(weights)
     assert all(torch.equal(tensors[k], weights[k]) for k in weights)
+    assert "yacs" not in sys.modules
 
 
 def test_unreadable_weight_file_is_one_line(tmp_path):
