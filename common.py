@@ -812,19 +812,22 @@ def _skip(relative):
 FORMAT_FOLDERS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")  # preference order
 
 
-def _format_copies(root):
+def _format_copies(paths):
     """Folders to skip because a sibling holds the same images in a preferred format.
 
     The Kaggle mirror of CVC-ClinicDB ships every frame twice, under PNG/ and TIF/ (each with
     Original/ and Ground Truth/): reading both would pair every frame twice and leak copies of
-    one frame into train and test. Returns (folders to skip, note for the log).
+    one frame into train and test. `paths` is the folder's listing; returns (folders to skip,
+    notes for the log).
     """
+    siblings = {}
+    for path in paths:
+        if path.name.lower() in FORMAT_FOLDERS and path.is_dir():
+            siblings.setdefault(path.parent, []).append(path)
     skip, notes = set(), []
-    for parent in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        copies = sorted((c for c in parent.iterdir() if c.is_dir()
-                         and c.name.lower() in FORMAT_FOLDERS),
-                        key=lambda c: FORMAT_FOLDERS.index(c.name.lower()))
+    for parent, copies in siblings.items():
         if len(copies) > 1:
+            copies.sort(key=lambda c: FORMAT_FOLDERS.index(c.name.lower()))
             skip.update(copies[1:])
             notes.append(f"the same images are under {', '.join(c.name for c in copies)}/ "
                          f"in {parent}: reading {copies[0].name}/ only")
@@ -843,11 +846,12 @@ def find_pairs(root, notes=None):
     root = Path(root)
     if not root.is_dir():
         fail(f"data folder not found: {root}")
-    skip, format_notes = _format_copies(root)
+    paths = sorted(root.rglob("*"), key=lambda p: natural_key(str(p)))  # one walk of the tree
+    skip, format_notes = _format_copies(paths)
     if notes is not None:
         notes.extend(format_notes)
     images, masks = {}, {}
-    for path in sorted(root.rglob("*"), key=lambda p: natural_key(str(p))):
+    for path in paths:
         relative = path.relative_to(root)
         if not path.is_file() or _skip(relative) or any(s in path.parents for s in skip):
             continue
