@@ -39,6 +39,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see "Threads")
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -2140,6 +2141,7 @@ except (ImportError, OSError):  # not installed, or built for another torch / CU
     MAMBA_SSM_AVAILABLE = False
 
 SCAN_BLOCK_ELEMENTS = 2 ** 18  # states (b T G N H) per block: 1 MB buffers, 2^17..2^18 fastest
+SCAN_THREADS = 1  # intra-op threads of the fast path's ops (see "Fast path" below)
 SCAN_BASELINE_REV = "86a2de48b070"  # bench-scan's baseline: the scan before issue 14
 
 
@@ -2240,9 +2242,24 @@ def _scan_with(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return
 # chunked scan before it (issue 14): about 20 passes over the (L, D, N) states in all against
 # about 30, three small ops per step (one forward, two backward) against about 30, buffers of
 # about 1 MB that fit the L2 cache, and time-major copies made by 2-D transposes (torch's
-# blocked kernel; the same copy as a 3-D transpose is several times slower). What is left is
-# memory traffic: about 20 ops each reading and writing the whole (L, D, N) volume, which only
-# a fused kernel (mamba-ssm on a GPU, or a compiler) would avoid.
+# blocked kernel; the same copy as a 3-D transpose is several times slower). Its ops run on
+# SCAN_THREADS = 1 thread: each touches at most about 1 MB, and with OMP_WAIT_POLICY=PASSIVE
+# (see "Threads") every op on two threads first wakes the sleeping second thread, which cost
+# more than the op saved (measured: 0.70 s -> 0.35 s at L 4096, D 768 on two cores). What
+# is left is memory traffic: about 20 ops each reading and writing the whole (L, D, N) volume,
+# which only a fused kernel (mamba-ssm on a GPU, or a compiler) would avoid.
+
+
+@contextlib.contextmanager
+def _scan_threads():
+    """Run the enclosed torch ops (or, as a decorator, a function's) on at most SCAN_THREADS
+    threads, then restore the setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(previous, SCAN_THREADS))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -2345,6 +2362,7 @@ class _BlockScan(torch.autograd.Function):
     """y_t = C_t h_t and h_{L-1} of the recurrence h_t = A_bar_t h_{t-1} + delta_t B_t u_t."""
 
     @staticmethod
+    @_scan_threads()
     def forward(ctx, u, delta, A, B, C, block_elements):
         """u, delta (b, D, L), A (D, N), B, C as in selective_scan -> y (b, D, L), h (b, D, N)."""
         batch, dim, length = u.shape
@@ -2372,6 +2390,7 @@ class _BlockScan(torch.autograd.Function):
         return _time_major(y_t), last.transpose(2, 3).reshape(batch, dim, -1)
 
     @staticmethod
+    @_scan_threads()
     def backward(ctx, grad_y, grad_last):
         """Gradients of u, delta, A, B, C: per block from the end, states recomputed."""
         u_t, delta_t, A, B, C, starts = ctx.saved_tensors

@@ -283,3 +283,28 @@ def test_paper_preset_shapes_match_reference(size):
 def test_bench_baseline_of_an_unknown_revision_is_none():
     """Outside a git checkout, or for a revision it lacks, bench-scan runs without a baseline."""
     assert common._scan_at_revision("no-such-revision-0000") is None
+
+
+def test_fast_path_ops_run_on_scan_threads_and_the_setting_comes_back(monkeypatch):
+    """Forward and backward run their ops on SCAN_THREADS threads; afterwards, and after an
+    error inside the scan, torch has the caller's thread count again."""
+    seen, real = [], common._run_states
+
+    def spy(*args):
+        """_run_states, noting the thread count it runs under."""
+        seen.append(torch.get_num_threads())
+        return real(*args)
+    monkeypatch.setattr(common, "_run_states", spy)
+    caller = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = common.selective_scan(**make_inputs(), delta_softplus=True)
+        assert seen == [common.SCAN_THREADS] and torch.get_num_threads() == 2  # forward
+        out.sum().backward()
+        assert seen == [common.SCAN_THREADS] * 2 and torch.get_num_threads() == 2  # backward
+        monkeypatch.setattr(common, "_run_states", lambda *args: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            common.selective_scan(**make_inputs())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(caller)
