@@ -83,7 +83,10 @@ def _one_line(error):
 
 
 def cli(main):
-    """Run `main()` as a program: UserError -> 'error: ...' and exit 2; Ctrl-C -> exit 130."""
+    """Run `main()` as a program: UserError -> 'error: ...' and exit 2; Ctrl-C -> exit 130.
+
+    A torchrun process group still open at the end is closed here, once, whatever happened.
+    """
     try:
         main()
     except UserError as error:
@@ -97,6 +100,9 @@ def cli(main):
             raise
         print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 # ==== 2. Metrics ====

@@ -477,8 +477,7 @@ class LossNet(nn.Module):
     def __init__(self, width=64, size=224, distance="mse"):
         super().__init__()
         features = vgg16_features(width)
-        self.blocks = nn.ModuleList([features[:4], features[4:9], features[9:16],
-                                     features[16:23]])
+        self.blocks = nn.ModuleList([features[:4], features[4:9], features[9:16], features[16:23]])
         self.size, self.distance = size, distance
         for name, value in (("mean", common.IMAGENET_MEAN), ("std", common.IMAGENET_STD)):
             self.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1), persistent=False)
@@ -510,8 +509,7 @@ class LossNet(nn.Module):
         return sum(terms)  # Eq. (5)  L_f = l_f^1 + l_f^2 + l_f^3 + l_f^4
 
 
-def total_loss(logits, mask, lossnet=None, bce="weighted", lossnet_weight=1.0, seg=True,
-               sides=()):
+def total_loss(logits, mask, lossnet=None, bce="weighted", lossnet_weight=1.0, seg=True, sides=()):
     """Eq. (4) on (B, 1, H, W) logits and mask -> (loss, {term: float}). lossnet_weight: 1
     (Eq. 4; the code 0.1); seg=False: Tab. 11's "w/o L_IoU^w & L_BCE^w" (still logged);
     sides: deep-supervision logits (Tab. 11), each trained with IoU + BCE."""
@@ -812,16 +810,18 @@ def test_all(model, data, args, run):
         run.log(f"{group:<20}" + "".join(f"{v:>12.4f}" if isinstance(v, float) else f"{v:>12}"
                                          for v in scores.values()))
     run.save_json("test_metrics.json", results)
-    run.close()
-    return results
+    return results  # (common.cli closes a torchrun process group at exit, after every fold)
 
 
 def cross_validate(argv, run):
     """--fold all: train and test the four folds in turn (folders fold1..fold4), then print and
     save (cv_metrics.json) each column's mean +- std over the folds, x100 as Tab. 4 does."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    scores = [next(iter(main([*argv, "--fold", str(k), "--out", str(run.out / f"fold{k}")])
-                        .values())) for k in range(1, FOLDS + 1)]
+    results = [main([*argv, "--fold", str(k), "--out", str(run.out / f"fold{k}")])
+               for k in range(1, FOLDS + 1)]  # under torchrun every rank trains, rank 0 scores
+    if not run.is_main:
+        return {}
+    scores = [next(iter(r.values())) for r in results]
     summary = {c: {"mean": float(np.mean([s[c] for s in scores])), "std": float(np.std(
         [s[c] for s in scores])), "folds": [s[c] for s in scores]} for c in scores[0]}
     run.log("4-fold cross-validation (x100): " + "  ".join(
