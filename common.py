@@ -73,28 +73,20 @@ def fail(message):
     raise UserError(message)
 
 
-def _one_line(error):
-    """The user-facing line of a UserError, also when a DataLoader worker re-raised it."""
-    text = str(error).strip()
-    if "UserError: " in text:  # re-raised from a worker: the message is the traceback's last line
-        text = text.rsplit("UserError: ", 1)[1]
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def cli(main):
     """Run `main()` as a program: UserError -> 'error: ...' and exit 2; Ctrl-C -> exit 130."""
     try:
         main()
-    except UserError as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint written (last.pt) is kept", file=sys.stderr)
         sys.exit(130)
-    except RuntimeError as error:  # a worker's UserError arrives wrapped in other types
-        if "UserError" not in str(error):
+    except (UserError, RuntimeError) as error:  # a DataLoader worker's UserError: a RuntimeError
+        text = str(error).strip()
+        if not isinstance(error, UserError) and "UserError" not in text:
             raise
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        if "UserError: " in text:  # re-raised by a worker: the message ends its traceback
+            text = text.rsplit("UserError: ", 1)[1]
+        print(f"error: {text.splitlines()[0] if text else 'UserError'}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -109,12 +101,10 @@ _EPS = np.spacing(1)  # MATLAB's eps, as the polyp toolboxes use it
 
 
 def _to_numpy(x):
-    """Return a numpy array or torch tensor (any device, any dtype) as a numpy array."""
+    """A numpy array from a numpy array or a torch tensor (any device; half floats as float32)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
-        if x.dtype in (torch.float16, torch.bfloat16):  # numpy has no bfloat16
-            x = x.float()
-        return x.numpy()
+        return (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).numpy()
     return np.asarray(x)
 
 
@@ -132,18 +122,18 @@ def _as_prob(x):
     return x
 
 
-def _check_same_shape(pred, gt):
-    """Raise a one-line error when prediction and ground truth differ in shape."""
+def _same_shape(pred, gt):
+    """(pred, gt), after a one-line error if prediction and ground truth differ in shape."""
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+    return pred, gt
 
 
 # ---- Binary masks: confusion counts and the ratios built on them ----
 
 def confusion(pred, gt):
     """Confusion counts (tp, fp, fn, tn) of a binary prediction against a binary mask, as ints."""
-    pred, gt = _as_mask(pred), _as_mask(gt)
-    _check_same_shape(pred, gt)
+    pred, gt = _same_shape(_as_mask(pred), _as_mask(gt))
     tp = int(np.count_nonzero(pred & gt))
     fp = int(np.count_nonzero(pred & ~gt))
     fn = int(np.count_nonzero(~pred & gt))
@@ -160,9 +150,6 @@ def _ratio(numerator, denominator, agree):
 def scores_from_confusion(tp, fp, fn, tn):
     """Dice, IoU, precision, recall, specificity and accuracy from confusion counts, as a dict.
 
-    dice = 2tp / (2tp + fp + fn) (= F1), iou = tp / (tp + fp + fn), precision = tp / (tp + fp),
-    recall = tp / (tp + fn) (= sensitivity), specificity = tn / (tn + fp),
-    accuracy = (tp + tn) / (tp + fp + fn + tn).
     Zero denominator (empty masks): the score is 1.0 if prediction and ground truth agree
     (fp = fn = 0) and 0.0 otherwise. So two empty masks give dice = iou = precision = recall = 1;
     an empty prediction on a non-empty mask has precision 0; false positives on an empty mask give
@@ -172,10 +159,10 @@ def scores_from_confusion(tp, fp, fn, tn):
     """
     agree = fp == 0 and fn == 0
     return {
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn, agree),
-        "iou": _ratio(tp, tp + fp + fn, agree),
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn, agree),  # = F1
+        "iou": _ratio(tp, tp + fp + fn, agree),  # = Jaccard
         "precision": _ratio(tp, tp + fp, agree),
-        "recall": _ratio(tp, tp + fn, agree),
+        "recall": _ratio(tp, tp + fn, agree),  # = sensitivity
         "specificity": _ratio(tn, tn + fp, agree),
         "accuracy": _ratio(tp + tn, tp + fp + fn + tn, agree),
     }
@@ -213,20 +200,6 @@ def accuracy(pred, gt):
 
 # ---- Surface distances (MedPy's definitions: hd95, asd, assd) ----
 
-def _crop_to_union(a, b):
-    """Crop two masks to the bounding box of a | b: same surfaces and distances, much faster.
-
-    Outside the box both masks are background, as the erosion treats the outside of an array.
-    """
-    union = a | b
-    box = []
-    for axis in range(union.ndim):
-        others = tuple(i for i in range(union.ndim) if i != axis)
-        occupied = np.flatnonzero(union.any(axis=others))
-        box.append(slice(occupied[0], occupied[-1] + 1))
-    return a[tuple(box)], b[tuple(box)]
-
-
 def _surface_distances(a, b, spacing):
     """Distance from every surface voxel of mask `a` to the nearest surface voxel of mask `b`."""
     structure = scipy.ndimage.generate_binary_structure(a.ndim, 1)  # 4- (2D) / 6-neighbours (3D)
@@ -238,12 +211,16 @@ def _surface_distances(a, b, spacing):
 
 
 def _both_surfaces(pred, gt):
-    """Two masks as bool arrays cropped to their union, or None if either one is empty."""
-    pred, gt = _as_mask(pred), _as_mask(gt)
-    _check_same_shape(pred, gt)
+    """Two bool masks cropped to the bounding box of pred | gt, or None if either is empty.
+
+    Cropping keeps every surface and distance (outside the box both masks are background, as
+    the erosion treats the outside of an array) and makes hd95 and asd much faster.
+    """
+    pred, gt = _same_shape(_as_mask(pred), _as_mask(gt))
     if not pred.any() or not gt.any():
         return None
-    return _crop_to_union(pred, gt)
+    box = tuple(slice(index.min(), index.max() + 1) for index in np.nonzero(pred | gt))
+    return pred[box], gt[box]
 
 
 def hd95(pred, gt, spacing=None):
@@ -264,11 +241,10 @@ def hd95(pred, gt, spacing=None):
 
 
 def asd(pred, gt, spacing=None):
-    """Average surface distance from pred's surface to gt's (one direction), as MedPy's asd.
+    """Average surface distance from pred's surface to gt's, as MedPy's asd (not symmetric).
 
-    asd = mean over the surface voxels of pred of the distance to the nearest surface voxel of gt.
-    Not symmetric: see assd. Surfaces, `spacing` and empty masks (nan) as in hd95.
-    """
+    Mean over pred's surface voxels of the distance to gt's nearest surface voxel; surfaces,
+    `spacing` and empty masks (nan) as in hd95."""
     masks = _both_surfaces(pred, gt)
     if masks is None:
         return math.nan
@@ -289,18 +265,14 @@ def assd(pred, gt, spacing=None):
 
 def mae(prob, gt):
     """Mean absolute error = mean |P - G| between a probability map and a binary mask."""
-    prob, gt = _as_prob(prob), _as_mask(gt)
-    _check_same_shape(prob, gt)
+    prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     return float(np.mean(np.abs(prob - gt)))
 
 
 def _threshold_counts(prob, gt):
-    """tp and fp at the toolbox's 256 thresholds, highest first, from one histogram per class.
-
-    The map is quantised as the toolboxes do, level = floor(255 P); entry i counts the pixels with
-    level >= 255 - i. Cumulative sums of the reversed histograms give all 256 binarisations at
-    once, instead of thresholding the image 256 times.
-    """
+    """tp and fp at the toolboxes' 256 thresholds, highest first: entry i counts the pixels with
+    level >= 255 - i, level = floor(255 P) (the toolboxes' quantisation). Cumulative sums of the
+    reversed histograms give all 256 binarisations at once."""
     levels = (prob * 255).astype(np.uint8)
     tp = np.cumsum(np.bincount(levels[gt], minlength=256)[::-1])
     fp = np.cumsum(np.bincount(levels[~gt], minlength=256)[::-1])
@@ -321,8 +293,7 @@ def dice_iou_curves(prob, gt):
     PySODMetrics, a 0/0 ratio on the curves is 0 (this only happens when gt is empty).
     The polyp papers' mDice / mIoU average these curves over images, then over thresholds.
     """
-    prob, gt = _as_prob(prob), _as_mask(gt)
-    _check_same_shape(prob, gt)
+    prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     tp, fp = _threshold_counts(prob, gt)
     fn = np.count_nonzero(gt) - tp
     return _divide_or_zero(2 * tp, 2 * tp + fp + fn), _divide_or_zero(tp, tp + fp + fn)
@@ -359,16 +330,14 @@ def e_measure_curve(prob, gt):
     Entry i binarises floor(255 P) >= 255 - i, i.e. P >= 1, 254/255, ..., 0 on the quantised map,
     the order of PySODMetrics' 'curve'. maxEm / meanEm = max / mean of the image-averaged curve.
     """
-    prob, gt = _as_prob(prob), _as_mask(gt)
-    _check_same_shape(prob, gt)
+    prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     tp, fp = _threshold_counts(prob, gt)
     return _e_measure_from_counts(tp, fp, np.count_nonzero(gt), gt.size)
 
 
 def adaptive_e_measure(prob, gt):
     """E-measure of the map binarised at P >= min(2 mean(P), 1) (the toolboxes' adaptive E)."""
-    prob, gt = _as_prob(prob), _as_mask(gt)
-    _check_same_shape(prob, gt)
+    prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     binary = prob >= min(2 * prob.mean(), 1.0)
     tp, fp = np.count_nonzero(binary & gt), np.count_nonzero(binary & ~gt)
     return float(_e_measure_from_counts(tp, fp, np.count_nonzero(gt), gt.size))
@@ -403,8 +372,7 @@ def s_measure(prob, gt, alpha=0.5):
     S_region = area-weighted SSIM of the four blocks cut at the gt's centroid (np.round, + 1 as in
     MATLAB). PySODMetrics' conventions: std and variances with N - 1, S clipped at 0.
     """
-    prob, gt = _as_prob(prob), _as_mask(gt)
-    _check_same_shape(prob, gt)
+    prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     mu = gt.mean()
     if mu == 0:
         return float(1 - prob.mean())
@@ -424,14 +392,6 @@ def s_measure(prob, gt, alpha=0.5):
     return float(max(0.0, alpha * s_object + (1 - alpha) * s_region))
 
 
-def _matlab_gaussian(size=7, sigma=5.0):
-    """Normalised size x size Gaussian kernel, as MATLAB's fspecial('gaussian', size, sigma)."""
-    r = (size - 1) / 2
-    y, x = np.mgrid[-r:r + 1, -r:r + 1]
-    kernel = np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
-    return kernel / kernel.sum()
-
-
 def weighted_f_measure(prob, gt, beta2=1.0):
     """Weighted F-measure (Margolin et al., CVPR 2014), beta^2 = beta2; 0.0 when gt is empty.
 
@@ -441,14 +401,15 @@ def weighted_f_measure(prob, gt, beta2=1.0):
     E_w = min-map * B. R_w = 1 - mean_fg(E_w), P_w = TP_w / (TP_w + FP_w) with
     TP_w = |G| - sum_fg(E_w), FP_w = sum_bg(E_w); F_w = (1 + beta2) R_w P_w / (R_w + beta2 P_w).
     """
-    prob, gt = _as_prob(prob), _as_mask(gt)
-    _check_same_shape(prob, gt)
+    prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     if not gt.any():
         return 0.0
     distance, nearest = scipy.ndimage.distance_transform_edt(~gt, return_indices=True)
     error = np.abs(prob - gt)
     error_t = error[tuple(nearest)]  # a foreground pixel is its own nearest foreground pixel
-    error_a = scipy.ndimage.convolve(error_t, _matlab_gaussian(), mode="constant", cval=0.0)
+    y, x = np.mgrid[-3:4, -3:4]  # MATLAB's fspecial('gaussian', 7, 5), zero padding as imfilter
+    gaussian = np.exp(-(x ** 2 + y ** 2) / (2 * 5.0 ** 2))
+    error_a = scipy.ndimage.convolve(error_t, gaussian / gaussian.sum(), mode="constant")
     min_error = np.where(gt & (error_a < error), error_a, error)
     importance = np.where(gt, 1.0, 2 - np.exp(np.log(0.5) / 5 * distance))
     error_w = min_error * importance
@@ -463,8 +424,7 @@ def weighted_f_measure(prob, gt, beta2=1.0):
 
 def _images(prob, gt):
     """Yield (prob, gt) numpy pairs from one image (H, W) or a batch (B, H, W) / (B, 1, H, W)."""
-    prob, gt = _to_numpy(prob), _to_numpy(gt)
-    _check_same_shape(prob, gt)
+    prob, gt = _same_shape(_to_numpy(prob), _to_numpy(gt))
     height, width = prob.shape[-2:]
     yield from zip(prob.reshape(-1, height, width), gt.reshape(-1, height, width))
 
@@ -501,14 +461,10 @@ class PolypMeter(_SumMeter):
         """Add one image (H, W) or a batch (B, H, W) / (B, 1, H, W)."""
         for prob_i, gt_i in _images(prob, gt):
             dice_curve, iou_curve = dice_iou_curves(prob_i, gt_i)
-            self.sums["images"] += 1
-            self.sums["dice_curve"] += dice_curve
-            self.sums["iou_curve"] += iou_curve
-            self.sums["em_curve"] += e_measure_curve(prob_i, gt_i)
-            self.sums["adp_em"] += adaptive_e_measure(prob_i, gt_i)
-            self.sums["sm"] += s_measure(prob_i, gt_i)
-            self.sums["wfm"] += weighted_f_measure(prob_i, gt_i)
-            self.sums["mae"] += mae(prob_i, gt_i)
+            self.merge({"images": 1, "dice_curve": dice_curve, "iou_curve": iou_curve,
+                        "em_curve": e_measure_curve(prob_i, gt_i),
+                        "adp_em": adaptive_e_measure(prob_i, gt_i), "sm": s_measure(prob_i, gt_i),
+                        "wfm": weighted_f_measure(prob_i, gt_i), "mae": mae(prob_i, gt_i)})
 
     def compute(self):
         """Dict mDice, mIoU, wFm, Sm, maxEm, meanEm, adpEm, MAE (floats; nan before any update)."""
@@ -531,37 +487,23 @@ class PerImageMeter(_SumMeter):
     """Binary scores per image at prob >= threshold, then averaged over images (MFEL's choice).
 
     compute() gives dice, iou, precision, recall, specificity, accuracy (empty-mask conventions of
-    scores_from_confusion) and, with with_hd95=True, hd95 (in `spacing` units, None = pixels):
-    the mean over the images where both masks are non-empty (others are left out of that mean).
+    scores_from_confusion).
     """
 
-    def __init__(self, threshold=0.5, with_hd95=False, spacing=None):
-        self.threshold, self.with_hd95, self.spacing = threshold, with_hd95, spacing
-        self.sums = {"images": 0, **dict.fromkeys(_BINARY_KEYS, 0.0),
-                     "hd95": 0.0, "hd95_images": 0}
+    def __init__(self, threshold=0.5):
+        self.threshold = threshold
+        self.sums = {"images": 0, **dict.fromkeys(_BINARY_KEYS, 0.0)}
 
     def update(self, prob, gt):
         """Add one image (H, W) or a batch (B, H, W) / (B, 1, H, W)."""
         for prob_i, gt_i in _images(prob, gt):
             pred = _as_prob(prob_i) >= self.threshold
-            scores = scores_from_confusion(*confusion(pred, gt_i))
-            self.sums["images"] += 1
-            for key in _BINARY_KEYS:
-                self.sums[key] += scores[key]
-            if self.with_hd95:
-                distance = hd95(pred, gt_i, self.spacing)
-                if not math.isnan(distance):
-                    self.sums["hd95"] += distance
-                    self.sums["hd95_images"] += 1
+            self.merge({"images": 1, **scores_from_confusion(*confusion(pred, gt_i))})
 
     def compute(self):
         """Dict of the per-image means (nan before any update)."""
         n = self.sums["images"]
-        result = {key: self.sums[key] / n if n else math.nan for key in _BINARY_KEYS}
-        if self.with_hd95:
-            n_hd95 = self.sums["hd95_images"]
-            result["hd95"] = self.sums["hd95"] / n_hd95 if n_hd95 else math.nan
-        return result
+        return {key: self.sums[key] / n if n else math.nan for key in _BINARY_KEYS}
 
 
 class GlobalMeter(_SumMeter):
@@ -577,10 +519,8 @@ class GlobalMeter(_SumMeter):
 
     def update(self, prob, gt):
         """Add the pixels of any number of images (prob and gt of the same shape)."""
-        prob, gt = _as_prob(prob), _as_mask(gt)
-        _check_same_shape(prob, gt)
-        for key, count in zip(("tp", "fp", "fn", "tn"), confusion(prob >= self.threshold, gt)):
-            self.sums[key] += count
+        pred = _as_prob(prob) >= self.threshold
+        self.merge(dict(zip(("tp", "fp", "fn", "tn"), confusion(pred, gt))))
 
     def compute(self):
         """Dict dice, iou, precision, recall, specificity, accuracy of the pooled counts."""
@@ -630,27 +570,22 @@ class VolumeMeter(_SumMeter):
 
     def update(self, pred_labels, gt_labels):
         """Add one volume: integer label maps of the same shape, (H, W) or (D, H, W)."""
-        pred_labels, gt_labels = _to_numpy(pred_labels), _to_numpy(gt_labels)
-        _check_same_shape(pred_labels, gt_labels)
+        pred_labels, gt_labels = _same_shape(_to_numpy(pred_labels), _to_numpy(gt_labels))
         self.sums["volumes"] += 1
         for index, c in enumerate(range(1, self.num_classes)):
-            dice_c, hd95_c = self._case_scores(pred_labels == c, gt_labels == c)
-            if dice_c is not None:
-                self.sums["dice"][index] += dice_c
-                self.sums["dice_volumes"][index] += 1
-            if hd95_c is not None:
-                self.sums["hd95"][index] += hd95_c
-                self.sums["hd95_volumes"][index] += 1
+            scores = self._case_scores(pred_labels == c, gt_labels == c)
+            for metric, value in zip(("dice", "hd95"), scores):
+                if value is not None:
+                    self.sums[metric][index] += value
+                    self.sums[f"{metric}_volumes"][index] += 1
 
     def compute(self):
         """Dict dice_<name>, hd95_<name> per class, mean_dice and mean_hd95."""
         result = {}
         for metric in ("dice", "hd95"):
             counts = self.sums[f"{metric}_volumes"]
-            means = _divide_or_zero(self.sums[metric], counts)
-            means[counts == 0] = math.nan
-            for name, value in zip(self.class_names, means):
-                result[f"{metric}_{name}"] = float(value)
+            means = np.where(counts > 0, _divide_or_zero(self.sums[metric], counts), math.nan)
+            result.update({f"{metric}_{name}": float(v) for name, v in zip(self.class_names, means)})
             counted = means[~np.isnan(means)]
             result[f"mean_{metric}"] = float(counted.mean()) if counted.size else math.nan
         return result
