@@ -585,7 +585,7 @@ class VolumeMeter(_SumMeter):
         for metric in ("dice", "hd95"):
             counts = self.sums[f"{metric}_volumes"]
             means = np.where(counts > 0, _divide_or_zero(self.sums[metric], counts), math.nan)
-            result.update({f"{metric}_{name}": float(v) for name, v in zip(self.class_names, means)})
+            result.update({f"{metric}_{c}": float(v) for c, v in zip(self.class_names, means)})
             counted = means[~np.isnan(means)]
             result[f"mean_{metric}"] = float(counted.mean()) if counted.size else math.nan
         return result
@@ -644,19 +644,16 @@ def load_label_map(path):
 
 def resize_image(image, size):
     """Resize a uint8 (H, W, C) image to (size, size) bilinearly with antialiasing."""
-    if image.shape[0] == size and image.shape[1] == size:
+    if image.shape[:2] == (size, size):
         return image
     pil = Image.fromarray(image)
     return np.asarray(pil.resize((size, size), Image.BILINEAR, reducing_gap=None))
 
 
 def resize_mask(mask, size, shape=None):
-    """Resize a mask or label map to (size, size), or to `shape` (H, W), nearest-neighbour.
-
-    The dtype is kept, so a binary mask stays binary.
-    """
+    """Resize a mask or label map to (size, size) or `shape` (H, W): nearest, dtype kept."""
     height, width = shape if shape is not None else (size, size)
-    if mask.shape[0] == height and mask.shape[1] == width:
+    if mask.shape[:2] == (height, width):
         return mask
     rows = np.minimum((np.arange(height) + 0.5) * mask.shape[0] / height, mask.shape[0] - 1)
     cols = np.minimum((np.arange(width) + 0.5) * mask.shape[1] / width, mask.shape[1] - 1)
@@ -682,25 +679,19 @@ def save_label_png(path, labels):
 
 
 def save_overlay(path, image, pred, gt=None):
-    """Write image | overlay of prediction (and ground truth contour colour) side by side."""
+    """Write image | prediction overlay (| ground-truth overlay) side by side, PALETTE colours."""
     image = np.asarray(image, dtype=np.uint8)
-    pred = np.asarray(pred).astype(np.int64)
-    colours = PALETTE[pred % len(PALETTE)]
-    blended = np.where(pred[..., None] > 0, 0.55 * image + 0.45 * colours, image)
-    panels = [image, blended.astype(np.uint8)]
-    if gt is not None:
-        gt = np.asarray(gt).astype(np.int64)
-        panels.append(np.where(gt[..., None] > 0, 0.55 * image + 0.45 * PALETTE[gt % 14],
-                               image).astype(np.uint8))
+    panels = [image]
+    for labels in [pred] if gt is None else [pred, gt]:
+        labels = np.asarray(labels).astype(np.int64)
+        blended = 0.55 * image + 0.45 * PALETTE[labels % len(PALETTE)]
+        panels.append(np.where(labels[..., None] > 0, blended, image).astype(np.uint8))
     Image.fromarray(np.concatenate(panels, axis=1)).save(path)
 
 
 def save_predictions(folder, stems, preds, images=None, gts=None, labels=False, overlays=0):
     """Write `stem`.png per prediction (0/255 mask, or palette label map if `labels`) and, for
-    the first `overlays` of them, `stem`_overlay.png (see save_overlay; needs `images`).
-
-    Returns how many overlays it wrote, so that a caller can cap them per group of files.
-    """
+    the first `overlays`, `stem`_overlay.png (needs `images`); returns the overlays written."""
     written = 0
     for i, stem in enumerate(stems):
         (save_label_png if labels else save_mask_png)(Path(folder) / f"{stem}.png", preds[i])
@@ -727,7 +718,8 @@ def natural_key(text):
 def _folder_role(name):
     """'mask', 'image' or None for one folder name (datasets.md 0.4)."""
     name = name.lower()
-    if name in MASK_FOLDERS or name.endswith("_groundtruth") or re.fullmatch(r"imd\d+_lesion", name):
+    if (name in MASK_FOLDERS or name.endswith("_groundtruth")
+            or re.fullmatch(r"imd\d+_lesion", name)):
         return "mask"
     if (name in IMAGE_FOLDERS or name.endswith(("_data", "_input"))
             or re.fullmatch(r"imd\d+_dermoscopic_image", name)):
@@ -748,13 +740,9 @@ FORMAT_FOLDERS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")  # preference orde
 
 
 def _format_copies(paths):
-    """Folders to skip because a sibling holds the same images in a preferred format.
-
-    The Kaggle mirror of CVC-ClinicDB ships every frame twice, under PNG/ and TIF/ (each with
-    Original/ and Ground Truth/): reading both would pair every frame twice and leak copies of
-    one frame into train and test. `paths` is the folder's listing; returns (folders to skip,
-    notes for the log).
-    """
+    """(folders to skip, log notes): folders whose sibling holds the same images in a preferred
+    format. The Kaggle mirror of CVC-ClinicDB has every frame under PNG/ and TIF/ (each with
+    Original/ and Ground Truth/): reading both would leak copies of a frame into train and test."""
     siblings = {}
     for path in paths:
         if path.name.lower() in FORMAT_FOLDERS and path.is_dir():
@@ -792,8 +780,7 @@ def find_pairs(root, notes=None):
             continue
         roles = [_folder_role(part) for part in relative.parts[:-1]]
         role = next((r for r in reversed(roles) if r), None)
-        tagged = MASK_TAG.search(path.stem) is not None
-        role = role or ("mask" if tagged else "image")
+        role = role or ("mask" if MASK_TAG.search(path.stem) else "image")
         context = "/".join(p for p, r in zip(relative.parts[:-1], roles) if r is None)
         key = MASK_TAG.sub("", path.stem).lower() if role == "mask" else path.stem.lower()
         if role == "image":
@@ -819,11 +806,8 @@ def find_pairs(root, notes=None):
 
 
 def _header(path):
-    """(width, height) of an image file from its header; one line naming a broken file.
-
-    PNG, BMP and TIFF are also verified (cheap: no decoding); a JPEG must end with its EOI
-    marker, which catches the common truncated download.
-    """
+    """(width, height) of an image file from its header; one line naming a broken file. PNG,
+    BMP and TIFF are verified (cheap: no decoding); a JPEG must end with its EOI marker."""
     try:
         with Image.open(path) as image:
             size, kind = image.size, image.format
@@ -840,10 +824,8 @@ def _header(path):
 
 
 def check_pairs(pairs):
-    """Open every image and mask header before training; stop at the first broken or mis-sized.
-
-    About 0.2 ms a file: 2,000 pairs take well under a few seconds.
-    """
+    """Open every image and mask header before training; stop at the first broken or mis-sized
+    (about 0.2 ms a file: 2,000 pairs take well under a few seconds)."""
     for pair in pairs:
         size = _header(pair["image"])
         for mask in pair["masks"]:
@@ -960,11 +942,12 @@ def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1), o
     tagged = [(_split_of(p, root), p) for p in pairs]
     splits = {s for (s, _), _ in tagged}
     rng = random.Random(seed)
-    if all_test:
-        tests = {}
-        for (split, group), pair in tagged:
+    tests = {}  # test group -> pairs; with all_test every pair, grouped by its split or folder
+    for (split, group), pair in tagged:
+        if split == "test" or all_test:
             name = group if split == "test" else split or pair["context"].split("/")[0] or "test"
             tests.setdefault(name, []).append(pair)
+    if all_test:
         result = {"train": [], "val": [], "test": tests}
         source, is_official = f"every pair as test data ({len(tests)} groups)", True
     elif not official or None in splits or "train" not in splits or splits == {"train"}:
@@ -975,10 +958,6 @@ def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1), o
     else:
         train = [p for (s, _), p in tagged if s == "train"]
         val = [p for (s, _), p in tagged if s == "val"]
-        tests = {}
-        for (s, group), p in tagged:
-            if s == "test":
-                tests.setdefault(group, []).append(p)
         source = "official split of the layout"
         if not tests:  # VM-UNet's folders: 'val' is the test half of its 7:3 split
             tests, val = {"test": val}, []
@@ -994,8 +973,7 @@ def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1), o
     if not result["train"] and not all_test:
         fail(f"no training pairs found under {root}")
     _assert_disjoint(result)
-    source = "; ".join([source, *notes])
-    result.update(source=source, official=is_official, layout=layout)
+    result.update(source="; ".join([source, *notes]), official=is_official, layout=layout)
     return result
 
 
@@ -1010,9 +988,8 @@ def find_slice_files(root):
     for train_dir, val_dir, test_dirs in layouts:
         train = sorted((root / train_dir).glob("*.npz"), key=lambda p: natural_key(p.name))
         if train:
-            test = sorted([p for d in test_dirs for p in (root / d).glob("*.npz")]
-                          + [p for d in test_dirs for p in (root / d).glob("*.h5")],
-                          key=lambda p: natural_key(p.name))
+            test = sorted((p for d in test_dirs for pattern in ("*.npz", "*.h5")
+                           for p in (root / d).glob(pattern)), key=lambda p: natural_key(p.name))
             val = sorted((root / val_dir).glob("*.npz")) if val_dir else []
             return {"train": train, "val": val, "test": test}
     return None
