@@ -1003,21 +1003,12 @@ def _to_tensor(image, mean, std):
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
-def random_flip_rotate(image, mask, rng, rotate_degrees=0.0, rot90=False):
-    """Random horizontal/vertical flips, optional rot90 and small rotation, same for both."""
+def random_flip_rotate(image, mask, rng):
+    """Random horizontal and vertical flips (p = 0.5 each), the same for image and mask."""
     if rng.random() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
     if rng.random() < 0.5:
         image, mask = image[::-1], mask[::-1]
-    if rot90:
-        k = rng.randrange(4)
-        image, mask = np.rot90(image, k), np.rot90(mask, k)
-    if rotate_degrees:
-        angle = rng.uniform(-rotate_degrees, rotate_degrees)
-        image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).rotate(
-            angle, Image.BILINEAR))
-        mask = np.asarray(Image.fromarray(np.ascontiguousarray(mask).astype(np.uint8)).rotate(
-            angle, Image.NEAREST))
     return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 
@@ -1029,10 +1020,10 @@ class PairDataset(torch.utils.data.Dataset):
     is where the papers evaluate.
     """
 
-    def __init__(self, pairs, size, augment=None, labels=False, instance=False,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=0):
+    def __init__(self, pairs, size, augment=None, labels=False, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD, seed=0):
         self.pairs, self.size, self.augment = pairs, size, augment
-        self.labels, self.instance, self.mean, self.std = labels, instance, mean, std
+        self.labels, self.mean, self.std = labels, mean, std
         self.rng = random.Random(seed)
         self.names = [Path(p["image"]).stem for p in pairs]
 
@@ -1045,12 +1036,12 @@ class PairDataset(torch.utils.data.Dataset):
         image = load_image(pair["image"], size_hint)  # a JPEG may decode smaller (size_hint)
         if self.labels:
             mask = load_label_map(pair["masks"][0])
-        else:
-            instance = self.instance or pair.get("instance", False)
-            mask = np.logical_or.reduce([load_mask(m, instance) for m in pair["masks"]])
+        else:  # GlaS instance maps: foreground is every label > 0 (find_pairs' `instance`)
+            masks = [load_mask(m, pair.get("instance", False)) for m in pair["masks"]]
+            mask = np.logical_or.reduce(masks)
         width, height = pair.get("size") or image.shape[1::-1]
-        if mask.shape != (height, width) or (size_hint is None and image.shape[:2] != (height,
-                                                                                     width)):
+        size_differs = size_hint is None and image.shape[:2] != (height, width)
+        if mask.shape != (height, width) or size_differs:
             fail(f"mask {pair['masks'][0]} is {mask.shape[1]}x{mask.shape[0]} but its image "
                  f"{pair['image']} is {width}x{height}")
         return image, mask
@@ -1060,12 +1051,9 @@ class PairDataset(torch.utils.data.Dataset):
         image, mask = resize_image(image, self.size), resize_mask(mask, self.size)
         if self.augment is not None:
             image, mask = self.augment(image, mask, self.rng)
-        item = {"image": _to_tensor(image, self.mean, self.std), "index": index}
-        if self.labels:
-            item["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).long()
-        else:
-            item["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
-        return item
+        mask = torch.from_numpy(np.ascontiguousarray(mask))
+        return {"image": _to_tensor(image, self.mean, self.std), "index": index,
+                "mask": mask.long() if self.labels else mask.float()[None]}
 
 
 def read_slice(path):
@@ -1171,14 +1159,14 @@ class VolumeDataset:
 
 def _smooth_noise(rng, size, scale):
     """Smooth random field in about [-1, 1]: white noise blurred by a box of width `scale`."""
-    from scipy.ndimage import uniform_filter
-    field = uniform_filter(rng.standard_normal((size + 2 * scale, size + 2 * scale)), scale)
+    padded = size + 2 * scale
+    field = scipy.ndimage.uniform_filter(rng.standard_normal((padded, padded)), scale)
     field = field[scale:scale + size, scale:scale + size]
     return field / (np.abs(field).max() + 1e-8)
 
 
 def _irregular_blob(rng, size, center, radius, wobble):
-    """Boolean (size, size) blob whose radius varies with angle: r(t) = r0 (1 + sum a_k sin(k t))."""
+    """Bool (size, size) blob whose radius varies with angle: r(t) = r0 (1 + sum a_k sin(k t))."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     dy, dx = yy - center[0], xx - center[1]
     theta = np.arctan2(dy, dx)
@@ -1190,7 +1178,7 @@ def _irregular_blob(rng, size, center, radius, wobble):
 
 
 def make_toy_binary(index, size, seed=0):
-    """One toy binary sample (image uint8 (S, S, 3), mask bool (S, S)), deterministic in (seed, index).
+    """One toy binary sample (image uint8 (S, S, 3), mask bool (S, S)), fixed by (seed, index).
 
     A textured lesion-like blob (1-2 lobes, wobbly boundary, sometimes cut by the border) on a
     textured background; colour contrast varies from clear to faint, plus noise and a decoy
@@ -1216,8 +1204,9 @@ def make_toy_binary(index, size, seed=0):
 
 
 # Eight organ-like classes: (centre y, centre x, radius, intensity, texture scale), all relative.
-TOY_ORGANS = [(0.42, 0.50, 0.06, 0.95, 0), (0.30, 0.70, 0.07, 0.45, 16), (0.55, 0.28, 0.08, 0.75, 8),
-              (0.55, 0.72, 0.08, 0.75, 8), (0.35, 0.30, 0.16, 0.60, 4), (0.50, 0.50, 0.08, 0.52, 16),
+TOY_ORGANS = [(0.42, 0.50, 0.06, 0.95, 0), (0.30, 0.70, 0.07, 0.45, 16),
+              (0.55, 0.28, 0.08, 0.75, 8), (0.55, 0.72, 0.08, 0.75, 8),
+              (0.35, 0.30, 0.16, 0.60, 4), (0.50, 0.50, 0.08, 0.52, 16),
               (0.40, 0.80, 0.09, 0.66, 4), (0.68, 0.52, 0.12, 0.38, 8)]
 TOY_CLASS_NAMES = ["vessel", "sac", "bean L", "bean R", "big", "tail", "round", "pouch"]
 
@@ -1246,15 +1235,13 @@ def make_toy_multiclass(index, size, seed=0):
     return np.clip(image, 0, 1).astype(np.float32), labels
 
 
-class ToyBinary(torch.utils.data.Dataset):
-    """The built-in binary toy set (deterministic for a seed); items like PairDataset's."""
+class ToyBinary(PairDataset):
+    """The built-in binary toy set (deterministic for a seed): a PairDataset of generated pairs."""
 
     def __init__(self, n, size, seed=0, augment=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.n, self.size, self.seed, self.augment = n, size, seed, augment
-        self.mean, self.std = mean, std
-        self.rng = random.Random(seed)
+        super().__init__([], size, augment, mean=mean, std=std, seed=seed)
+        self.n, self.seed, self.cache = n, seed, {}
         self.names = [f"toy_{seed}_{i:04d}" for i in range(n)]
-        self.cache = {}
 
     def __len__(self):
         return self.n
@@ -1264,14 +1251,6 @@ class ToyBinary(torch.utils.data.Dataset):
         if index not in self.cache:
             self.cache[index] = make_toy_binary(index, self.size, self.seed)
         return self.cache[index]
-
-    def __getitem__(self, index):
-        image, mask = self.full(index)
-        if self.augment is not None:
-            image, mask = self.augment(image, mask, self.rng)
-        return {"image": _to_tensor(image, self.mean, self.std),
-                "mask": torch.from_numpy(np.ascontiguousarray(mask)).float()[None],
-                "index": index}
 
 
 class ToyMulticlass(torch.utils.data.Dataset):
@@ -1301,7 +1280,7 @@ class ToyMulticlass(torch.utils.data.Dataset):
 @torch.no_grad()
 def predict_volume(logits_fn, volume, size, channels=3, device="cpu", batch=16,
                    resize="bilinear"):
-    """Label volume (D, H, W) int64: each slice resized to `size`, argmax of `logits_fn`, resized back.
+    """Label volume (D, H, W) int64: slices resized to `size`, argmax of `logits_fn`, resized back.
 
     `logits_fn` maps (n, channels, size, size) float to (n, K, size, size) logits; the prediction
     is brought back to the slice's own H x W nearest-neighbour, as the TransUNet test does.
@@ -1342,9 +1321,9 @@ def write_toy(out, kind="binary", n=100, size=256, seed=0):
     return out
 
 
-def load_data(args, task="binary", augment=None, toy_sizes=(160, 20, 40), instance=False,
-              mean=IMAGENET_MEAN, std=IMAGENET_STD, channels=3, official=True,
-              fractions=(0.8, 0.1, 0.1), resize="bilinear"):
+def load_data(args, task="binary", augment=None, toy_sizes=(160, 20, 40), mean=IMAGENET_MEAN,
+              std=IMAGENET_STD, channels=3, official=True, fractions=(0.8, 0.1, 0.1),
+              resize="bilinear"):
     """The data of a run: {'train', 'val', 'test': {group: dataset}, 'source', 'splits',
     'layout', 'pairs'}.
 
@@ -1385,8 +1364,7 @@ def load_data(args, task="binary", augment=None, toy_sizes=(160, 20, 40), instan
     split = discover_splits(root, seed, getattr(args, "val_fraction", 0.1), fractions, official,
                             all_test=evaluating)
     labels = task != "binary"
-    make = lambda pairs, aug: PairDataset(pairs, size, aug, labels, instance, mean, std,  # noqa
-                                          seed)
+    make = lambda pairs, aug: PairDataset(pairs, size, aug, labels, mean, std, seed)  # noqa
     return {"train": make(split["train"], augment),
             "val": make(split["val"], None) if split["val"] else None,
             "test": {g: make(p, None) for g, p in split["test"].items()},
