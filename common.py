@@ -1413,15 +1413,6 @@ def add_common_args(parser, paper, source, pretrained_default="none"):
     return parser
 
 
-def _check_writable(out):
-    """Stop with one line when the folder `out` cannot be created or written."""
-    parent = Path(out).absolute()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"--out {out}: cannot write there ({parent} is not a writable folder)")
-
-
 def finish_args(args, paper, toy):
     """Fill unset flags (paper values with real data, `toy` values with toy data); check them.
 
@@ -1450,8 +1441,12 @@ def finish_args(args, paper, toy):
         fail(f"--val-fraction must lie in [0, 1) (got {args.val_fraction})")
     if args.predict and not args.checkpoint:
         fail("--predict DIR needs --checkpoint CKPT")
-    if args.out:
-        _check_writable(args.out)
+    if args.out:  # the nearest existing folder on the way to --out must be writable
+        parent = Path(args.out).absolute()
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            fail(f"--out {args.out}: cannot write there ({parent} is not a writable folder)")
     choose_device(args.device)  # a missing GPU is a one-line error now, not after loading data
     return args
 
@@ -1526,16 +1521,16 @@ def choose_device(name="auto"):
 def _plain(value):
     """`value` with numpy numbers, paths and other objects turned into plain Python and tensors,
     so that `torch.load(..., weights_only=True)` reads the checkpoint back."""
-    if isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, float,
-                                                                            str)):
+    if isinstance(value, (torch.Tensor, bool, int, float, str)) or value is None:
         return value
     if isinstance(value, dict):
         if all(isinstance(v, torch.Tensor) for v in value.values()):
             return value  # a state dict: keep its type and metadata
         return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value) if type(value) in (list, tuple) else [
-            _plain(v) for v in value]
+    if type(value) in (list, tuple):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, (list, tuple)):  # a named tuple or another subclass: a plain list
+        return [_plain(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -1574,9 +1569,10 @@ def load_checkpoint(path, script=None, flag="--checkpoint", **expect):
         fail(f"{flag} {path}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError as error:  # torch's refusal names the class: "GLOBAL a.B"
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
         fail(f"{flag} {path}: not a checkpoint of this repository (it pickles "
-             f"{_first_global(error)}, which is never unpickled here)")
+             f"{found.group(1) if found else 'a Python object'}, which is never unpickled here)")
     except Exception as error:
         fail(f"{flag} {path}: cannot read it (truncated or not a PyTorch file: "
              f"{type(error).__name__})")
@@ -1588,12 +1584,6 @@ def load_checkpoint(path, script=None, flag="--checkpoint", **expect):
         if state.get(key) != wanted:
             fail(f"{flag} {path}: its {key} is {state.get(key)!r}, expected {wanted!r}")
     return state
-
-
-def _first_global(error):
-    """The class named in torch's weights-only refusal, for the one-line message."""
-    match = re.search(r"GLOBAL ([\w.]+)", str(error))
-    return match.group(1) if match else "a Python object"
 
 
 class Foreign(dict):
@@ -1680,16 +1670,9 @@ def load_weights(path, flag="--pretrained"):
 
 def tensor_dict(obj, keys=("model", "state_dict", "model_state_dict", "net", "params")):
     """The name -> tensor mapping in a loaded weight file (itself, or under one of `keys`)."""
-    def is_tensors(x):
-        """True for a non-empty dict of tensors."""
-        return isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) for v in x.values())
-    if is_tensors(obj):
-        return obj
-    if isinstance(obj, dict):
-        for key in keys:
-            if is_tensors(obj.get(key)):
-                return obj[key]
-    return None
+    candidates = ([obj] + [obj.get(key) for key in keys]) if isinstance(obj, dict) else []
+    return next((c for c in candidates if isinstance(c, dict) and c
+                 and all(isinstance(v, torch.Tensor) for v in c.values())), None)
 
 
 def fetch_weights(url, filename, log, is_main=True, barrier=None):
@@ -1837,11 +1820,6 @@ class Run:
         """The run folder, made (with predictions/) on first use: after the inputs are checked."""
         return self.folder()
 
-    @property
-    def log_path(self):
-        """<out>/log.csv."""
-        return self.out / "log.csv"
-
     def folder(self):
         """The run folder, made now if it does not exist yet (rank 0)."""
         if self.is_main and not self._made:
@@ -1871,15 +1849,15 @@ class Run:
     def save_json(self, name, obj):
         """Write `obj` as indented JSON into the run folder."""
         if self.is_main:
-            text = json.dumps(obj, indent=2, default=str)
-            (self.out / name).write_text(text + "\n")
+            (self.out / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
     def log_epoch(self, row):
         """Append one row (a dict) to log.csv, writing the header the first time."""
         if not self.is_main:
             return
-        new = not self.log_path.exists()
-        with open(self.log_path, "a", newline="") as f:
+        path = self.out / "log.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
             if new:
                 writer.writeheader()
@@ -1962,42 +1940,36 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def peak_memory_mb(device):
-    """Peak memory so far: CUDA allocator peak, else the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def benchmark(model, train_step, infer_step, batch_size, device, repeats=3, **extra):
     """Time `train_step()` and `infer_step()` (each handles one batch); return the JSON record.
 
-    One warm-up call each, then the median of `repeats` timed calls.
+    One warm-up call each, then the median of `repeats` timed calls. Peak memory: the CUDA
+    allocator's peak, else the process's peak resident set size.
     """
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
     def timed(step):
         """Median seconds of one call after a warm-up call."""
         step()
         times = []
         for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
             step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - start)
         return float(np.median(times))
 
     params = sum(p.numel() for p in model.parameters())
     infer = timed(infer_step)
     train = timed(train_step) if train_step is not None else float("nan")
-    record = {"params_M": round(params / 1e6, 3), "batch_size": batch_size,
-              "train_images_per_s": round(batch_size / train, 3),
-              "inference_images_per_s": round(batch_size / infer, 3),
-              "peak_memory_MB": round(peak_memory_mb(device), 1), "device": str(device),
-              "threads": torch.get_num_threads()}
-    record.update(extra)
-    return record
+    peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+    return {"params_M": round(params / 1e6, 3), "batch_size": batch_size,
+            "train_images_per_s": round(batch_size / train, 3),
+            "inference_images_per_s": round(batch_size / infer, 3),
+            "peak_memory_MB": round(peak_mb, 1), "device": str(device),
+            "threads": torch.get_num_threads(), **extra}
 
 
 def check_conflicts(parser, args, rules, explicit):
