@@ -142,9 +142,7 @@ def confusion(pred, gt):
 
 def _ratio(numerator, denominator, agree):
     """numerator / denominator, where 0/0 scores 1.0 if the masks agree and 0.0 if not."""
-    if denominator == 0:
-        return 1.0 if agree else 0.0
-    return numerator / denominator
+    return numerator / denominator if denominator else float(agree)
 
 
 def scores_from_confusion(tp, fp, fn, tn):
@@ -201,26 +199,20 @@ def accuracy(pred, gt):
 # ---- Surface distances (MedPy's definitions: hd95, asd, assd) ----
 
 def _surface_distances(a, b, spacing):
-    """Distance from every surface voxel of mask `a` to the nearest surface voxel of mask `b`."""
+    """Distances from every surface voxel of mask `a` to the nearest surface voxel of mask `b`,
+    or None if either mask is empty. Both are first cropped to the bounding box of a | b: the same
+    surfaces and distances (outside the box both are background, as the erosion sees the outside
+    of an array), much faster."""
+    a, b = _same_shape(_as_mask(a), _as_mask(b))
+    if not a.any() or not b.any():
+        return None
+    box = tuple(slice(index.min(), index.max() + 1) for index in np.nonzero(a | b))
+    a, b = a[box], b[box]
     structure = scipy.ndimage.generate_binary_structure(a.ndim, 1)  # 4- (2D) / 6-neighbours (3D)
     surface_a = a ^ scipy.ndimage.binary_erosion(a, structure)  # outside the array counts as 0
     surface_b = b ^ scipy.ndimage.binary_erosion(b, structure)
     # The EDT gives each voxel its distance to the nearest zero, so b's surface must be the zeros.
-    distance_to_b = scipy.ndimage.distance_transform_edt(~surface_b, sampling=spacing)
-    return distance_to_b[surface_a]
-
-
-def _both_surfaces(pred, gt):
-    """Two bool masks cropped to the bounding box of pred | gt, or None if either is empty.
-
-    Cropping keeps every surface and distance (outside the box both masks are background, as
-    the erosion treats the outside of an array) and makes hd95 and asd much faster.
-    """
-    pred, gt = _same_shape(_as_mask(pred), _as_mask(gt))
-    if not pred.any() or not gt.any():
-        return None
-    box = tuple(slice(index.min(), index.max() + 1) for index in np.nonzero(pred | gt))
-    return pred[box], gt[box]
+    return scipy.ndimage.distance_transform_edt(~surface_b, sampling=spacing)[surface_a]
 
 
 def hd95(pred, gt, spacing=None):
@@ -231,13 +223,10 @@ def hd95(pred, gt, spacing=None):
     per axis) gives physical units; None = voxel units (TransUNet's protocol). Returns nan if
     either mask is empty (MedPy raises); VolumeMeter applies the papers' conventions for that.
     """
-    masks = _both_surfaces(pred, gt)
-    if masks is None:
+    to_gt, to_pred = _surface_distances(pred, gt, spacing), _surface_distances(gt, pred, spacing)
+    if to_gt is None:
         return math.nan
-    pred, gt = masks
-    distances = np.concatenate([_surface_distances(pred, gt, spacing),
-                                _surface_distances(gt, pred, spacing)])
-    return float(np.percentile(distances, 95))
+    return float(np.percentile(np.concatenate([to_gt, to_pred]), 95))
 
 
 def asd(pred, gt, spacing=None):
@@ -245,10 +234,8 @@ def asd(pred, gt, spacing=None):
 
     Mean over pred's surface voxels of the distance to gt's nearest surface voxel; surfaces,
     `spacing` and empty masks (nan) as in hd95."""
-    masks = _both_surfaces(pred, gt)
-    if masks is None:
-        return math.nan
-    return float(_surface_distances(masks[0], masks[1], spacing).mean())
+    distances = _surface_distances(pred, gt, spacing)
+    return math.nan if distances is None else float(distances.mean())
 
 
 def assd(pred, gt, spacing=None):
@@ -1036,12 +1023,11 @@ class PairDataset(torch.utils.data.Dataset):
         image = load_image(pair["image"], size_hint)  # a JPEG may decode smaller (size_hint)
         if self.labels:
             mask = load_label_map(pair["masks"][0])
-        else:  # GlaS instance maps: foreground is every label > 0 (find_pairs' `instance`)
-            masks = [load_mask(m, pair.get("instance", False)) for m in pair["masks"]]
-            mask = np.logical_or.reduce(masks)
-        width, height = pair.get("size") or image.shape[1::-1]
-        size_differs = size_hint is None and image.shape[:2] != (height, width)
-        if mask.shape != (height, width) or size_differs:
+        else:  # the union of an image's masks (BUSI); GlaS instance maps: every label > 0
+            mask = np.logical_or.reduce([load_mask(m, pair.get("instance", False))
+                                         for m in pair["masks"]])
+        width, height = pair.get("size") or image.shape[1::-1]  # (check_pairs' header size)
+        if mask.shape != (height, width) or (size_hint is None and image.shape[:2] != mask.shape):
             fail(f"mask {pair['masks'][0]} is {mask.shape[1]}x{mask.shape[0]} but its image "
                  f"{pair['image']} is {width}x{height}")
         return image, mask
@@ -1309,11 +1295,10 @@ def write_toy(out, kind="binary", n=100, size=256, seed=0):
             Image.fromarray(image).save(out / "images" / f"toy_{i:04d}.jpg", quality=95)
             save_mask_png(out / "masks" / f"toy_{i:04d}.png", mask)
     elif kind == "multiclass":
-        for split, count in (("train_npz", n), ("test_npz", max(1, n // 5))):
+        for split, first, count in (("train_npz", 0, n), ("test_npz", n, max(1, n // 5))):
             (out / split).mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                image, label = make_toy_multiclass(i + (0 if split == "train_npz" else n),
-                                                   size, seed)
+                image, label = make_toy_multiclass(first + i, size, seed)
                 np.savez_compressed(out / split / f"case{i:04d}_slice000.npz", image=image,
                                     label=label)
     else:
