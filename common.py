@@ -153,8 +153,7 @@ def scores_from_confusion(tp, fp, fn, tn):
     an empty prediction on a non-empty mask has precision 0; false positives on an empty mask give
     recall 0; on an all-foreground mask, specificity is 1 only for an all-foreground prediction.
     (VM-UNet's global scores use 0 for every zero denominator; with a whole test set pooled
-    the denominators are never 0, so the two agree there.)
-    """
+    the denominators are never 0, so the two agree there.)"""
     agree = fp == 0 and fn == 0
     return {
         "dice": _ratio(2 * tp, 2 * tp + fp + fn, agree),  # = F1
@@ -199,15 +198,13 @@ def accuracy(pred, gt):
 # ---- Surface distances (MedPy's definitions: hd95, asd, assd) ----
 
 def _surface_distances(a, b, spacing):
-    """Distances from every surface voxel of mask `a` to the nearest surface voxel of mask `b`,
-    or None if either mask is empty. Both are first cropped to the bounding box of a | b: the same
-    surfaces and distances (outside the box both are background, as the erosion sees the outside
-    of an array), much faster."""
+    """Distances from every surface voxel of mask `a` to the nearest surface voxel of mask `b`
+    (None if either mask is empty), computed in the bounding box of a | b: much faster."""
     a, b = _same_shape(_as_mask(a), _as_mask(b))
     if not a.any() or not b.any():
         return None
     box = tuple(slice(index.min(), index.max() + 1) for index in np.nonzero(a | b))
-    a, b = a[box], b[box]
+    a, b = a[box], b[box]  # same surfaces: the erosion also sees background outside an array
     structure = scipy.ndimage.generate_binary_structure(a.ndim, 1)  # 4- (2D) / 6-neighbours (3D)
     surface_a = a ^ scipy.ndimage.binary_erosion(a, structure)  # outside the array counts as 0
     surface_b = b ^ scipy.ndimage.binary_erosion(b, structure)
@@ -221,8 +218,7 @@ def hd95(pred, gt, spacing=None):
     Masks are (H, W) or (D, H, W); surface = mask XOR its erosion by the connectivity-1 element;
     hd95 = np.percentile(distances pred->gt and gt->pred pooled, 95). `spacing` (a number or one
     per axis) gives physical units; None = voxel units (TransUNet's protocol). Returns nan if
-    either mask is empty (MedPy raises); VolumeMeter applies the papers' conventions for that.
-    """
+    either mask is empty (MedPy raises); VolumeMeter applies the papers' conventions for that."""
     to_gt, to_pred = _surface_distances(pred, gt, spacing), _surface_distances(gt, pred, spacing)
     if to_gt is None:
         return math.nan
@@ -243,8 +239,7 @@ def assd(pred, gt, spacing=None):
 
     This is MedPy <= 0.4's assd. MedPy 0.5 instead takes the mean of the pooled distances of both
     directions, which weights the larger surface more; the two agree when both surfaces have the
-    same number of voxels. Empty masks give nan, as in hd95.
-    """
+    same number of voxels. Empty masks give nan, as in hd95."""
     return (asd(pred, gt, spacing) + asd(gt, pred, spacing)) / 2
 
 
@@ -274,12 +269,10 @@ def _divide_or_zero(numerator, denominator):
 
 
 def dice_iou_curves(prob, gt):
-    """Dice and IoU at the 256 thresholds P >= t, t = 1, 254/255, ..., 0: two (256,) arrays.
+    """Dice and IoU at the 256 thresholds of e_measure_curve, in its order: two (256,) arrays.
 
-    Entry i binarises the quantised map at level >= 255 - i (see e_measure_curve). As in
-    PySODMetrics, a 0/0 ratio on the curves is 0 (this only happens when gt is empty).
-    The polyp papers' mDice / mIoU average these curves over images, then over thresholds.
-    """
+    As in PySODMetrics, a 0/0 ratio on the curves is 0 (only when gt is empty). The polyp papers'
+    mDice / mIoU average these curves over images, then over thresholds."""
     prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     tp, fp = _threshold_counts(prob, gt)
     fn = np.count_nonzero(gt) - tp
@@ -291,8 +284,7 @@ def _e_measure_from_counts(tp, fp, num_fg, num_pixels):
 
     phi = 2 (F - mean F)(G - mean G) / ((F - mean F)^2 + (G - mean G)^2 + eps) per pixel,
     psi = (phi + 1)^2 / 4, E = sum psi / (N - 1 + eps). F and G take only the values 0 and 1, so
-    psi takes one value on each of the four (F, G) pixel groups tp, fp, fn, tn.
-    """
+    psi takes one value on each of the four (F, G) pixel groups tp, fp, fn, tn."""
     tp, fp = np.asarray(tp, float), np.asarray(fp, float)
     num_pred = tp + fp
     if num_fg == 0:  # empty gt: psi = 1 - F
@@ -315,8 +307,7 @@ def e_measure_curve(prob, gt):
     """E-measure (Fan et al., IJCAI 2018) at the 256 thresholds, highest threshold first: (256,).
 
     Entry i binarises floor(255 P) >= 255 - i, i.e. P >= 1, 254/255, ..., 0 on the quantised map,
-    the order of PySODMetrics' 'curve'. maxEm / meanEm = max / mean of the image-averaged curve.
-    """
+    the order of PySODMetrics' 'curve'. maxEm / meanEm = max / mean of the image-averaged curve."""
     prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     tp, fp = _threshold_counts(prob, gt)
     return _e_measure_from_counts(tp, fp, np.count_nonzero(gt), gt.size)
@@ -357,8 +348,7 @@ def s_measure(prob, gt, alpha=0.5):
     Empty gt: S = 1 - mean(P); all-foreground gt: S = mean(P). Otherwise, with mu = mean(G):
     S_object = mu O(P on G) + (1 - mu) O(1 - P on not G), O as in _object_similarity;
     S_region = area-weighted SSIM of the four blocks cut at the gt's centroid (np.round, + 1 as in
-    MATLAB). PySODMetrics' conventions: std and variances with N - 1, S clipped at 0.
-    """
+    MATLAB). PySODMetrics' conventions: std and variances with N - 1, S clipped at 0."""
     prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     mu = gt.mean()
     if mu == 0:
@@ -386,8 +376,7 @@ def weighted_f_measure(prob, gt, beta2=1.0):
     which is blurred by a 7x7, sigma 5 Gaussian (E_A); on the foreground min(E, E_A) is used.
     Background errors are weighted by B = 2 - exp(ln(0.5) / 5 * distance to the foreground):
     E_w = min-map * B. R_w = 1 - mean_fg(E_w), P_w = TP_w / (TP_w + FP_w) with
-    TP_w = |G| - sum_fg(E_w), FP_w = sum_bg(E_w); F_w = (1 + beta2) R_w P_w / (R_w + beta2 P_w).
-    """
+    TP_w = |G| - sum_fg(E_w), FP_w = sum_bg(E_w); F_w = (1 + beta2) R_w P_w / (R_w + beta2 P_w)."""
     prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     if not gt.any():
         return 0.0
@@ -436,8 +425,7 @@ class PolypMeter(_SumMeter):
     mDice / mIoU: mean over thresholds of the image-averaged 256-threshold Dice / IoU curves;
     maxEm / meanEm: max / mean of the image-averaged E-measure curve; adpEm: adaptive E-measure;
     Sm, wFm, MAE: per image, then averaged. update() takes prob in [0, 1]; the PraNet protocol
-    min-max normalises each prediction map first, which is the caller's step.
-    """
+    min-max normalises each prediction map first, which is the caller's step."""
 
     def __init__(self):
         curve = np.zeros(256)
@@ -471,11 +459,8 @@ _BINARY_KEYS = ("dice", "iou", "precision", "recall", "specificity", "accuracy")
 
 
 class PerImageMeter(_SumMeter):
-    """Binary scores per image at prob >= threshold, then averaged over images (MFEL's choice).
-
-    compute() gives dice, iou, precision, recall, specificity, accuracy (empty-mask conventions of
-    scores_from_confusion).
-    """
+    """Binary scores per image at prob >= threshold, then averaged over images (MFEL's choice);
+    the keys and empty-mask conventions of scores_from_confusion."""
 
     def __init__(self, threshold=0.5):
         self.threshold = threshold
@@ -497,8 +482,7 @@ class GlobalMeter(_SumMeter):
     """Binary scores from one confusion matrix summed over the whole test set (VM-UNet's way).
 
     Every pixel of every image at prob >= threshold goes into the same tp, fp, fn, tn, so large
-    images and large lesions weigh more than in PerImageMeter. compute() gives the same keys.
-    """
+    images and large lesions weigh more than in PerImageMeter. compute() gives the same keys."""
 
     def __init__(self, threshold=0.5):
         self.threshold = threshold
@@ -528,8 +512,7 @@ class VolumeMeter(_SumMeter):
       computed normally (0 when only one of the two is empty) and HD95 only when both are
       non-empty (left out of the HD95 mean otherwise).
     compute() gives dice_<name> and hd95_<name> per class (the mean over the volumes counted,
-    nan if none) and mean_dice, mean_hd95 (mean over the classes that are not nan).
-    """
+    nan if none) and mean_dice, mean_hd95 (mean over the classes that are not nan)."""
 
     def __init__(self, num_classes, class_names=None, spacing=None, convention="transunet"):
         if convention not in ("transunet", "skip"):
@@ -613,8 +596,7 @@ def load_mask(path, instance=False):
     """A binary mask (H, W) bool: v > 128 if max > 1 else v > 0; instance maps (GlaS): v > 0.
 
     `> 128` is the polyp toolboxes' rule (PraNet's eval/main.m, PySODMetrics' prepare_data); JPEG
-    masks (Kvasir) carry compression noise around 0 and 255, which it removes.
-    """
+    masks (Kvasir) carry compression noise around 0 and 255, which it removes."""
     values = _mask_values(_open(path))
     if instance or values.max() <= 1:
         return values > 0
@@ -751,8 +733,7 @@ def find_pairs(root, notes=None):
     one line naming the file when an image has no mask, a mask has no image, or a key repeats.
     A BUSI image with several masks (`_mask`, `_mask_1`) gets all of them (their union is used);
     GlaS `_anno` masks are instance maps (`instance` True: binarised as > 0, whoever loads them).
-    Notes on what was skipped are appended to `notes`.
-    """
+    Notes on what was skipped are appended to `notes`."""
     root = Path(root)
     if not root.is_dir():
         fail(f"data folder not found: {root}")
@@ -844,8 +825,7 @@ def _split_of(pair, root):
     """('train'|'val'|'test'|None, test group name) from the path or GlaS file prefix.
 
     The innermost folder naming a split decides, so a doubly unzipped TestDataset/TestDataset/
-    still yields the five polyp sets as groups.
-    """
+    still yields the five polyp sets as groups."""
     parts = Path(pair["image"]).relative_to(root).parts
     for index in reversed(range(len(parts) - 1)):
         words = set(re.split(r"[^a-z]+", parts[index].lower()))
@@ -920,8 +900,7 @@ def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1), o
     split by `fractions`. When the layout has train and test but no validation set,
     `val_fraction` of train is held out (0: no validation). `all_test=True` (a folder given to
     --eval): every pair is test data, in the layout's groups (the five polyp sets, ...).
-    Every file's header is checked first (`check_pairs`).
-    """
+    Every file's header is checked first (`check_pairs`)."""
     root = Path(root)
     notes = []
     pairs = check_pairs(find_pairs(root, notes))
@@ -968,8 +947,7 @@ def find_slice_files(root):
     """TransUNet-style multi-class files: {'train': [npz], 'val': [...], 'test': [npz|h5]}.
 
     Synapse: train_npz/*.npz and test_vol_h5/*.npy.h5; ACDC (MT-UNet package): train/, valid/,
-    test/ folders of *.npz (test files are volumes). Returns None if `root` has neither layout.
-    """
+    test/ folders of *.npz (test files are volumes). Returns None if `root` has neither layout."""
     root = Path(root)
     layouts = [("train_npz", None, ("test_vol_h5", "test_npz")), ("train", "valid", ("test",))]
     for train_dir, val_dir, test_dirs in layouts:
@@ -1004,8 +982,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     Item: {'image': (3, S, S) float, 'mask': (1, S, S) float in {0, 1} (binary) or (S, S) int64
     (labels), 'index': int}. `full(i)` returns the image and mask at their original size, which
-    is where the papers evaluate.
-    """
+    is where the papers evaluate."""
 
     def __init__(self, pairs, size, augment=None, labels=False, mean=IMAGENET_MEAN,
                  std=IMAGENET_STD, seed=0):
@@ -1066,8 +1043,7 @@ def count_labels(paths):
     """The class count K = 1 + the largest label id in any of `paths` (npz / h5 / label PNG).
 
     Read at discovery, so a rare class in a single file cannot crash training later; a
-    negative id, or no foreground at all, ends with one line naming the culprit.
-    """
+    negative id, or no foreground at all, ends with one line naming the culprit."""
     top = 0
     for path in paths:
         labels = read_slice(path)[1] if Path(path).suffix in (".npz", ".h5") else \
@@ -1100,8 +1076,7 @@ class SliceDataset(torch.utils.data.Dataset):
     """2-D multi-class slices (TransUNet npz): {'image': (C, S, S), 'mask': (S, S) int64}.
 
     `resize="bilinear"`: torch's bilinear image, nearest labels; `"cubic"`: TransUNet's scipy
-    zoom (order 3 image, order 0 labels), after the augmentation as TransUNet does.
-    """
+    zoom (order 3 image, order 0 labels), after the augmentation as TransUNet does."""
 
     def __init__(self, files, size, augment=None, channels=3, seed=0, resize="bilinear"):
         self.files, self.size, self.augment, self.channels = files, size, augment, channels
@@ -1168,8 +1143,7 @@ def make_toy_binary(index, size, seed=0):
 
     A textured lesion-like blob (1-2 lobes, wobbly boundary, sometimes cut by the border) on a
     textured background; colour contrast varies from clear to faint, plus noise and a decoy
-    spot of lesion colour but wrong texture, so it is learnable but not trivial.
-    """
+    spot of lesion colour but wrong texture, so it is learnable but not trivial."""
     rng = np.random.default_rng([seed, index])
     rng_py = np.random.default_rng([seed, index, 1])
     mask = np.zeros((size, size), bool)
@@ -1201,8 +1175,7 @@ def make_toy_multiclass(index, size, seed=0):
     """One toy slice (image float32 (S, S) in [0, 1], labels int64 (S, S) in 0..8).
 
     4-8 of eight organ-like regions in a body ellipse; each class has a typical place, size,
-    intensity and texture (the two 'beans' differ only by side), all jittered, plus noise.
-    """
+    intensity and texture (the two 'beans' differ only by side), all jittered, plus noise."""
     rng = np.random.default_rng([seed, index, 2])
     yy, xx = np.mgrid[0:size, 0:size] / size
     body = ((yy - 0.5) / 0.42) ** 2 + ((xx - 0.5) / 0.46) ** 2 <= 1
@@ -1270,8 +1243,7 @@ def predict_volume(logits_fn, volume, size, channels=3, device="cpu", batch=16,
 
     `logits_fn` maps (n, channels, size, size) float to (n, K, size, size) logits; the prediction
     is brought back to the slice's own H x W nearest-neighbour, as the TransUNet test does.
-    `resize="cubic"`: slices in by scipy zoom order 3 and back by order 0 (TransUNet's calls).
-    """
+    `resize="cubic"`: slices in by scipy zoom order 3 and back by order 0 (TransUNet's calls)."""
     labels, square = [], (size, size)
     for start in range(0, volume.shape[0], batch):
         chunk = volume[start:start + batch]
@@ -1316,8 +1288,7 @@ def load_data(args, task="binary", augment=None, toy_sizes=(160, 20, 40), mean=I
     (`discover_splits`: `official=False` re-splits the layout by `fractions`); multi-class tasks
     read TransUNet npz/h5 files (`find_slice_files`) or pairs of images and label-map PNGs. Test
     sets of multi-class tasks are VolumeDatasets. With `args.eval` set, the folder is all test
-    data: every group in it, in full. `resize` is SliceDataset's (TransUNet slices only).
-    """
+    data: every group in it, in full. `resize` is SliceDataset's (TransUNet slices only)."""
     size, seed = args.img_size, args.seed
     if args.data == "toy":
         n_train, n_val, n_test = toy_sizes
@@ -1401,8 +1372,7 @@ def add_common_args(parser, paper, source, pretrained_default="none"):
 def finish_args(args, paper, toy):
     """Fill unset flags (paper values with real data, `toy` values with toy data); check them.
 
-    Every check here runs before any data is read or any folder is made.
-    """
+    Every check here runs before any data is read or any folder is made."""
     args.data = "toy" if args.data in (None, "", "toy") else args.data
     defaults = toy if args.data == "toy" else paper
     for name in ("epochs", "batch_size", "lr", "img_size"):
@@ -1455,8 +1425,7 @@ def adopt_config(args, checkpoint, keys, explicit, flag, check_only=False, path=
     The weights only fit the architecture they were trained with, so a flag that would change it
     is a mistake worth one clear line rather than a shape-mismatch traceback. `check_only=True`
     (a second checkpoint that must fit the settings already made): every differing key stops,
-    nothing is copied. `path`: the file the message names (default: the value of `flag`).
-    """
+    nothing is copied. `path`: the file the message names (default: the value of `flag`)."""
     config = checkpoint.get("config", {})
     path = getattr(args, flag.lstrip("-").replace("-", "_"), "") if path is None else path
     for key in keys:
@@ -1479,8 +1448,7 @@ def adopt_config(args, checkpoint, keys, explicit, flag, check_only=False, path=
 def seed_everything(seed):
     """Seed Python, NumPy and PyTorch; each torchrun rank gets its own stream (seed + rank).
 
-    Models still start identical on every rank: DistributedDataParallel copies rank 0's weights.
-    """
+    Models still start identical on every rank: DistributedDataParallel copies rank 0's weights."""
     seed = seed + int(os.environ.get("RANK", 0))
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -1530,8 +1498,7 @@ def _plain(value):
 def save_checkpoint(path, state):
     """torch.save `state` atomically: a temporary file, fsync, then rename over `path`.
 
-    An interrupted save leaves `path` as it was and removes its temporary file.
-    """
+    An interrupted save leaves `path` as it was and removes its temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -1547,8 +1514,7 @@ def save_checkpoint(path, state):
 def load_checkpoint(path, script=None, flag="--checkpoint", **expect):
     """A checkpoint of this repository, read with `weights_only=True`; one line when it is not.
 
-    `expect` names fields that must match (e.g. `stage="recon"`).
-    """
+    `expect` names fields that must match (e.g. `stage="recon"`)."""
     path = Path(path)
     if not path.is_file():
         fail(f"{flag} {path}: no such file")
@@ -1574,8 +1540,7 @@ def load_checkpoint(path, script=None, flag="--checkpoint", **expect):
 class Foreign(dict):
     """Inert stand-in for a class pickled in a published weight file (e.g. yacs' CfgNode).
 
-    It keeps what the pickle gave it (`args`, `state`, items) and runs none of the class's code.
-    """
+    It keeps what the pickle gave it (`args`, `state`, items) and runs none of the class's code."""
     origin = "?"
 
     def __init__(self, *args, **kwargs):
@@ -1635,8 +1600,7 @@ def load_weights(path, flag="--pretrained"):
 
     `weights_only=True` first; files that pickle other objects (VMamba's yacs config, a training
     script's argparse.Namespace) are read by a restricted unpickler that turns every such object
-    into an inert `Foreign`.
-    """
+    into an inert `Foreign`."""
     path = Path(path)
     if not path.is_file():
         fail(f"{flag} {path}: no such file")
@@ -1663,8 +1627,7 @@ def tensor_dict(obj, keys=("model", "state_dict", "model_state_dict", "net", "pa
 def fetch_weights(url, filename, log, is_main=True, barrier=None):
     """Path of `url` downloaded once into torch's hub cache (rank 0 downloads, others wait).
 
-    None, after one log line, when it cannot be had: training then starts from scratch.
-    """
+    None, after one log line, when it cannot be had: training then starts from scratch."""
     path = Path(torch.hub.get_dir()) / "checkpoints" / filename
     reason = None
     if is_main and not path.exists():
@@ -1685,8 +1648,7 @@ def fetch_weights(url, filename, log, is_main=True, barrier=None):
 def load_matching(module, tensors, what, source, log, prefix=""):
     """Load the tensors of `tensors` whose names (minus `prefix`) and shapes fit `module`.
 
-    Logs 'what: 318 of 320 tensors from SOURCE'; returns (loaded, tensors in the module).
-    """
+    Logs 'what: 318 of 320 tensors from SOURCE'; returns (loaded, tensors in the module)."""
     own = module.state_dict()
     fits = {}
     for name, value in tensors.items():
@@ -1706,8 +1668,7 @@ def set_lr(optimizer, lr):
     """Set the learning rate of every parameter group (times the group's `lr_scale`, if any).
 
     Scripts compute each epoch's (or step's) rate from the epoch and the total `--epochs`, so a
-    run resumed with a larger `--epochs` follows the new total's schedule from the next epoch on.
-    """
+    run resumed with a larger `--epochs` follows the new total's schedule from the next epoch on."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
@@ -1729,8 +1690,7 @@ def seed_worker(worker_id):
 
     PyTorch hands each worker base_seed + worker_id, base_seed drawn from the loader's generator,
     so workers differ from each other while a run with the same seed repeats itself. Defined at
-    module level so that spawn/forkserver workers can unpickle it.
-    """
+    module level so that spawn/forkserver workers can unpickle it."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
@@ -1741,8 +1701,7 @@ def make_loader(dataset, batch_size, train, workers=0, seed=0, drop_last=False, 
     """A DataLoader; in a torchrun job the training loader shards the data across processes.
 
     Augmentation draws from `dataset.rng` (a random.Random): reseeded here per rank and in every
-    worker by `seed_worker`.
-    """
+    worker by `seed_worker`."""
     rank = int(os.environ.get("RANK", 0))
     sampler = None
     if train and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -1777,8 +1736,7 @@ class Run:
 
     The folder is made on the first file written, so a run stopped by bad input leaves nothing;
     its default name `runs/<script>/<time>-<pid>` is never shared by two runs. Only rank 0
-    writes files and prints.
-    """
+    writes files and prints."""
 
     def __init__(self, args, script):
         self.args, self.script = args, script
@@ -1860,8 +1818,7 @@ class Run:
 
         Resumed into a new folder, the run starts with the old run's best.pt beside it (or the
         resumed state, if there is none), so the best-so-far is never lost. `prefix`: that of
-        end_epoch's files; `epochs`: the total logged (default args.epochs).
-        """
+        end_epoch's files; `epochs`: the total logged (default args.epochs)."""
         unwrap(model).load_state_dict(checkpoint["model"])
         if optimizer is not None and checkpoint.get("optimizer"):
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -1885,8 +1842,7 @@ class Run:
 
         `score` None (or nan) means no validation: best.pt is then the last epoch. `prefix`
         names the files (e.g. "recon_": recon_last.pt, recon_best.pt) of a run with two stages;
-        `self.best` is the current stage's (reset it to None between stages).
-        """
+        `self.best` is the current stage's (reset it to None between stages)."""
         if score is not None and math.isnan(score):
             score = None
         improved = (score is None or self.best is None
@@ -1929,8 +1885,7 @@ def benchmark(model, train_step, infer_step, batch_size, device, repeats=3, **ex
     """Time `train_step()` and `infer_step()` (each handles one batch); return the JSON record.
 
     One warm-up call each, then the median of `repeats` timed calls. Peak memory: the CUDA
-    allocator's peak, else the process's peak resident set size.
-    """
+    allocator's peak, else the process's peak resident set size."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(step):
@@ -1961,8 +1916,7 @@ def check_conflicts(parser, args, rules, explicit):
     """Stop with one line when a flag given explicitly is made meaningless by the others.
 
     `rules`: (dests, condition, why) triples; the first dest in `explicit` of a rule whose
-    condition holds fails as "--flag [VALUE] conflicts: why" (never silently ignored).
-    """
+    condition holds fails as "--flag [VALUE] conflicts: why" (never silently ignored)."""
     flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
     for dests, condition, why in rules:
         given = [d for d in dests if d in explicit] if condition else []
