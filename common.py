@@ -524,9 +524,8 @@ class VolumeMeter(_SumMeter):
                              f"got {len(class_names)} names")
         self.num_classes, self.class_names = num_classes, list(class_names)
         self.spacing, self.convention = spacing, convention
-        zeros = np.zeros(num_classes - 1)
-        self.sums = {"volumes": 0, "dice": zeros, "dice_volumes": zeros.copy(),
-                     "hd95": zeros.copy(), "hd95_volumes": zeros.copy()}
+        self.sums = {"volumes": 0, **{key: np.zeros(num_classes - 1) for key in
+                                      ("dice", "dice_volumes", "hd95", "hd95_volumes")}}
 
     def _case_scores(self, pred, gt):
         """(dice, hd95) of one class in one volume under the convention; None = not counted."""
@@ -1820,10 +1819,9 @@ class Run:
         resumed state, if there is none), so the best-so-far is never lost. `prefix`: that of
         end_epoch's files; `epochs`: the total logged (default args.epochs)."""
         unwrap(model).load_state_dict(checkpoint["model"])
-        if optimizer is not None and checkpoint.get("optimizer"):
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
+        for part, key in ((optimizer, "optimizer"), (scaler, "scaler")):
+            if part is not None and checkpoint.get(key):
+                part.load_state_dict(checkpoint[key])
         self.best = checkpoint.get("best")
         source = Path(path or self.args.resume)
         best = f"{prefix}best.pt"
