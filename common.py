@@ -226,10 +226,8 @@ def hd95(pred, gt, spacing=None):
 
 
 def asd(pred, gt, spacing=None):
-    """Average surface distance from pred's surface to gt's, as MedPy's asd (not symmetric).
-
-    Mean over pred's surface voxels of the distance to gt's nearest surface voxel; surfaces,
-    `spacing` and empty masks (nan) as in hd95."""
+    """Average surface distance from pred's surface to gt's (not symmetric), as MedPy's asd;
+    surfaces, `spacing` and empty masks (nan) as in hd95."""
     distances = _surface_distances(pred, gt, spacing)
     return math.nan if distances is None else float(distances.mean())
 
@@ -269,10 +267,9 @@ def _divide_or_zero(numerator, denominator):
 
 
 def dice_iou_curves(prob, gt):
-    """Dice and IoU at the 256 thresholds of e_measure_curve, in its order: two (256,) arrays.
-
-    As in PySODMetrics, a 0/0 ratio on the curves is 0 (only when gt is empty). The polyp papers'
-    mDice / mIoU average these curves over images, then over thresholds."""
+    """Dice and IoU at the 256 thresholds of e_measure_curve, in its order: two (256,) arrays;
+    0/0 is 0 on the curves, as in PySODMetrics (only when gt is empty). The polyp papers' mDice /
+    mIoU average these curves over images, then over thresholds."""
     prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     tp, fp = _threshold_counts(prob, gt)
     fn = np.count_nonzero(gt) - tp
@@ -479,9 +476,8 @@ class PerImageMeter(_SumMeter):
 
 
 class GlobalMeter(_SumMeter):
-    """Binary scores from one confusion matrix summed over the whole test set (VM-UNet's way).
-
-    Every pixel of every image at prob >= threshold goes into the same tp, fp, fn, tn, so large
+    """Binary scores from one confusion matrix summed over the whole test set (VM-UNet's way):
+    every pixel of every image at prob >= threshold goes into the same tp, fp, fn, tn, so large
     images and large lesions weigh more than in PerImageMeter. compute() gives the same keys."""
 
     def __init__(self, threshold=0.5):
@@ -821,10 +817,9 @@ SPLIT_WORDS = (("test", {"test", "testdataset"}), ("val", {"val", "valid", "vali
 
 
 def _split_of(pair, root):
-    """('train'|'val'|'test'|None, test group name) from the path or GlaS file prefix.
-
-    The innermost folder naming a split decides, so a doubly unzipped TestDataset/TestDataset/
-    still yields the five polyp sets as groups."""
+    """('train'|'val'|'test'|None, test group name) from the path or GlaS file prefix. The
+    innermost folder naming a split decides, so a doubly unzipped TestDataset/TestDataset/ still
+    yields the five polyp sets as groups."""
     parts = Path(pair["image"]).relative_to(root).parts
     for index in reversed(range(len(parts) - 1)):
         words = set(re.split(r"[^a-z]+", parts[index].lower()))
@@ -944,7 +939,6 @@ def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1), o
 
 def find_slice_files(root):
     """TransUNet-style multi-class files: {'train': [npz], 'val': [...], 'test': [npz|h5]}.
-
     Synapse: train_npz/*.npz and test_vol_h5/*.npy.h5; ACDC (MT-UNet package): train/, valid/,
     test/ folders of *.npz (test files are volumes). Returns None if `root` has neither layout."""
     root = Path(root)
@@ -1039,10 +1033,9 @@ def read_slice(path):
 
 
 def count_labels(paths):
-    """The class count K = 1 + the largest label id in any of `paths` (npz / h5 / label PNG).
-
-    Read at discovery, so a rare class in a single file cannot crash training later; a
-    negative id, or no foreground at all, ends with one line naming the culprit."""
+    """The class count K = 1 + the largest label id in any of `paths` (npz / h5 / label PNG),
+    read at discovery, so a rare class in a single file cannot crash training later; a negative
+    id, or no foreground at all, ends with one line naming the culprit."""
     top = 0
     for path in paths:
         labels = read_slice(path)[1] if Path(path).suffix in (".npz", ".h5") else \
@@ -1337,16 +1330,14 @@ def add_common_args(parser, paper, source, pretrained_default="none"):
 
     Flags left unset are filled by `finish_args`: the paper's value with real data, the script's
     toy value with the toy data. A script whose paper starts from pretrained weights passes
-    `pretrained_default=None`: then `--pretrained` means 'auto' with real data, 'none' on toy data.
-    """
+    `pretrained_default=None`: then `--pretrained` is 'auto' with real data, 'none' on toy data."""
     group = parser.add_argument_group("shared flags (common.py)")
     group.add_argument("--data", default="toy", help="data folder, or 'toy' (default: toy)")
     group.add_argument("--preset", choices=["paper", "small", "tiny"], default=None,
                        help="model size (default: paper with real data, small with toy data)")
     for flag, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("img-size", int)):
-        name = flag.replace("-", "_")
-        group.add_argument(f"--{flag}", type=kind, default=None,
-                           help=f"(paper: {paper[name]}, {source})")
+        group.add_argument(f"--{flag}", type=kind,
+                           help=f"(paper: {paper[flag.replace('-', '_')]}, {source})")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     group.add_argument("--workers", type=int, default=0, help="data-loader processes (default 0)")
     group.add_argument("--seed", type=int, default=0)
@@ -1369,9 +1360,8 @@ def add_common_args(parser, paper, source, pretrained_default="none"):
 
 
 def finish_args(args, paper, toy):
-    """Fill unset flags (paper values with real data, `toy` values with toy data); check them.
-
-    Every check here runs before any data is read or any folder is made."""
+    """Fill unset flags (paper values with real data, `toy` values with toy data) and check
+    them, all before any data is read or any folder is made."""
     args.data = "toy" if args.data in (None, "", "toy") else args.data
     defaults = toy if args.data == "toy" else paper
     for name in ("epochs", "batch_size", "lr", "img_size"):
@@ -1446,7 +1436,6 @@ def adopt_config(args, checkpoint, keys, explicit, flag, check_only=False, path=
 
 def seed_everything(seed):
     """Seed Python, NumPy and PyTorch; each torchrun rank gets its own stream (seed + rank).
-
     Models still start identical on every rank: DistributedDataParallel copies rank 0's weights."""
     seed = seed + int(os.environ.get("RANK", 0))
     random.seed(seed)
@@ -1495,9 +1484,8 @@ def _plain(value):
 
 
 def save_checkpoint(path, state):
-    """torch.save `state` atomically: a temporary file, fsync, then rename over `path`.
-
-    An interrupted save leaves `path` as it was and removes its temporary file."""
+    """torch.save `state` atomically (a temporary file, fsync, then rename over `path`): an
+    interrupted save leaves `path` as it was and removes its temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -1512,7 +1500,6 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path, script=None, flag="--checkpoint", **expect):
     """A checkpoint of this repository, read with `weights_only=True`; one line when it is not.
-
     `expect` names fields that must match (e.g. `stage="recon"`)."""
     path = Path(path)
     if not path.is_file():
@@ -1537,9 +1524,8 @@ def load_checkpoint(path, script=None, flag="--checkpoint", **expect):
 
 
 class Foreign(dict):
-    """Inert stand-in for a class pickled in a published weight file (e.g. yacs' CfgNode).
-
-    It keeps what the pickle gave it (`args`, `state`, items) and runs none of the class's code."""
+    """Inert stand-in for a class pickled in a published weight file (e.g. yacs' CfgNode): it
+    keeps what the pickle gave it (`args`, `state`, items) and runs none of the class's code."""
     origin = "?"
 
     def __init__(self, *args, **kwargs):
@@ -1624,9 +1610,8 @@ def tensor_dict(obj, keys=("model", "state_dict", "model_state_dict", "net", "pa
 
 
 def fetch_weights(url, filename, log, is_main=True, barrier=None):
-    """Path of `url` downloaded once into torch's hub cache (rank 0 downloads, others wait).
-
-    None, after one log line, when it cannot be had: training then starts from scratch."""
+    """Path of `url` downloaded once into torch's hub cache (rank 0 downloads, others wait), or
+    None after one log line when it cannot be had: training then starts from scratch."""
     path = Path(torch.hub.get_dir()) / "checkpoints" / filename
     reason = None
     if is_main and not path.exists():
@@ -1645,9 +1630,8 @@ def fetch_weights(url, filename, log, is_main=True, barrier=None):
 
 
 def load_matching(module, tensors, what, source, log, prefix=""):
-    """Load the tensors of `tensors` whose names (minus `prefix`) and shapes fit `module`.
-
-    Logs 'what: 318 of 320 tensors from SOURCE'; returns (loaded, tensors in the module)."""
+    """Load the tensors of `tensors` whose names (minus `prefix`) and shapes fit `module`. Logs
+    'what: 318 of 320 tensors from SOURCE'; returns (loaded, tensors in the module)."""
     own = module.state_dict()
     fits = {}
     for name, value in tensors.items():
@@ -1698,9 +1682,7 @@ def seed_worker(worker_id):
 
 def make_loader(dataset, batch_size, train, workers=0, seed=0, drop_last=False, context=None):
     """A DataLoader; in a torchrun job the training loader shards the data across processes.
-
-    Augmentation draws from `dataset.rng` (a random.Random): reseeded here per rank and in every
-    worker by `seed_worker`."""
+    Augmentation draws from `dataset.rng`, reseeded here per rank and per worker by seed_worker."""
     rank = int(os.environ.get("RANK", 0))
     sampler = None
     if train and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -1880,10 +1862,9 @@ def unwrap(model):
 
 
 def benchmark(model, train_step, infer_step, batch_size, device, repeats=3, **extra):
-    """Time `train_step()` and `infer_step()` (each handles one batch); return the JSON record.
-
-    One warm-up call each, then the median of `repeats` timed calls. Peak memory: the CUDA
-    allocator's peak, else the process's peak resident set size."""
+    """Time `train_step()` and `infer_step()` (one batch each; a warm-up call, then the median
+    of `repeats` calls) and return the JSON record. Peak memory: the CUDA allocator's peak, else
+    the process's peak resident set size."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(step):
@@ -1912,7 +1893,6 @@ def benchmark(model, train_step, infer_step, batch_size, device, repeats=3, **ex
 
 def check_conflicts(parser, args, rules, explicit):
     """Stop with one line when a flag given explicitly is made meaningless by the others.
-
     `rules`: (dests, condition, why) triples; the first dest in `explicit` of a rule whose
     condition holds fails as "--flag [VALUE] conflicts: why" (never silently ignored)."""
     flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
