@@ -155,14 +155,12 @@ def scores_from_confusion(tp, fp, fn, tn):
     (VM-UNet's global scores use 0 for every zero denominator; with a whole test set pooled
     the denominators are never 0, so the two agree there.)"""
     agree = fp == 0 and fn == 0
-    return {
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn, agree),  # = F1
-        "iou": _ratio(tp, tp + fp + fn, agree),  # = Jaccard
-        "precision": _ratio(tp, tp + fp, agree),
-        "recall": _ratio(tp, tp + fn, agree),  # = sensitivity
-        "specificity": _ratio(tn, tn + fp, agree),
-        "accuracy": _ratio(tp + tn, tp + fp + fn + tn, agree),
-    }
+    return {"dice": _ratio(2 * tp, 2 * tp + fp + fn, agree),  # = F1
+            "iou": _ratio(tp, tp + fp + fn, agree),  # = Jaccard
+            "precision": _ratio(tp, tp + fp, agree),
+            "recall": _ratio(tp, tp + fn, agree),  # = sensitivity
+            "specificity": _ratio(tn, tn + fp, agree),
+            "accuracy": _ratio(tp + tn, tp + fp + fn + tn, agree)}
 
 
 def dice(pred, gt):
@@ -593,9 +591,7 @@ def load_mask(path, instance=False):
     `> 128` is the polyp toolboxes' rule (PraNet's eval/main.m, PySODMetrics' prepare_data); JPEG
     masks (Kvasir) carry compression noise around 0 and 255, which it removes."""
     values = _mask_values(_open(path))
-    if instance or values.max() <= 1:
-        return values > 0
-    return values > 128
+    return values > (0 if instance or values.max() <= 1 else 128)
 
 
 def load_label_map(path):
@@ -961,12 +957,16 @@ def _to_tensor(image, mean, std):
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
-def random_flip_rotate(image, mask, rng):
-    """Random horizontal and vertical flips (p = 0.5 each), the same for image and mask."""
+def random_flip_rotate(image, mask, rng, rot90=False):
+    """Random horizontal and vertical flips (p = 0.5 each) and, with `rot90`, a rotation by
+    k * 90 degrees, k in 0..3; the same for image and mask."""
     if rng.random() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
     if rng.random() < 0.5:
         image, mask = image[::-1], mask[::-1]
+    if rot90:
+        k = rng.randrange(4)
+        image, mask = np.rot90(image, k), np.rot90(mask, k)
     return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 
