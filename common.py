@@ -1072,8 +1072,7 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __init__(self, files, size, augment=None, channels=3, seed=0, resize="bilinear"):
         self.files, self.size, self.augment, self.channels = files, size, augment, channels
-        self.resize = resize
-        self.rng = random.Random(seed)
+        self.resize, self.rng = resize, random.Random(seed)
         self.names = [Path(f).stem for f in files]
 
     def __len__(self):
@@ -1698,7 +1697,7 @@ def make_loader(dataset, batch_size, train, workers=0, seed=0, drop_last=False, 
         persistent_workers=workers > 0)
 
 
-def progress(iterable, desc, enabled=True, total=None):
+def progress(iterable, desc, enabled=True):
     """A tqdm progress bar on the main process (plain iterable elsewhere or if tqdm is absent)."""
     if not enabled or os.environ.get("NO_PROGRESS"):
         return iterable
@@ -1706,8 +1705,7 @@ def progress(iterable, desc, enabled=True, total=None):
         from tqdm import tqdm
     except ImportError:
         return iterable
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
-                mininterval=1.0)
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
 
 
 # ---- The run: folder, log, checkpoints, resume ----
