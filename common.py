@@ -1416,9 +1416,7 @@ def adopt_config(args, checkpoint, keys, explicit, flag, check_only=False, path=
     nothing is copied. `path`: the file the message names (default: the value of `flag`)."""
     config = checkpoint.get("config", {})
     path = getattr(args, flag.lstrip("-").replace("-", "_"), "") if path is None else path
-    for key in keys:
-        if key not in config:
-            continue
+    for key in [key for key in keys if key in config]:
         if (check_only or key in explicit) and getattr(args, key) != config[key]:
             fail(f"{flag} {path}: --{key.replace('_', '-')} {getattr(args, key)} differs from "
                  f"the checkpoint's {config[key]} (it changes the architecture)")
