@@ -74,14 +74,6 @@ def fail(message):
     raise UserError(message)
 
 
-def _one_line(error):
-    """The user-facing line of a UserError, also when a DataLoader worker re-raised it."""
-    text = str(error).strip()
-    if "UserError: " in text:  # re-raised from a worker: the message is the traceback's last line
-        text = text.rsplit("UserError: ", 1)[1]
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def cli(main):
     """Run `main()` as a program: UserError -> 'error: ...' and exit 2; Ctrl-C -> exit 130.
 
@@ -89,16 +81,16 @@ def cli(main):
     """
     try:
         main()
-    except UserError as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint written (last.pt) is kept", file=sys.stderr)
         sys.exit(130)
-    except RuntimeError as error:  # a worker's UserError arrives wrapped in other types
-        if "UserError" not in str(error):
+    except (UserError, RuntimeError) as error:  # a DataLoader worker's UserError: a RuntimeError
+        text = str(error).strip()
+        if not isinstance(error, UserError) and "UserError" not in text:
             raise
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        if "UserError: " in text:  # re-raised by a worker: the message ends its traceback
+            text = text.rsplit("UserError: ", 1)[1]
+        print(f"error: {text.splitlines()[0] if text else 'UserError'}", file=sys.stderr)
         sys.exit(2)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -116,12 +108,10 @@ _EPS = np.spacing(1)  # MATLAB's eps, as the polyp toolboxes use it
 
 
 def _to_numpy(x):
-    """Return a numpy array or torch tensor (any device, any dtype) as a numpy array."""
+    """A numpy array from a numpy array or a torch tensor (any device; half floats as float32)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
-        if x.dtype in (torch.float16, torch.bfloat16):  # numpy has no bfloat16
-            x = x.float()
-        return x.numpy()
+        return (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).numpy()
     return np.asarray(x)
 
 
@@ -139,18 +129,18 @@ def _as_prob(x):
     return x
 
 
-def _check_same_shape(pred, gt):
-    """Raise a one-line error when prediction and ground truth differ in shape."""
+def _same_shape(pred, gt):
+    """(pred, gt), after a one-line error if prediction and ground truth differ in shape."""
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+    return pred, gt
 
 
 # ---- Binary masks: confusion counts and the ratios built on them ----
 
 def confusion(pred, gt):
     """Confusion counts (tp, fp, fn, tn) of a binary prediction against a binary mask, as ints."""
-    pred, gt = _as_mask(pred), _as_mask(gt)
-    _check_same_shape(pred, gt)
+    pred, gt = _same_shape(_as_mask(pred), _as_mask(gt))
     tp = int(np.count_nonzero(pred & gt))
     fp = int(np.count_nonzero(pred & ~gt))
     fn = int(np.count_nonzero(~pred & gt))
@@ -159,33 +149,25 @@ def confusion(pred, gt):
 
 def _ratio(numerator, denominator, agree):
     """numerator / denominator, where 0/0 scores 1.0 if the masks agree and 0.0 if not."""
-    if denominator == 0:
-        return 1.0 if agree else 0.0
-    return numerator / denominator
+    return numerator / denominator if denominator else float(agree)
 
 
 def scores_from_confusion(tp, fp, fn, tn):
     """Dice, IoU, precision, recall, specificity and accuracy from confusion counts, as a dict.
 
-    dice = 2tp / (2tp + fp + fn) (= F1), iou = tp / (tp + fp + fn), precision = tp / (tp + fp),
-    recall = tp / (tp + fn) (= sensitivity), specificity = tn / (tn + fp),
-    accuracy = (tp + tn) / (tp + fp + fn + tn).
     Zero denominator (empty masks): the score is 1.0 if prediction and ground truth agree
     (fp = fn = 0) and 0.0 otherwise. So two empty masks give dice = iou = precision = recall = 1;
     an empty prediction on a non-empty mask has precision 0; false positives on an empty mask give
     recall 0; on an all-foreground mask, specificity is 1 only for an all-foreground prediction.
     (VM-UNet's global scores use 0 for every zero denominator; with a whole test set pooled
-    the denominators are never 0, so the two agree there.)
-    """
+    the denominators are never 0, so the two agree there.)"""
     agree = fp == 0 and fn == 0
-    return {
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn, agree),
-        "iou": _ratio(tp, tp + fp + fn, agree),
-        "precision": _ratio(tp, tp + fp, agree),
-        "recall": _ratio(tp, tp + fn, agree),
-        "specificity": _ratio(tn, tn + fp, agree),
-        "accuracy": _ratio(tp + tn, tp + fp + fn + tn, agree),
-    }
+    return {"dice": _ratio(2 * tp, 2 * tp + fp + fn, agree),  # = F1
+            "iou": _ratio(tp, tp + fp + fn, agree),  # = Jaccard
+            "precision": _ratio(tp, tp + fp, agree),
+            "recall": _ratio(tp, tp + fn, agree),  # = sensitivity
+            "specificity": _ratio(tn, tn + fp, agree),
+            "accuracy": _ratio(tp + tn, tp + fp + fn + tn, agree)}
 
 
 def dice(pred, gt):
@@ -220,37 +202,19 @@ def accuracy(pred, gt):
 
 # ---- Surface distances (MedPy's definitions: hd95, asd, assd) ----
 
-def _crop_to_union(a, b):
-    """Crop two masks to the bounding box of a | b: same surfaces and distances, much faster.
-
-    Outside the box both masks are background, as the erosion treats the outside of an array.
-    """
-    union = a | b
-    box = []
-    for axis in range(union.ndim):
-        others = tuple(i for i in range(union.ndim) if i != axis)
-        occupied = np.flatnonzero(union.any(axis=others))
-        box.append(slice(occupied[0], occupied[-1] + 1))
-    return a[tuple(box)], b[tuple(box)]
-
-
 def _surface_distances(a, b, spacing):
-    """Distance from every surface voxel of mask `a` to the nearest surface voxel of mask `b`."""
+    """Distances from every surface voxel of mask `a` to the nearest surface voxel of mask `b`
+    (None if either mask is empty), computed in the bounding box of a | b: much faster."""
+    a, b = _same_shape(_as_mask(a), _as_mask(b))
+    if not a.any() or not b.any():
+        return None
+    box = tuple(slice(index.min(), index.max() + 1) for index in np.nonzero(a | b))
+    a, b = a[box], b[box]  # same surfaces: the erosion also sees background outside an array
     structure = scipy.ndimage.generate_binary_structure(a.ndim, 1)  # 4- (2D) / 6-neighbours (3D)
     surface_a = a ^ scipy.ndimage.binary_erosion(a, structure)  # outside the array counts as 0
     surface_b = b ^ scipy.ndimage.binary_erosion(b, structure)
     # The EDT gives each voxel its distance to the nearest zero, so b's surface must be the zeros.
-    distance_to_b = scipy.ndimage.distance_transform_edt(~surface_b, sampling=spacing)
-    return distance_to_b[surface_a]
-
-
-def _both_surfaces(pred, gt):
-    """Two masks as bool arrays cropped to their union, or None if either one is empty."""
-    pred, gt = _as_mask(pred), _as_mask(gt)
-    _check_same_shape(pred, gt)
-    if not pred.any() or not gt.any():
-        return None
-    return _crop_to_union(pred, gt)
+    return scipy.ndimage.distance_transform_edt(~surface_b, sampling=spacing)[surface_a]
 
 
 def hd95(pred, gt, spacing=None):
@@ -259,27 +223,18 @@ def hd95(pred, gt, spacing=None):
     Masks are (H, W) or (D, H, W); surface = mask XOR its erosion by the connectivity-1 element;
     hd95 = np.percentile(distances pred->gt and gt->pred pooled, 95). `spacing` (a number or one
     per axis) gives physical units; None = voxel units (TransUNet's protocol). Returns nan if
-    either mask is empty (MedPy raises); VolumeMeter applies the papers' conventions for that.
-    """
-    masks = _both_surfaces(pred, gt)
-    if masks is None:
+    either mask is empty (MedPy raises); VolumeMeter applies the papers' conventions for that."""
+    to_gt, to_pred = _surface_distances(pred, gt, spacing), _surface_distances(gt, pred, spacing)
+    if to_gt is None:
         return math.nan
-    pred, gt = masks
-    distances = np.concatenate([_surface_distances(pred, gt, spacing),
-                                _surface_distances(gt, pred, spacing)])
-    return float(np.percentile(distances, 95))
+    return float(np.percentile(np.concatenate([to_gt, to_pred]), 95))
 
 
 def asd(pred, gt, spacing=None):
-    """Average surface distance from pred's surface to gt's (one direction), as MedPy's asd.
-
-    asd = mean over the surface voxels of pred of the distance to the nearest surface voxel of gt.
-    Not symmetric: see assd. Surfaces, `spacing` and empty masks (nan) as in hd95.
-    """
-    masks = _both_surfaces(pred, gt)
-    if masks is None:
-        return math.nan
-    return float(_surface_distances(masks[0], masks[1], spacing).mean())
+    """Average surface distance from pred's surface to gt's (not symmetric), as MedPy's asd;
+    surfaces, `spacing` and empty masks (nan) as in hd95."""
+    distances = _surface_distances(pred, gt, spacing)
+    return math.nan if distances is None else float(distances.mean())
 
 
 def assd(pred, gt, spacing=None):
@@ -287,8 +242,7 @@ def assd(pred, gt, spacing=None):
 
     This is MedPy <= 0.4's assd. MedPy 0.5 instead takes the mean of the pooled distances of both
     directions, which weights the larger surface more; the two agree when both surfaces have the
-    same number of voxels. Empty masks give nan, as in hd95.
-    """
+    same number of voxels. Empty masks give nan, as in hd95."""
     return (asd(pred, gt, spacing) + asd(gt, pred, spacing)) / 2
 
 
@@ -296,18 +250,14 @@ def assd(pred, gt, spacing=None):
 
 def mae(prob, gt):
     """Mean absolute error = mean |P - G| between a probability map and a binary mask."""
-    prob, gt = _as_prob(prob), _as_mask(gt)
-    _check_same_shape(prob, gt)
+    prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     return float(np.mean(np.abs(prob - gt)))
 
 
 def _threshold_counts(prob, gt):
-    """tp and fp at the toolbox's 256 thresholds, highest first, from one histogram per class.
-
-    The map is quantised as the toolboxes do, level = floor(255 P); entry i counts the pixels with
-    level >= 255 - i. Cumulative sums of the reversed histograms give all 256 binarisations at
-    once, instead of thresholding the image 256 times.
-    """
+    """tp and fp at the toolboxes' 256 thresholds, highest first: entry i counts the pixels with
+    level >= 255 - i, level = floor(255 P) (the toolboxes' quantisation). Cumulative sums of the
+    reversed histograms give all 256 binarisations at once."""
     levels = (prob * 255).astype(np.uint8)
     tp = np.cumsum(np.bincount(levels[gt], minlength=256)[::-1])
     fp = np.cumsum(np.bincount(levels[~gt], minlength=256)[::-1])
@@ -322,14 +272,10 @@ def _divide_or_zero(numerator, denominator):
 
 
 def dice_iou_curves(prob, gt):
-    """Dice and IoU at the 256 thresholds P >= t, t = 1, 254/255, ..., 0: two (256,) arrays.
-
-    Entry i binarises the quantised map at level >= 255 - i (see e_measure_curve). As in
-    PySODMetrics, a 0/0 ratio on the curves is 0 (this only happens when gt is empty).
-    The polyp papers' mDice / mIoU average these curves over images, then over thresholds.
-    """
-    prob, gt = _as_prob(prob), _as_mask(gt)
-    _check_same_shape(prob, gt)
+    """Dice and IoU at the 256 thresholds of e_measure_curve, in its order: two (256,) arrays;
+    0/0 is 0 on the curves, as in PySODMetrics (only when gt is empty). The polyp papers' mDice /
+    mIoU average these curves over images, then over thresholds."""
+    prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     tp, fp = _threshold_counts(prob, gt)
     fn = np.count_nonzero(gt) - tp
     return _divide_or_zero(2 * tp, 2 * tp + fp + fn), _divide_or_zero(tp, tp + fp + fn)
@@ -340,8 +286,7 @@ def _e_measure_from_counts(tp, fp, num_fg, num_pixels):
 
     phi = 2 (F - mean F)(G - mean G) / ((F - mean F)^2 + (G - mean G)^2 + eps) per pixel,
     psi = (phi + 1)^2 / 4, E = sum psi / (N - 1 + eps). F and G take only the values 0 and 1, so
-    psi takes one value on each of the four (F, G) pixel groups tp, fp, fn, tn.
-    """
+    psi takes one value on each of the four (F, G) pixel groups tp, fp, fn, tn."""
     tp, fp = np.asarray(tp, float), np.asarray(fp, float)
     num_pred = tp + fp
     if num_fg == 0:  # empty gt: psi = 1 - F
@@ -364,18 +309,15 @@ def e_measure_curve(prob, gt):
     """E-measure (Fan et al., IJCAI 2018) at the 256 thresholds, highest threshold first: (256,).
 
     Entry i binarises floor(255 P) >= 255 - i, i.e. P >= 1, 254/255, ..., 0 on the quantised map,
-    the order of PySODMetrics' 'curve'. maxEm / meanEm = max / mean of the image-averaged curve.
-    """
-    prob, gt = _as_prob(prob), _as_mask(gt)
-    _check_same_shape(prob, gt)
+    the order of PySODMetrics' 'curve'. maxEm / meanEm = max / mean of the image-averaged curve."""
+    prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     tp, fp = _threshold_counts(prob, gt)
     return _e_measure_from_counts(tp, fp, np.count_nonzero(gt), gt.size)
 
 
 def adaptive_e_measure(prob, gt):
     """E-measure of the map binarised at P >= min(2 mean(P), 1) (the toolboxes' adaptive E)."""
-    prob, gt = _as_prob(prob), _as_mask(gt)
-    _check_same_shape(prob, gt)
+    prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     binary = prob >= min(2 * prob.mean(), 1.0)
     tp, fp = np.count_nonzero(binary & gt), np.count_nonzero(binary & ~gt)
     return float(_e_measure_from_counts(tp, fp, np.count_nonzero(gt), gt.size))
@@ -408,10 +350,8 @@ def s_measure(prob, gt, alpha=0.5):
     Empty gt: S = 1 - mean(P); all-foreground gt: S = mean(P). Otherwise, with mu = mean(G):
     S_object = mu O(P on G) + (1 - mu) O(1 - P on not G), O as in _object_similarity;
     S_region = area-weighted SSIM of the four blocks cut at the gt's centroid (np.round, + 1 as in
-    MATLAB). PySODMetrics' conventions: std and variances with N - 1, S clipped at 0.
-    """
-    prob, gt = _as_prob(prob), _as_mask(gt)
-    _check_same_shape(prob, gt)
+    MATLAB). PySODMetrics' conventions: std and variances with N - 1, S clipped at 0."""
+    prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     mu = gt.mean()
     if mu == 0:
         return float(1 - prob.mean())
@@ -431,14 +371,6 @@ def s_measure(prob, gt, alpha=0.5):
     return float(max(0.0, alpha * s_object + (1 - alpha) * s_region))
 
 
-def _matlab_gaussian(size=7, sigma=5.0):
-    """Normalised size x size Gaussian kernel, as MATLAB's fspecial('gaussian', size, sigma)."""
-    r = (size - 1) / 2
-    y, x = np.mgrid[-r:r + 1, -r:r + 1]
-    kernel = np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
-    return kernel / kernel.sum()
-
-
 def weighted_f_measure(prob, gt, beta2=1.0):
     """Weighted F-measure (Margolin et al., CVPR 2014), beta^2 = beta2; 0.0 when gt is empty.
 
@@ -446,16 +378,16 @@ def weighted_f_measure(prob, gt, beta2=1.0):
     which is blurred by a 7x7, sigma 5 Gaussian (E_A); on the foreground min(E, E_A) is used.
     Background errors are weighted by B = 2 - exp(ln(0.5) / 5 * distance to the foreground):
     E_w = min-map * B. R_w = 1 - mean_fg(E_w), P_w = TP_w / (TP_w + FP_w) with
-    TP_w = |G| - sum_fg(E_w), FP_w = sum_bg(E_w); F_w = (1 + beta2) R_w P_w / (R_w + beta2 P_w).
-    """
-    prob, gt = _as_prob(prob), _as_mask(gt)
-    _check_same_shape(prob, gt)
+    TP_w = |G| - sum_fg(E_w), FP_w = sum_bg(E_w); F_w = (1 + beta2) R_w P_w / (R_w + beta2 P_w)."""
+    prob, gt = _same_shape(_as_prob(prob), _as_mask(gt))
     if not gt.any():
         return 0.0
     distance, nearest = scipy.ndimage.distance_transform_edt(~gt, return_indices=True)
     error = np.abs(prob - gt)
     error_t = error[tuple(nearest)]  # a foreground pixel is its own nearest foreground pixel
-    error_a = scipy.ndimage.convolve(error_t, _matlab_gaussian(), mode="constant", cval=0.0)
+    y, x = np.mgrid[-3:4, -3:4]  # MATLAB's fspecial('gaussian', 7, 5), zero padding as imfilter
+    gaussian = np.exp(-(x ** 2 + y ** 2) / (2 * 5.0 ** 2))
+    error_a = scipy.ndimage.convolve(error_t, gaussian / gaussian.sum(), mode="constant")
     min_error = np.where(gt & (error_a < error), error_a, error)
     importance = np.where(gt, 1.0, 2 - np.exp(np.log(0.5) / 5 * distance))
     error_w = min_error * importance
@@ -470,8 +402,7 @@ def weighted_f_measure(prob, gt, beta2=1.0):
 
 def _images(prob, gt):
     """Yield (prob, gt) numpy pairs from one image (H, W) or a batch (B, H, W) / (B, 1, H, W)."""
-    prob, gt = _to_numpy(prob), _to_numpy(gt)
-    _check_same_shape(prob, gt)
+    prob, gt = _same_shape(_to_numpy(prob), _to_numpy(gt))
     height, width = prob.shape[-2:]
     yield from zip(prob.reshape(-1, height, width), gt.reshape(-1, height, width))
 
@@ -496,8 +427,7 @@ class PolypMeter(_SumMeter):
     mDice / mIoU: mean over thresholds of the image-averaged 256-threshold Dice / IoU curves;
     maxEm / meanEm: max / mean of the image-averaged E-measure curve; adpEm: adaptive E-measure;
     Sm, wFm, MAE: per image, then averaged. update() takes prob in [0, 1]; the PraNet protocol
-    min-max normalises each prediction map first, which is the caller's step.
-    """
+    min-max normalises each prediction map first, which is the caller's step."""
 
     def __init__(self):
         curve = np.zeros(256)
@@ -508,14 +438,10 @@ class PolypMeter(_SumMeter):
         """Add one image (H, W) or a batch (B, H, W) / (B, 1, H, W)."""
         for prob_i, gt_i in _images(prob, gt):
             dice_curve, iou_curve = dice_iou_curves(prob_i, gt_i)
-            self.sums["images"] += 1
-            self.sums["dice_curve"] += dice_curve
-            self.sums["iou_curve"] += iou_curve
-            self.sums["em_curve"] += e_measure_curve(prob_i, gt_i)
-            self.sums["adp_em"] += adaptive_e_measure(prob_i, gt_i)
-            self.sums["sm"] += s_measure(prob_i, gt_i)
-            self.sums["wfm"] += weighted_f_measure(prob_i, gt_i)
-            self.sums["mae"] += mae(prob_i, gt_i)
+            self.merge({"images": 1, "dice_curve": dice_curve, "iou_curve": iou_curve,
+                        "em_curve": e_measure_curve(prob_i, gt_i),
+                        "adp_em": adaptive_e_measure(prob_i, gt_i), "sm": s_measure(prob_i, gt_i),
+                        "wfm": weighted_f_measure(prob_i, gt_i), "mae": mae(prob_i, gt_i)})
 
     def compute(self):
         """Dict mDice, mIoU, wFm, Sm, maxEm, meanEm, adpEm, MAE (floats; nan before any update)."""
@@ -535,48 +461,29 @@ _BINARY_KEYS = ("dice", "iou", "precision", "recall", "specificity", "accuracy")
 
 
 class PerImageMeter(_SumMeter):
-    """Binary scores per image at prob >= threshold, then averaged over images (MFEL's choice).
+    """Binary scores per image at prob >= threshold, then averaged over images (MFEL's choice);
+    the keys and empty-mask conventions of scores_from_confusion."""
 
-    compute() gives dice, iou, precision, recall, specificity, accuracy (empty-mask conventions of
-    scores_from_confusion) and, with with_hd95=True, hd95 (in `spacing` units, None = pixels):
-    the mean over the images where both masks are non-empty (others are left out of that mean).
-    """
-
-    def __init__(self, threshold=0.5, with_hd95=False, spacing=None):
-        self.threshold, self.with_hd95, self.spacing = threshold, with_hd95, spacing
-        self.sums = {"images": 0, **dict.fromkeys(_BINARY_KEYS, 0.0),
-                     "hd95": 0.0, "hd95_images": 0}
+    def __init__(self, threshold=0.5):
+        self.threshold = threshold
+        self.sums = {"images": 0, **dict.fromkeys(_BINARY_KEYS, 0.0)}
 
     def update(self, prob, gt):
         """Add one image (H, W) or a batch (B, H, W) / (B, 1, H, W)."""
         for prob_i, gt_i in _images(prob, gt):
             pred = _as_prob(prob_i) >= self.threshold
-            scores = scores_from_confusion(*confusion(pred, gt_i))
-            self.sums["images"] += 1
-            for key in _BINARY_KEYS:
-                self.sums[key] += scores[key]
-            if self.with_hd95:
-                distance = hd95(pred, gt_i, self.spacing)
-                if not math.isnan(distance):
-                    self.sums["hd95"] += distance
-                    self.sums["hd95_images"] += 1
+            self.merge({"images": 1, **scores_from_confusion(*confusion(pred, gt_i))})
 
     def compute(self):
         """Dict of the per-image means (nan before any update)."""
         n = self.sums["images"]
-        result = {key: self.sums[key] / n if n else math.nan for key in _BINARY_KEYS}
-        if self.with_hd95:
-            n_hd95 = self.sums["hd95_images"]
-            result["hd95"] = self.sums["hd95"] / n_hd95 if n_hd95 else math.nan
-        return result
+        return {key: self.sums[key] / n if n else math.nan for key in _BINARY_KEYS}
 
 
 class GlobalMeter(_SumMeter):
-    """Binary scores from one confusion matrix summed over the whole test set (VM-UNet's way).
-
-    Every pixel of every image at prob >= threshold goes into the same tp, fp, fn, tn, so large
-    images and large lesions weigh more than in PerImageMeter. compute() gives the same keys.
-    """
+    """Binary scores from one confusion matrix summed over the whole test set (VM-UNet's way):
+    every pixel of every image at prob >= threshold goes into the same tp, fp, fn, tn, so large
+    images and large lesions weigh more than in PerImageMeter. compute() gives the same keys."""
 
     def __init__(self, threshold=0.5):
         self.threshold = threshold
@@ -584,10 +491,8 @@ class GlobalMeter(_SumMeter):
 
     def update(self, prob, gt):
         """Add the pixels of any number of images (prob and gt of the same shape)."""
-        prob, gt = _as_prob(prob), _as_mask(gt)
-        _check_same_shape(prob, gt)
-        for key, count in zip(("tp", "fp", "fn", "tn"), confusion(prob >= self.threshold, gt)):
-            self.sums[key] += count
+        pred = _as_prob(prob) >= self.threshold
+        self.merge(dict(zip(("tp", "fp", "fn", "tn"), confusion(pred, gt))))
 
     def compute(self):
         """Dict dice, iou, precision, recall, specificity, accuracy of the pooled counts."""
@@ -608,8 +513,7 @@ class VolumeMeter(_SumMeter):
       computed normally (0 when only one of the two is empty) and HD95 only when both are
       non-empty (left out of the HD95 mean otherwise).
     compute() gives dice_<name> and hd95_<name> per class (the mean over the volumes counted,
-    nan if none) and mean_dice, mean_hd95 (mean over the classes that are not nan).
-    """
+    nan if none) and mean_dice, mean_hd95 (mean over the classes that are not nan)."""
 
     def __init__(self, num_classes, class_names=None, spacing=None, convention="transunet"):
         if convention not in ("transunet", "skip"):
@@ -621,9 +525,8 @@ class VolumeMeter(_SumMeter):
                              f"got {len(class_names)} names")
         self.num_classes, self.class_names = num_classes, list(class_names)
         self.spacing, self.convention = spacing, convention
-        zeros = np.zeros(num_classes - 1)
-        self.sums = {"volumes": 0, "dice": zeros, "dice_volumes": zeros.copy(),
-                     "hd95": zeros.copy(), "hd95_volumes": zeros.copy()}
+        self.sums = {"volumes": 0, **{key: np.zeros(num_classes - 1) for key in
+                                      ("dice", "dice_volumes", "hd95", "hd95_volumes")}}
 
     def _case_scores(self, pred, gt):
         """(dice, hd95) of one class in one volume under the convention; None = not counted."""
@@ -637,27 +540,22 @@ class VolumeMeter(_SumMeter):
 
     def update(self, pred_labels, gt_labels):
         """Add one volume: integer label maps of the same shape, (H, W) or (D, H, W)."""
-        pred_labels, gt_labels = _to_numpy(pred_labels), _to_numpy(gt_labels)
-        _check_same_shape(pred_labels, gt_labels)
+        pred_labels, gt_labels = _same_shape(_to_numpy(pred_labels), _to_numpy(gt_labels))
         self.sums["volumes"] += 1
         for index, c in enumerate(range(1, self.num_classes)):
-            dice_c, hd95_c = self._case_scores(pred_labels == c, gt_labels == c)
-            if dice_c is not None:
-                self.sums["dice"][index] += dice_c
-                self.sums["dice_volumes"][index] += 1
-            if hd95_c is not None:
-                self.sums["hd95"][index] += hd95_c
-                self.sums["hd95_volumes"][index] += 1
+            scores = self._case_scores(pred_labels == c, gt_labels == c)
+            for metric, value in zip(("dice", "hd95"), scores):
+                if value is not None:
+                    self.sums[metric][index] += value
+                    self.sums[f"{metric}_volumes"][index] += 1
 
     def compute(self):
         """Dict dice_<name>, hd95_<name> per class, mean_dice and mean_hd95."""
         result = {}
         for metric in ("dice", "hd95"):
             counts = self.sums[f"{metric}_volumes"]
-            means = _divide_or_zero(self.sums[metric], counts)
-            means[counts == 0] = math.nan
-            for name, value in zip(self.class_names, means):
-                result[f"{metric}_{name}"] = float(value)
+            means = np.where(counts > 0, _divide_or_zero(self.sums[metric], counts), math.nan)
+            result.update({f"{metric}_{c}": float(v) for c, v in zip(self.class_names, means)})
             counted = means[~np.isnan(means)]
             result[f"mean_{metric}"] = float(counted.mean()) if counted.size else math.nan
         return result
@@ -698,12 +596,9 @@ def load_mask(path, instance=False):
     """A binary mask (H, W) bool: v > 128 if max > 1 else v > 0; instance maps (GlaS): v > 0.
 
     `> 128` is the polyp toolboxes' rule (PraNet's eval/main.m, PySODMetrics' prepare_data); JPEG
-    masks (Kvasir) carry compression noise around 0 and 255, which it removes.
-    """
+    masks (Kvasir) carry compression noise around 0 and 255, which it removes."""
     values = _mask_values(_open(path))
-    if instance or values.max() <= 1:
-        return values > 0
-    return values > 128
+    return values > (0 if instance or values.max() <= 1 else 128)
 
 
 def load_label_map(path):
@@ -716,19 +611,16 @@ def load_label_map(path):
 
 def resize_image(image, size):
     """Resize a uint8 (H, W, C) image to (size, size) bilinearly with antialiasing."""
-    if image.shape[0] == size and image.shape[1] == size:
+    if image.shape[:2] == (size, size):
         return image
     pil = Image.fromarray(image)
     return np.asarray(pil.resize((size, size), Image.BILINEAR, reducing_gap=None))
 
 
 def resize_mask(mask, size, shape=None):
-    """Resize a mask or label map to (size, size), or to `shape` (H, W), nearest-neighbour.
-
-    The dtype is kept, so a binary mask stays binary.
-    """
+    """Resize a mask or label map to (size, size) or `shape` (H, W): nearest, dtype kept."""
     height, width = shape if shape is not None else (size, size)
-    if mask.shape[0] == height and mask.shape[1] == width:
+    if mask.shape[:2] == (height, width):
         return mask
     rows = np.minimum((np.arange(height) + 0.5) * mask.shape[0] / height, mask.shape[0] - 1)
     cols = np.minimum((np.arange(width) + 0.5) * mask.shape[1] / width, mask.shape[1] - 1)
@@ -754,25 +646,19 @@ def save_label_png(path, labels):
 
 
 def save_overlay(path, image, pred, gt=None):
-    """Write image | overlay of prediction (and ground truth contour colour) side by side."""
+    """Write image | prediction overlay (| ground-truth overlay) side by side, PALETTE colours."""
     image = np.asarray(image, dtype=np.uint8)
-    pred = np.asarray(pred).astype(np.int64)
-    colours = PALETTE[pred % len(PALETTE)]
-    blended = np.where(pred[..., None] > 0, 0.55 * image + 0.45 * colours, image)
-    panels = [image, blended.astype(np.uint8)]
-    if gt is not None:
-        gt = np.asarray(gt).astype(np.int64)
-        panels.append(np.where(gt[..., None] > 0, 0.55 * image + 0.45 * PALETTE[gt % 14],
-                               image).astype(np.uint8))
+    panels = [image]
+    for labels in [pred] if gt is None else [pred, gt]:
+        labels = np.asarray(labels).astype(np.int64)
+        blended = 0.55 * image + 0.45 * PALETTE[labels % len(PALETTE)]
+        panels.append(np.where(labels[..., None] > 0, blended, image).astype(np.uint8))
     Image.fromarray(np.concatenate(panels, axis=1)).save(path)
 
 
 def save_predictions(folder, stems, preds, images=None, gts=None, labels=False, overlays=0):
     """Write `stem`.png per prediction (0/255 mask, or palette label map if `labels`) and, for
-    the first `overlays` of them, `stem`_overlay.png (see save_overlay; needs `images`).
-
-    Returns how many overlays it wrote, so that a caller can cap them per group of files.
-    """
+    the first `overlays`, `stem`_overlay.png (needs `images`); returns the overlays written."""
     written = 0
     for i, stem in enumerate(stems):
         (save_label_png if labels else save_mask_png)(Path(folder) / f"{stem}.png", preds[i])
@@ -799,7 +685,8 @@ def natural_key(text):
 def _folder_role(name):
     """'mask', 'image' or None for one folder name (datasets.md 0.4)."""
     name = name.lower()
-    if name in MASK_FOLDERS or name.endswith("_groundtruth") or re.fullmatch(r"imd\d+_lesion", name):
+    if (name in MASK_FOLDERS or name.endswith("_groundtruth")
+            or re.fullmatch(r"imd\d+_lesion", name)):
         return "mask"
     if (name in IMAGE_FOLDERS or name.endswith(("_data", "_input"))
             or re.fullmatch(r"imd\d+_dermoscopic_image", name)):
@@ -820,13 +707,9 @@ FORMAT_FOLDERS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")  # preference orde
 
 
 def _format_copies(paths):
-    """Folders to skip because a sibling holds the same images in a preferred format.
-
-    The Kaggle mirror of CVC-ClinicDB ships every frame twice, under PNG/ and TIF/ (each with
-    Original/ and Ground Truth/): reading both would pair every frame twice and leak copies of
-    one frame into train and test. `paths` is the folder's listing; returns (folders to skip,
-    notes for the log).
-    """
+    """(folders to skip, log notes): folders whose sibling holds the same images in a preferred
+    format. The Kaggle mirror of CVC-ClinicDB has every frame under PNG/ and TIF/ (each with
+    Original/ and Ground Truth/): reading both would leak copies of a frame into train and test."""
     siblings = {}
     for path in paths:
         if path.name.lower() in FORMAT_FOLDERS and path.is_dir():
@@ -848,8 +731,7 @@ def find_pairs(root, notes=None):
     one line naming the file when an image has no mask, a mask has no image, or a key repeats.
     A BUSI image with several masks (`_mask`, `_mask_1`) gets all of them (their union is used);
     GlaS `_anno` masks are instance maps (`instance` True: binarised as > 0, whoever loads them).
-    Notes on what was skipped are appended to `notes`.
-    """
+    Notes on what was skipped are appended to `notes`."""
     root = Path(root)
     if not root.is_dir():
         fail(f"data folder not found: {root}")
@@ -864,8 +746,7 @@ def find_pairs(root, notes=None):
             continue
         roles = [_folder_role(part) for part in relative.parts[:-1]]
         role = next((r for r in reversed(roles) if r), None)
-        tagged = MASK_TAG.search(path.stem) is not None
-        role = role or ("mask" if tagged else "image")
+        role = role or ("mask" if MASK_TAG.search(path.stem) else "image")
         context = "/".join(p for p, r in zip(relative.parts[:-1], roles) if r is None)
         key = MASK_TAG.sub("", path.stem).lower() if role == "mask" else path.stem.lower()
         if role == "image":
@@ -891,11 +772,8 @@ def find_pairs(root, notes=None):
 
 
 def _header(path):
-    """(width, height) of an image file from its header; one line naming a broken file.
-
-    PNG, BMP and TIFF are also verified (cheap: no decoding); a JPEG must end with its EOI
-    marker, which catches the common truncated download.
-    """
+    """(width, height) of an image file from its header; one line naming a broken file. PNG,
+    BMP and TIFF are verified (cheap: no decoding); a JPEG must end with its EOI marker."""
     try:
         with Image.open(path) as image:
             size, kind = image.size, image.format
@@ -912,10 +790,8 @@ def _header(path):
 
 
 def check_pairs(pairs):
-    """Open every image and mask header before training; stop at the first broken or mis-sized.
-
-    About 0.2 ms a file: 2,000 pairs take well under a few seconds.
-    """
+    """Open every image and mask header before training; stop at the first broken or mis-sized
+    (about 0.2 ms a file: 2,000 pairs take well under a few seconds)."""
     for pair in pairs:
         size = _header(pair["image"])
         for mask in pair["masks"]:
@@ -944,11 +820,9 @@ SPLIT_WORDS = (("test", {"test", "testdataset"}), ("val", {"val", "valid", "vali
 
 
 def _split_of(pair, root):
-    """('train'|'val'|'test'|None, test group name) from the path or GlaS file prefix.
-
-    The innermost folder naming a split decides, so a doubly unzipped TestDataset/TestDataset/
-    still yields the five polyp sets as groups.
-    """
+    """('train'|'val'|'test'|None, test group name) from the path or GlaS file prefix. The
+    innermost folder naming a split decides, so a doubly unzipped TestDataset/TestDataset/ still
+    yields the five polyp sets as groups."""
     parts = Path(pair["image"]).relative_to(root).parts
     for index in reversed(range(len(parts) - 1)):
         words = set(re.split(r"[^a-z]+", parts[index].lower()))
@@ -1023,8 +897,7 @@ def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1), o
     split by `fractions`. When the layout has train and test but no validation set,
     `val_fraction` of train is held out (0: no validation). `all_test=True` (a folder given to
     --eval): every pair is test data, in the layout's groups (the five polyp sets, ...).
-    Every file's header is checked first (`check_pairs`).
-    """
+    Every file's header is checked first (`check_pairs`)."""
     root = Path(root)
     notes = []
     pairs = check_pairs(find_pairs(root, notes))
@@ -1032,11 +905,12 @@ def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1), o
     tagged = [(_split_of(p, root), p) for p in pairs]
     splits = {s for (s, _), _ in tagged}
     rng = random.Random(seed)
-    if all_test:
-        tests = {}
-        for (split, group), pair in tagged:
+    tests = {}  # test group -> pairs; with all_test every pair, grouped by its split or folder
+    for (split, group), pair in tagged:
+        if split == "test" or all_test:
             name = group if split == "test" else split or pair["context"].split("/")[0] or "test"
             tests.setdefault(name, []).append(pair)
+    if all_test:
         result = {"train": [], "val": [], "test": tests}
         source, is_official = f"every pair as test data ({len(tests)} groups)", True
     elif not official or None in splits or "train" not in splits or splits == {"train"}:
@@ -1047,10 +921,6 @@ def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1), o
     else:
         train = [p for (s, _), p in tagged if s == "train"]
         val = [p for (s, _), p in tagged if s == "val"]
-        tests = {}
-        for (s, group), p in tagged:
-            if s == "test":
-                tests.setdefault(group, []).append(p)
         source = "official split of the layout"
         if not tests:  # VM-UNet's folders: 'val' is the test half of its 7:3 split
             tests, val = {"test": val}, []
@@ -1066,25 +936,21 @@ def discover_splits(root, seed=0, val_fraction=0.1, fractions=(0.8, 0.1, 0.1), o
     if not result["train"] and not all_test:
         fail(f"no training pairs found under {root}")
     _assert_disjoint(result)
-    source = "; ".join([source, *notes])
-    result.update(source=source, official=is_official, layout=layout)
+    result.update(source="; ".join([source, *notes]), official=is_official, layout=layout)
     return result
 
 
 def find_slice_files(root):
     """TransUNet-style multi-class files: {'train': [npz], 'val': [...], 'test': [npz|h5]}.
-
     Synapse: train_npz/*.npz and test_vol_h5/*.npy.h5; ACDC (MT-UNet package): train/, valid/,
-    test/ folders of *.npz (test files are volumes). Returns None if `root` has neither layout.
-    """
+    test/ folders of *.npz (test files are volumes). Returns None if `root` has neither layout."""
     root = Path(root)
     layouts = [("train_npz", None, ("test_vol_h5", "test_npz")), ("train", "valid", ("test",))]
     for train_dir, val_dir, test_dirs in layouts:
         train = sorted((root / train_dir).glob("*.npz"), key=lambda p: natural_key(p.name))
         if train:
-            test = sorted([p for d in test_dirs for p in (root / d).glob("*.npz")]
-                          + [p for d in test_dirs for p in (root / d).glob("*.h5")],
-                          key=lambda p: natural_key(p.name))
+            test = sorted((p for d in test_dirs for pattern in ("*.npz", "*.h5")
+                           for p in (root / d).glob(pattern)), key=lambda p: natural_key(p.name))
             val = sorted((root / val_dir).glob("*.npz")) if val_dir else []
             return {"train": train, "val": val, "test": test}
     return None
@@ -1098,8 +964,9 @@ def _to_tensor(image, mean, std):
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
-def random_flip_rotate(image, mask, rng, rotate_degrees=0.0, rot90=False):
-    """Random horizontal/vertical flips, optional rot90 and small rotation, same for both."""
+def random_flip_rotate(image, mask, rng, rot90=False):
+    """Random horizontal and vertical flips (p = 0.5 each) and, with `rot90`, a rotation by
+    k * 90 degrees, k in 0..3; the same for image and mask."""
     if rng.random() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
     if rng.random() < 0.5:
@@ -1107,12 +974,6 @@ def random_flip_rotate(image, mask, rng, rotate_degrees=0.0, rot90=False):
     if rot90:
         k = rng.randrange(4)
         image, mask = np.rot90(image, k), np.rot90(mask, k)
-    if rotate_degrees:
-        angle = rng.uniform(-rotate_degrees, rotate_degrees)
-        image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).rotate(
-            angle, Image.BILINEAR))
-        mask = np.asarray(Image.fromarray(np.ascontiguousarray(mask).astype(np.uint8)).rotate(
-            angle, Image.NEAREST))
     return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 
@@ -1121,13 +982,12 @@ class PairDataset(torch.utils.data.Dataset):
 
     Item: {'image': (3, S, S) float, 'mask': (1, S, S) float in {0, 1} (binary) or (S, S) int64
     (labels), 'index': int}. `full(i)` returns the image and mask at their original size, which
-    is where the papers evaluate.
-    """
+    is where the papers evaluate."""
 
-    def __init__(self, pairs, size, augment=None, labels=False, instance=False,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=0):
+    def __init__(self, pairs, size, augment=None, labels=False, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD, seed=0):
         self.pairs, self.size, self.augment = pairs, size, augment
-        self.labels, self.instance, self.mean, self.std = labels, instance, mean, std
+        self.labels, self.mean, self.std = labels, mean, std
         self.rng = random.Random(seed)
         self.names = [Path(p["image"]).stem for p in pairs]
 
@@ -1140,12 +1000,11 @@ class PairDataset(torch.utils.data.Dataset):
         image = load_image(pair["image"], size_hint)  # a JPEG may decode smaller (size_hint)
         if self.labels:
             mask = load_label_map(pair["masks"][0])
-        else:
-            instance = self.instance or pair.get("instance", False)
-            mask = np.logical_or.reduce([load_mask(m, instance) for m in pair["masks"]])
-        width, height = pair.get("size") or image.shape[1::-1]
-        if mask.shape != (height, width) or (size_hint is None and image.shape[:2] != (height,
-                                                                                     width)):
+        else:  # the union of an image's masks (BUSI); GlaS instance maps: every label > 0
+            mask = np.logical_or.reduce([load_mask(m, pair.get("instance", False))
+                                         for m in pair["masks"]])
+        width, height = pair.get("size") or image.shape[1::-1]  # (check_pairs' header size)
+        if mask.shape != (height, width) or (size_hint is None and image.shape[:2] != mask.shape):
             fail(f"mask {pair['masks'][0]} is {mask.shape[1]}x{mask.shape[0]} but its image "
                  f"{pair['image']} is {width}x{height}")
         return image, mask
@@ -1155,12 +1014,9 @@ class PairDataset(torch.utils.data.Dataset):
         image, mask = resize_image(image, self.size), resize_mask(mask, self.size)
         if self.augment is not None:
             image, mask = self.augment(image, mask, self.rng)
-        item = {"image": _to_tensor(image, self.mean, self.std), "index": index}
-        if self.labels:
-            item["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).long()
-        else:
-            item["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
-        return item
+        mask = torch.from_numpy(np.ascontiguousarray(mask))
+        return {"image": _to_tensor(image, self.mean, self.std), "index": index,
+                "mask": mask.long() if self.labels else mask.float()[None]}
 
 
 def read_slice(path):
@@ -1184,11 +1040,9 @@ def read_slice(path):
 
 
 def count_labels(paths):
-    """The class count K = 1 + the largest label id in any of `paths` (npz / h5 / label PNG).
-
-    Read at discovery, so a rare class in a single file cannot crash training later; a
-    negative id, or no foreground at all, ends with one line naming the culprit.
-    """
+    """The class count K = 1 + the largest label id in any of `paths` (npz / h5 / label PNG),
+    read at discovery, so a rare class in a single file cannot crash training later; a negative
+    id, or no foreground at all, ends with one line naming the culprit."""
     top = 0
     for path in paths:
         labels = read_slice(path)[1] if Path(path).suffix in (".npz", ".h5") else \
@@ -1221,13 +1075,11 @@ class SliceDataset(torch.utils.data.Dataset):
     """2-D multi-class slices (TransUNet npz): {'image': (C, S, S), 'mask': (S, S) int64}.
 
     `resize="bilinear"`: torch's bilinear image, nearest labels; `"cubic"`: TransUNet's scipy
-    zoom (order 3 image, order 0 labels), after the augmentation as TransUNet does.
-    """
+    zoom (order 3 image, order 0 labels), after the augmentation as TransUNet does."""
 
     def __init__(self, files, size, augment=None, channels=3, seed=0, resize="bilinear"):
         self.files, self.size, self.augment, self.channels = files, size, augment, channels
-        self.resize = resize
-        self.rng = random.Random(seed)
+        self.resize, self.rng = resize, random.Random(seed)
         self.names = [Path(f).stem for f in files]
 
     def __len__(self):
@@ -1266,14 +1118,14 @@ class VolumeDataset:
 
 def _smooth_noise(rng, size, scale):
     """Smooth random field in about [-1, 1]: white noise blurred by a box of width `scale`."""
-    from scipy.ndimage import uniform_filter
-    field = uniform_filter(rng.standard_normal((size + 2 * scale, size + 2 * scale)), scale)
+    padded = size + 2 * scale
+    field = scipy.ndimage.uniform_filter(rng.standard_normal((padded, padded)), scale)
     field = field[scale:scale + size, scale:scale + size]
     return field / (np.abs(field).max() + 1e-8)
 
 
 def _irregular_blob(rng, size, center, radius, wobble):
-    """Boolean (size, size) blob whose radius varies with angle: r(t) = r0 (1 + sum a_k sin(k t))."""
+    """Bool (size, size) blob whose radius varies with angle: r(t) = r0 (1 + sum a_k sin(k t))."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     dy, dx = yy - center[0], xx - center[1]
     theta = np.arctan2(dy, dx)
@@ -1285,12 +1137,11 @@ def _irregular_blob(rng, size, center, radius, wobble):
 
 
 def make_toy_binary(index, size, seed=0):
-    """One toy binary sample (image uint8 (S, S, 3), mask bool (S, S)), deterministic in (seed, index).
+    """One toy binary sample (image uint8 (S, S, 3), mask bool (S, S)), fixed by (seed, index).
 
     A textured lesion-like blob (1-2 lobes, wobbly boundary, sometimes cut by the border) on a
     textured background; colour contrast varies from clear to faint, plus noise and a decoy
-    spot of lesion colour but wrong texture, so it is learnable but not trivial.
-    """
+    spot of lesion colour but wrong texture, so it is learnable but not trivial."""
     rng = np.random.default_rng([seed, index])
     rng_py = np.random.default_rng([seed, index, 1])
     mask = np.zeros((size, size), bool)
@@ -1311,8 +1162,9 @@ def make_toy_binary(index, size, seed=0):
 
 
 # Eight organ-like classes: (centre y, centre x, radius, intensity, texture scale), all relative.
-TOY_ORGANS = [(0.42, 0.50, 0.06, 0.95, 0), (0.30, 0.70, 0.07, 0.45, 16), (0.55, 0.28, 0.08, 0.75, 8),
-              (0.55, 0.72, 0.08, 0.75, 8), (0.35, 0.30, 0.16, 0.60, 4), (0.50, 0.50, 0.08, 0.52, 16),
+TOY_ORGANS = [(0.42, 0.50, 0.06, 0.95, 0), (0.30, 0.70, 0.07, 0.45, 16),
+              (0.55, 0.28, 0.08, 0.75, 8), (0.55, 0.72, 0.08, 0.75, 8),
+              (0.35, 0.30, 0.16, 0.60, 4), (0.50, 0.50, 0.08, 0.52, 16),
               (0.40, 0.80, 0.09, 0.66, 4), (0.68, 0.52, 0.12, 0.38, 8)]
 TOY_CLASS_NAMES = ["vessel", "sac", "bean L", "bean R", "big", "tail", "round", "pouch"]
 
@@ -1321,8 +1173,7 @@ def make_toy_multiclass(index, size, seed=0):
     """One toy slice (image float32 (S, S) in [0, 1], labels int64 (S, S) in 0..8).
 
     4-8 of eight organ-like regions in a body ellipse; each class has a typical place, size,
-    intensity and texture (the two 'beans' differ only by side), all jittered, plus noise.
-    """
+    intensity and texture (the two 'beans' differ only by side), all jittered, plus noise."""
     rng = np.random.default_rng([seed, index, 2])
     yy, xx = np.mgrid[0:size, 0:size] / size
     body = ((yy - 0.5) / 0.42) ** 2 + ((xx - 0.5) / 0.46) ** 2 <= 1
@@ -1341,15 +1192,13 @@ def make_toy_multiclass(index, size, seed=0):
     return np.clip(image, 0, 1).astype(np.float32), labels
 
 
-class ToyBinary(torch.utils.data.Dataset):
-    """The built-in binary toy set (deterministic for a seed); items like PairDataset's."""
+class ToyBinary(PairDataset):
+    """The built-in binary toy set (deterministic for a seed): a PairDataset of generated pairs."""
 
     def __init__(self, n, size, seed=0, augment=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.n, self.size, self.seed, self.augment = n, size, seed, augment
-        self.mean, self.std = mean, std
-        self.rng = random.Random(seed)
+        super().__init__([], size, augment, mean=mean, std=std, seed=seed)
+        self.n, self.seed, self.cache = n, seed, {}
         self.names = [f"toy_{seed}_{i:04d}" for i in range(n)]
-        self.cache = {}
 
     def __len__(self):
         return self.n
@@ -1359,14 +1208,6 @@ class ToyBinary(torch.utils.data.Dataset):
         if index not in self.cache:
             self.cache[index] = make_toy_binary(index, self.size, self.seed)
         return self.cache[index]
-
-    def __getitem__(self, index):
-        image, mask = self.full(index)
-        if self.augment is not None:
-            image, mask = self.augment(image, mask, self.rng)
-        return {"image": _to_tensor(image, self.mean, self.std),
-                "mask": torch.from_numpy(np.ascontiguousarray(mask)).float()[None],
-                "index": index}
 
 
 class ToyMulticlass(torch.utils.data.Dataset):
@@ -1396,12 +1237,11 @@ class ToyMulticlass(torch.utils.data.Dataset):
 @torch.no_grad()
 def predict_volume(logits_fn, volume, size, channels=3, device="cpu", batch=16,
                    resize="bilinear"):
-    """Label volume (D, H, W) int64: each slice resized to `size`, argmax of `logits_fn`, resized back.
+    """Label volume (D, H, W) int64: slices resized to `size`, argmax of `logits_fn`, resized back.
 
     `logits_fn` maps (n, channels, size, size) float to (n, K, size, size) logits; the prediction
     is brought back to the slice's own H x W nearest-neighbour, as the TransUNet test does.
-    `resize="cubic"`: slices in by scipy zoom order 3 and back by order 0 (TransUNet's calls).
-    """
+    `resize="cubic"`: slices in by scipy zoom order 3 and back by order 0 (TransUNet's calls)."""
     labels, square = [], (size, size)
     for start in range(0, volume.shape[0], batch):
         chunk = volume[start:start + batch]
@@ -1425,11 +1265,10 @@ def write_toy(out, kind="binary", n=100, size=256, seed=0):
             Image.fromarray(image).save(out / "images" / f"toy_{i:04d}.jpg", quality=95)
             save_mask_png(out / "masks" / f"toy_{i:04d}.png", mask)
     elif kind == "multiclass":
-        for split, count in (("train_npz", n), ("test_npz", max(1, n // 5))):
+        for split, first, count in (("train_npz", 0, n), ("test_npz", n, max(1, n // 5))):
             (out / split).mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                image, label = make_toy_multiclass(i + (0 if split == "train_npz" else n),
-                                                   size, seed)
+                image, label = make_toy_multiclass(first + i, size, seed)
                 np.savez_compressed(out / split / f"case{i:04d}_slice000.npz", image=image,
                                     label=label)
     else:
@@ -1437,9 +1276,9 @@ def write_toy(out, kind="binary", n=100, size=256, seed=0):
     return out
 
 
-def load_data(args, task="binary", augment=None, toy_sizes=(160, 20, 40), instance=False,
-              mean=IMAGENET_MEAN, std=IMAGENET_STD, channels=3, official=True,
-              fractions=(0.8, 0.1, 0.1), resize="bilinear"):
+def load_data(args, task="binary", augment=None, toy_sizes=(160, 20, 40), mean=IMAGENET_MEAN,
+              std=IMAGENET_STD, channels=3, official=True, fractions=(0.8, 0.1, 0.1),
+              resize="bilinear"):
     """The data of a run: {'train', 'val', 'test': {group: dataset}, 'source', 'splits',
     'layout', 'pairs'}.
 
@@ -1447,8 +1286,7 @@ def load_data(args, task="binary", augment=None, toy_sizes=(160, 20, 40), instan
     (`discover_splits`: `official=False` re-splits the layout by `fractions`); multi-class tasks
     read TransUNet npz/h5 files (`find_slice_files`) or pairs of images and label-map PNGs. Test
     sets of multi-class tasks are VolumeDatasets. With `args.eval` set, the folder is all test
-    data: every group in it, in full. `resize` is SliceDataset's (TransUNet slices only).
-    """
+    data: every group in it, in full. `resize` is SliceDataset's (TransUNet slices only)."""
     size, seed = args.img_size, args.seed
     if args.data == "toy":
         n_train, n_val, n_test = toy_sizes
@@ -1480,8 +1318,7 @@ def load_data(args, task="binary", augment=None, toy_sizes=(160, 20, 40), instan
     split = discover_splits(root, seed, getattr(args, "val_fraction", 0.1), fractions, official,
                             all_test=evaluating)
     labels = task != "binary"
-    make = lambda pairs, aug: PairDataset(pairs, size, aug, labels, instance, mean, std,  # noqa
-                                          seed)
+    make = lambda pairs, aug: PairDataset(pairs, size, aug, labels, mean, std, seed)  # noqa
     return {"train": make(split["train"], augment),
             "val": make(split["val"], None) if split["val"] else None,
             "test": {g: make(p, None) for g, p in split["test"].items()},
@@ -1499,16 +1336,14 @@ def add_common_args(parser, paper, source, pretrained_default="none"):
 
     Flags left unset are filled by `finish_args`: the paper's value with real data, the script's
     toy value with the toy data. A script whose paper starts from pretrained weights passes
-    `pretrained_default=None`: then `--pretrained` means 'auto' with real data, 'none' on toy data.
-    """
+    `pretrained_default=None`: then `--pretrained` is 'auto' with real data, 'none' on toy data."""
     group = parser.add_argument_group("shared flags (common.py)")
     group.add_argument("--data", default="toy", help="data folder, or 'toy' (default: toy)")
     group.add_argument("--preset", choices=["paper", "small", "tiny"], default=None,
                        help="model size (default: paper with real data, small with toy data)")
     for flag, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("img-size", int)):
-        name = flag.replace("-", "_")
-        group.add_argument(f"--{flag}", type=kind, default=None,
-                           help=f"(paper: {paper[name]}, {source})")
+        group.add_argument(f"--{flag}", type=kind,
+                           help=f"(paper: {paper[flag.replace('-', '_')]}, {source})")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     group.add_argument("--workers", type=int, default=0, help="data-loader processes (default 0)")
     group.add_argument("--seed", type=int, default=0)
@@ -1530,20 +1365,9 @@ def add_common_args(parser, paper, source, pretrained_default="none"):
     return parser
 
 
-def _check_writable(out):
-    """Stop with one line when the folder `out` cannot be created or written."""
-    parent = Path(out).absolute()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"--out {out}: cannot write there ({parent} is not a writable folder)")
-
-
 def finish_args(args, paper, toy):
-    """Fill unset flags (paper values with real data, `toy` values with toy data); check them.
-
-    Every check here runs before any data is read or any folder is made.
-    """
+    """Fill unset flags (paper values with real data, `toy` values with toy data) and check
+    them, all before any data is read or any folder is made."""
     args.data = "toy" if args.data in (None, "", "toy") else args.data
     defaults = toy if args.data == "toy" else paper
     for name in ("epochs", "batch_size", "lr", "img_size"):
@@ -1567,8 +1391,12 @@ def finish_args(args, paper, toy):
         fail(f"--val-fraction must lie in [0, 1) (got {args.val_fraction})")
     if args.predict and not args.checkpoint:
         fail("--predict DIR needs --checkpoint CKPT")
-    if args.out:
-        _check_writable(args.out)
+    if args.out:  # the nearest existing folder on the way to --out must be writable
+        parent = Path(args.out).absolute()
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            fail(f"--out {args.out}: cannot write there ({parent} is not a writable folder)")
     choose_device(args.device)  # a missing GPU is a one-line error now, not after loading data
     return args
 
@@ -1592,13 +1420,10 @@ def adopt_config(args, checkpoint, keys, explicit, flag, check_only=False, path=
     The weights only fit the architecture they were trained with, so a flag that would change it
     is a mistake worth one clear line rather than a shape-mismatch traceback. `check_only=True`
     (a second checkpoint that must fit the settings already made): every differing key stops,
-    nothing is copied. `path`: the file the message names (default: the value of `flag`).
-    """
+    nothing is copied. `path`: the file the message names (default: the value of `flag`)."""
     config = checkpoint.get("config", {})
     path = getattr(args, flag.lstrip("-").replace("-", "_"), "") if path is None else path
-    for key in keys:
-        if key not in config:
-            continue
+    for key in [key for key in keys if key in config]:
         if (check_only or key in explicit) and getattr(args, key) != config[key]:
             fail(f"{flag} {path}: --{key.replace('_', '-')} {getattr(args, key)} differs from "
                  f"the checkpoint's {config[key]} (it changes the architecture)")
@@ -1615,9 +1440,7 @@ def adopt_config(args, checkpoint, keys, explicit, flag, check_only=False, path=
 
 def seed_everything(seed):
     """Seed Python, NumPy and PyTorch; each torchrun rank gets its own stream (seed + rank).
-
-    Models still start identical on every rank: DistributedDataParallel copies rank 0's weights.
-    """
+    Models still start identical on every rank: DistributedDataParallel copies rank 0's weights."""
     seed = seed + int(os.environ.get("RANK", 0))
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -1643,16 +1466,16 @@ def choose_device(name="auto"):
 def _plain(value):
     """`value` with numpy numbers, paths and other objects turned into plain Python and tensors,
     so that `torch.load(..., weights_only=True)` reads the checkpoint back."""
-    if isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, float,
-                                                                            str)):
+    if isinstance(value, (torch.Tensor, bool, int, float, str)) or value is None:
         return value
     if isinstance(value, dict):
         if all(isinstance(v, torch.Tensor) for v in value.values()):
             return value  # a state dict: keep its type and metadata
         return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value) if type(value) in (list, tuple) else [
-            _plain(v) for v in value]
+    if type(value) in (list, tuple):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, (list, tuple)):  # a named tuple or another subclass: a plain list
+        return [_plain(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -1665,10 +1488,8 @@ def _plain(value):
 
 
 def save_checkpoint(path, state):
-    """torch.save `state` atomically: a temporary file, fsync, then rename over `path`.
-
-    An interrupted save leaves `path` as it was and removes its temporary file.
-    """
+    """torch.save `state` atomically (a temporary file, fsync, then rename over `path`): an
+    interrupted save leaves `path` as it was and removes its temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -1683,17 +1504,16 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path, script=None, flag="--checkpoint", **expect):
     """A checkpoint of this repository, read with `weights_only=True`; one line when it is not.
-
-    `expect` names fields that must match (e.g. `stage="recon"`).
-    """
+    `expect` names fields that must match (e.g. `stage="recon"`)."""
     path = Path(path)
     if not path.is_file():
         fail(f"{flag} {path}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError as error:  # torch's refusal names the class: "GLOBAL a.B"
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
         fail(f"{flag} {path}: not a checkpoint of this repository (it pickles "
-             f"{_first_global(error)}, which is never unpickled here)")
+             f"{found.group(1) if found else 'a Python object'}, which is never unpickled here)")
     except Exception as error:
         fail(f"{flag} {path}: cannot read it (truncated or not a PyTorch file: "
              f"{type(error).__name__})")
@@ -1707,17 +1527,9 @@ def load_checkpoint(path, script=None, flag="--checkpoint", **expect):
     return state
 
 
-def _first_global(error):
-    """The class named in torch's weights-only refusal, for the one-line message."""
-    match = re.search(r"GLOBAL ([\w.]+)", str(error))
-    return match.group(1) if match else "a Python object"
-
-
 class Foreign(dict):
-    """Inert stand-in for a class pickled in a published weight file (e.g. yacs' CfgNode).
-
-    It keeps what the pickle gave it (`args`, `state`, items) and runs none of the class's code.
-    """
+    """Inert stand-in for a class pickled in a published weight file (e.g. yacs' CfgNode): it
+    keeps what the pickle gave it (`args`, `state`, items) and runs none of the class's code."""
     origin = "?"
 
     def __init__(self, *args, **kwargs):
@@ -1777,8 +1589,7 @@ def load_weights(path, flag="--pretrained"):
 
     `weights_only=True` first; files that pickle other objects (VMamba's yacs config, a training
     script's argparse.Namespace) are read by a restricted unpickler that turns every such object
-    into an inert `Foreign`.
-    """
+    into an inert `Foreign`."""
     path = Path(path)
     if not path.is_file():
         fail(f"{flag} {path}: no such file")
@@ -1797,23 +1608,14 @@ def load_weights(path, flag="--pretrained"):
 
 def tensor_dict(obj, keys=("model", "state_dict", "model_state_dict", "net", "params")):
     """The name -> tensor mapping in a loaded weight file (itself, or under one of `keys`)."""
-    def is_tensors(x):
-        """True for a non-empty dict of tensors."""
-        return isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) for v in x.values())
-    if is_tensors(obj):
-        return obj
-    if isinstance(obj, dict):
-        for key in keys:
-            if is_tensors(obj.get(key)):
-                return obj[key]
-    return None
+    candidates = ([obj] + [obj.get(key) for key in keys]) if isinstance(obj, dict) else []
+    return next((c for c in candidates if isinstance(c, dict) and c
+                 and all(isinstance(v, torch.Tensor) for v in c.values())), None)
 
 
 def fetch_weights(url, filename, log, is_main=True, barrier=None):
-    """Path of `url` downloaded once into torch's hub cache (rank 0 downloads, others wait).
-
-    None, after one log line, when it cannot be had: training then starts from scratch.
-    """
+    """Path of `url` downloaded once into torch's hub cache (rank 0 downloads, others wait), or
+    None after one log line when it cannot be had: training then starts from scratch."""
     path = Path(torch.hub.get_dir()) / "checkpoints" / filename
     reason = None
     if is_main and not path.exists():
@@ -1832,10 +1634,8 @@ def fetch_weights(url, filename, log, is_main=True, barrier=None):
 
 
 def load_matching(module, tensors, what, source, log, prefix=""):
-    """Load the tensors of `tensors` whose names (minus `prefix`) and shapes fit `module`.
-
-    Logs 'what: 318 of 320 tensors from SOURCE'; returns (loaded, tensors in the module).
-    """
+    """Load the tensors of `tensors` whose names (minus `prefix`) and shapes fit `module`. Logs
+    'what: 318 of 320 tensors from SOURCE'; returns (loaded, tensors in the module)."""
     own = module.state_dict()
     fits = {}
     for name, value in tensors.items():
@@ -1855,8 +1655,7 @@ def set_lr(optimizer, lr):
     """Set the learning rate of every parameter group (times the group's `lr_scale`, if any).
 
     Scripts compute each epoch's (or step's) rate from the epoch and the total `--epochs`, so a
-    run resumed with a larger `--epochs` follows the new total's schedule from the next epoch on.
-    """
+    run resumed with a larger `--epochs` follows the new total's schedule from the next epoch on."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
@@ -1878,8 +1677,7 @@ def seed_worker(worker_id):
 
     PyTorch hands each worker base_seed + worker_id, base_seed drawn from the loader's generator,
     so workers differ from each other while a run with the same seed repeats itself. Defined at
-    module level so that spawn/forkserver workers can unpickle it.
-    """
+    module level so that spawn/forkserver workers can unpickle it."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
@@ -1888,10 +1686,7 @@ def seed_worker(worker_id):
 
 def make_loader(dataset, batch_size, train, workers=0, seed=0, drop_last=False, context=None):
     """A DataLoader; in a torchrun job the training loader shards the data across processes.
-
-    Augmentation draws from `dataset.rng` (a random.Random): reseeded here per rank and in every
-    worker by `seed_worker`.
-    """
+    Augmentation draws from `dataset.rng`, reseeded here per rank and per worker by seed_worker."""
     rank = int(os.environ.get("RANK", 0))
     sampler = None
     if train and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -1907,7 +1702,7 @@ def make_loader(dataset, batch_size, train, workers=0, seed=0, drop_last=False, 
         persistent_workers=workers > 0)
 
 
-def progress(iterable, desc, enabled=True, total=None):
+def progress(iterable, desc, enabled=True):
     """A tqdm progress bar on the main process (plain iterable elsewhere or if tqdm is absent)."""
     if not enabled or os.environ.get("NO_PROGRESS"):
         return iterable
@@ -1915,8 +1710,7 @@ def progress(iterable, desc, enabled=True, total=None):
         from tqdm import tqdm
     except ImportError:
         return iterable
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
-                mininterval=1.0)
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
 
 
 # ---- The run: folder, log, checkpoints, resume ----
@@ -1926,8 +1720,7 @@ class Run:
 
     The folder is made on the first file written, so a run stopped by bad input leaves nothing;
     its default name `runs/<script>/<time>-<pid>` is never shared by two runs. Only rank 0
-    writes files and prints.
-    """
+    writes files and prints."""
 
     def __init__(self, args, script):
         self.args, self.script = args, script
@@ -1953,11 +1746,6 @@ class Run:
     def out(self):
         """The run folder, made (with predictions/) on first use: after the inputs are checked."""
         return self.folder()
-
-    @property
-    def log_path(self):
-        """<out>/log.csv."""
-        return self.out / "log.csv"
 
     def folder(self):
         """The run folder, made now if it does not exist yet (rank 0)."""
@@ -1988,15 +1776,15 @@ class Run:
     def save_json(self, name, obj):
         """Write `obj` as indented JSON into the run folder."""
         if self.is_main:
-            text = json.dumps(obj, indent=2, default=str)
-            (self.out / name).write_text(text + "\n")
+            (self.out / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
     def log_epoch(self, row):
         """Append one row (a dict) to log.csv, writing the header the first time."""
         if not self.is_main:
             return
-        new = not self.log_path.exists()
-        with open(self.log_path, "a", newline="") as f:
+        path = self.out / "log.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
             if new:
                 writer.writeheader()
@@ -2014,13 +1802,11 @@ class Run:
 
         Resumed into a new folder, the run starts with the old run's best.pt beside it (or the
         resumed state, if there is none), so the best-so-far is never lost. `prefix`: that of
-        end_epoch's files; `epochs`: the total logged (default args.epochs).
-        """
+        end_epoch's files; `epochs`: the total logged (default args.epochs)."""
         unwrap(model).load_state_dict(checkpoint["model"])
-        if optimizer is not None and checkpoint.get("optimizer"):
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
+        for part, key in ((optimizer, "optimizer"), (scaler, "scaler")):
+            if part is not None and checkpoint.get(key):
+                part.load_state_dict(checkpoint[key])
         self.best = checkpoint.get("best")
         source = Path(path or self.args.resume)
         best = f"{prefix}best.pt"
@@ -2039,8 +1825,7 @@ class Run:
 
         `score` None (or nan) means no validation: best.pt is then the last epoch. `prefix`
         names the files (e.g. "recon_": recon_last.pt, recon_best.pt) of a run with two stages;
-        `self.best` is the current stage's (reset it to None between stages).
-        """
+        `self.best` is the current stage's (reset it to None between stages)."""
         if score is not None and math.isnan(score):
             score = None
         improved = (score is None or self.best is None
@@ -2079,50 +1864,40 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def peak_memory_mb(device):
-    """Peak memory so far: CUDA allocator peak, else the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def benchmark(model, train_step, infer_step, batch_size, device, repeats=3, **extra):
-    """Time `train_step()` and `infer_step()` (each handles one batch); return the JSON record.
+    """Time `train_step()` and `infer_step()` (one batch each; a warm-up call, then the median
+    of `repeats` calls) and return the JSON record. Peak memory: the CUDA allocator's peak, else
+    the process's peak resident set size."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    One warm-up call each, then the median of `repeats` timed calls.
-    """
     def timed(step):
         """Median seconds of one call after a warm-up call."""
         step()
         times = []
         for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
             step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - start)
         return float(np.median(times))
 
     params = sum(p.numel() for p in model.parameters())
     infer = timed(infer_step)
     train = timed(train_step) if train_step is not None else float("nan")
-    record = {"params_M": round(params / 1e6, 3), "batch_size": batch_size,
-              "train_images_per_s": round(batch_size / train, 3),
-              "inference_images_per_s": round(batch_size / infer, 3),
-              "peak_memory_MB": round(peak_memory_mb(device), 1), "device": str(device),
-              "threads": torch.get_num_threads()}
-    record.update(extra)
-    return record
+    peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+    return {"params_M": round(params / 1e6, 3), "batch_size": batch_size,
+            "train_images_per_s": round(batch_size / train, 3),
+            "inference_images_per_s": round(batch_size / infer, 3),
+            "peak_memory_MB": round(peak_mb, 1), "device": str(device),
+            "threads": torch.get_num_threads(), **extra}
 
 
 def check_conflicts(parser, args, rules, explicit):
     """Stop with one line when a flag given explicitly is made meaningless by the others.
-
     `rules`: (dests, condition, why) triples; the first dest in `explicit` of a rule whose
-    condition holds fails as "--flag [VALUE] conflicts: why" (never silently ignored).
-    """
+    condition holds fails as "--flag [VALUE] conflicts: why" (never silently ignored)."""
     flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
     for dests, condition, why in rules:
         given = [d for d in dests if d in explicit] if condition else []

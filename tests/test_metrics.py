@@ -521,18 +521,18 @@ def test_per_image_and_global_meters_differ():
         assert pooled.state() == {"tp": 4, "fp": 1, "fn": 1, "tn": 26}
 
 
-def test_per_image_meter_hd95_and_merge():
-    # hd95: image 1 has single pixels 3 apart (3); image 2 has an empty prediction (left out).
+def test_per_image_meter_merge():
+    # Image 1 has single pixels 3 apart; image 2 has an empty prediction: Dice 0 for both.
     gt = np.stack([points((6, 6), (1, 1)), points((6, 6), (2, 2))])
     prob = np.stack([points((6, 6), (1, 4)), np.zeros((6, 6), bool)]).astype(float)
-    meter = common.PerImageMeter(with_hd95=True)
+    meter = common.PerImageMeter()
     meter.update(prob[:1], gt[:1])
-    other = common.PerImageMeter(with_hd95=True)
+    other = common.PerImageMeter()
     other.update(prob[1:], gt[1:])
     meter.merge(other.state())
     result = meter.compute()
-    assert result["hd95"] == pytest.approx(3.0)
     assert result["dice"] == 0.0 and meter.state()["images"] == 2
+    assert result["specificity"] == pytest.approx((34 / 35 + 1) / 2)
 
 
 # ---- Per volume and class ----
