@@ -1922,6 +1922,7 @@ except (ImportError, OSError):  # not installed, or built for another torch / CU
     MAMBA_SSM_AVAILABLE = False
 
 SCAN_BLOCK_ELEMENTS = 2 ** 18  # states (b T G N H) per block: 1 MB buffers, 2^17..2^18 fastest
+SCAN_MIN_STEPS = 16  # steps per block at least: the forward keeps a state per block
 SCAN_THREADS = 1  # intra-op threads of the fast path's ops (see "Fast path" below)
 SCAN_BASELINE_REV = "86a2de48b070"  # bench-scan's baseline: the scan before issue 14
 
@@ -2014,21 +2015,27 @@ def _scan_with(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return
 # Only h_t = A_bar_t h_{t-1} + B_bar_t u_t is sequential, and it is one in-place addcmul_ per
 # step on a contiguous (b, G, N, H) state. The rest runs per block of T steps as a few large
 # ops on (b, T, G, N, H) buffers, time-major: A_bar = exp(delta A) and B_bar u for the whole
-# block, then y = C h as one batched matmul. The forward keeps only the state entering each
-# block. The backward walks the blocks from the end: it recomputes their states from those,
-# runs the adjoint lambda_t = dLoss/dh_t = A_bar_{t+1} lambda_{t+1} + C_t dLoss/dy_t the same
-# way backwards, and takes every gradient from a few block-wide ops. Every factor is an
-# A_bar_t = exp(delta_t A) <= 1 (delta >= 0, A < 0 in Mamba): no cumulative product, no
-# division, nothing to overflow however long the sequence. Why it is faster on a CPU than the
-# chunked scan before it (issue 14): about 20 passes over the (L, D, N) states in all against
-# about 30, three small ops per step (one forward, two backward) against about 30, buffers of
-# about 1 MB that fit the L2 cache, and time-major copies made by 2-D transposes (torch's
-# blocked kernel; the same copy as a 3-D transpose is several times slower). Its ops run on
-# SCAN_THREADS = 1 thread: each touches at most about 1 MB, and with OMP_WAIT_POLICY=PASSIVE
-# (see "Threads") every op on two threads first wakes the sleeping second thread, which cost
-# more than the op saved (measured: 0.70 s -> 0.35 s at L 4096, D 768 on two cores). What
-# is left is memory traffic: about 20 ops each reading and writing the whole (L, D, N) volume,
-# which only a fused kernel (mamba-ssm on a GPU, or a compiler) would avoid.
+# block, then y = C h as one batched matmul. The forward keeps only u, delta and the state
+# entering each block (blocks of at least SCAN_MIN_STEPS = 16 steps, so that what a model's
+# graph holds per scan stays small when one step's state alone fills a block). The backward
+# walks the blocks from the end: it recomputes their states from those, runs the adjoint
+# lambda_t = dLoss/dh_t = A_bar_{t+1} lambda_{t+1} + C_t dLoss/dy_t the same way backwards,
+# and takes every gradient from a few block-wide ops. Every factor is an A_bar_t =
+# exp(delta_t A) <= 1 (delta >= 0, A < 0 in Mamba): no cumulative product, no division,
+# nothing to overflow however long the sequence.
+#
+# Why it is faster on a CPU than the chunked scan before it (issue 14, see bench_scan):
+# - about 20 passes over the (L, D, N) states in all against about 30, three small ops per step
+#   (one forward, two backward) against about 30, and buffers of about 1 MB that fit the L2
+#   cache; time-major copies by 2-D transposes (torch's blocked kernel; the same copy as a 3-D
+#   transpose is several times slower);
+# - its ops run on SCAN_THREADS = 1 thread. Each touches at most a few MB, and with
+#   OMP_WAIT_POLICY=PASSIVE (see "Threads") every op on two threads first wakes the sleeping
+#   second thread, which cost more than the op saved (measured on two cores: 0.70 s -> 0.35 s
+#   at L 4096, D 768).
+# What is left is memory traffic (about 20 ops each reading and writing the whole (L, D, N)
+# volume) and about 4 us of dispatch per step, which only a fused kernel (mamba-ssm on a GPU,
+# or a compiler) would avoid.
 
 
 @contextlib.contextmanager
@@ -2045,11 +2052,12 @@ def _scan_threads():
 
 def _selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                          delta_softplus=False, return_last_state=False,
-                         block_elements=SCAN_BLOCK_ELEMENTS):
-    """Pure-PyTorch selective scan in blocks of about block_elements states (same results)."""
+                         block_elements=SCAN_BLOCK_ELEMENTS, min_steps=SCAN_MIN_STEPS):
+    """Pure-PyTorch selective scan in blocks of about block_elements states, and of at least
+    min_steps steps (same results whatever the two)."""
     def core(u, delta, A, B, C):
         """Blocked scan core with its hand-written backward."""
-        return _BlockScan.apply(u, delta, A, B, C, block_elements)
+        return _BlockScan.apply(u, delta, A, B, C, block_elements, min_steps)
     return _scan_with(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                       return_last_state)
 
@@ -2095,9 +2103,10 @@ def _scan_inputs(u_t, delta_t, A, B, C, groups):
                 B=_operand_steps(B, groups), C=_operand_steps(C, groups))
 
 
-def _blocks(length, per_step, block_elements):
-    """Slices of about block_elements / per_step steps covering the sequence."""
-    steps = max(1, min(length, block_elements // per_step))
+def _blocks(length, per_step, block_elements, min_steps):
+    """Slices of about block_elements / per_step, and at least min_steps, steps covering the
+    sequence."""
+    steps = max(1, min(length, max(min_steps, block_elements // per_step)))
     return [slice(t, min(t + steps, length)) for t in range(0, length, steps)]
 
 
@@ -2144,13 +2153,13 @@ class _BlockScan(torch.autograd.Function):
 
     @staticmethod
     @_scan_threads()
-    def forward(ctx, u, delta, A, B, C, block_elements):
+    def forward(ctx, u, delta, A, B, C, block_elements, min_steps):
         """u, delta (b, D, L), A (D, N), B, C as in selective_scan -> y (b, D, L), h (b, D, N)."""
         batch, dim, length = u.shape
         groups = math.lcm(_own_groups(B, dim), _own_groups(C, dim))
         u_t, delta_t = _time_major(u), _time_major(delta)  # (b, L, D)
         inputs = _scan_inputs(u_t, delta_t, A, B, C, groups)
-        blocks = _blocks(length, batch * A.numel(), block_elements)
+        blocks = _blocks(length, batch * A.numel(), block_elements, min_steps)
         decay_buf = u.new_empty(batch, blocks[0].stop, *inputs["A"].shape)  # (b, T, G, N, H)
         h_buf = torch.empty_like(decay_buf)
         y_t = torch.empty_like(u_t)
@@ -2166,7 +2175,7 @@ class _BlockScan(torch.autograd.Function):
             if i + 1 < len(blocks):
                 starts[i + 1] = last
             torch.matmul(_at(inputs["C"], ts)[..., None, :], h, out=y_steps[:, ts])  # Eq. (2b)
-        ctx.save_for_backward(u_t, delta_t, A, B, C, starts)
+        ctx.save_for_backward(u, delta_t, A, B, C, starts)  # u, not u_t: the graph holds u
         ctx.blocks, ctx.groups = blocks, groups
         return _time_major(y_t), last.transpose(2, 3).reshape(batch, dim, -1)
 
@@ -2174,18 +2183,18 @@ class _BlockScan(torch.autograd.Function):
     @_scan_threads()
     def backward(ctx, grad_y, grad_last):
         """Gradients of u, delta, A, B, C: per block from the end, states recomputed."""
-        u_t, delta_t, A, B, C, starts = ctx.saved_tensors
+        u, delta_t, A, B, C, starts = ctx.saved_tensors
         groups, blocks = ctx.groups, ctx.blocks
-        inputs = _scan_inputs(u_t, delta_t, A, B, C, groups)
+        inputs = _scan_inputs(_time_major(u), delta_t, A, B, C, groups)
         grad_y = _time_major(grad_y).unflatten(2, (groups, -1)).unsqueeze(3)  # (b, L, G, 1, H)
         after = grad_last.unflatten(1, (groups, -1)).transpose(2, 3).contiguous()  # (b, G, N, H)
-        grad_u, grad_delta = torch.empty_like(u_t), torch.empty_like(u_t)
+        grad_u, grad_delta = torch.empty_like(delta_t), torch.empty_like(delta_t)
         grad_u_steps, grad_delta_steps = (x.unflatten(2, (groups, -1)).unsqueeze(3)
                                           for x in (grad_u, grad_delta))
-        decay_buf = u_t.new_empty(starts.shape[1], blocks[0].stop, *inputs["A"].shape)
-        h_buf = u_t.new_empty(decay_buf.shape[0], decay_buf.shape[1] + 1, *decay_buf.shape[2:])
+        decay_buf = u.new_empty(starts.shape[1], blocks[0].stop, *inputs["A"].shape)
+        h_buf = u.new_empty(decay_buf.shape[0], decay_buf.shape[1] + 1, *decay_buf.shape[2:])
         lam_buf, grad_A = torch.empty_like(decay_buf), torch.zeros_like(decay_buf)
-        grad_B, grad_C = (u_t.new_zeros(len(u_t), inputs[k].shape[1], *inputs["A"].shape[:2])
+        grad_B, grad_C = (u.new_zeros(len(u), inputs[k].shape[1], *inputs["A"].shape[:2])
                           for k in "BC")  # (b, L|1, G, N)
         for i in reversed(range(len(blocks))):
             ts, steps = blocks[i], blocks[i].stop - blocks[i].start
@@ -2213,7 +2222,7 @@ class _BlockScan(torch.autograd.Function):
             torch.mul(lam_B, delta_ts, out=grad_u_steps[:, ts])
         grad_A = grad_A.sum((0, 1)).transpose(1, 2).reshape(A.shape)
         return (_time_major(grad_u), _time_major(grad_delta), grad_A,
-                _operand_grad(grad_B, B), _operand_grad(grad_C, C), None)
+                _operand_grad(grad_B, B), _operand_grad(grad_C, C), None, None)
 
 
 # ---- Benchmark: python common.py bench-scan ----
