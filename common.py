@@ -202,19 +202,22 @@ def accuracy(pred, gt):
 
 # ---- Surface distances (MedPy's definitions: hd95, asd, assd) ----
 
-def _surface_distances(a, b, spacing):
-    """Distances from every surface voxel of mask `a` to the nearest surface voxel of mask `b`
-    (None if either mask is empty), computed in the bounding box of a | b: much faster."""
+def _surfaces(a, b):
+    """The surface voxels (mask XOR its erosion) of masks a and b, in the bounding box of a | b
+    (the same surfaces, much faster to measure); None if either mask is empty."""
     a, b = _same_shape(_as_mask(a), _as_mask(b))
     if not a.any() or not b.any():
         return None
     box = tuple(slice(index.min(), index.max() + 1) for index in np.nonzero(a | b))
-    a, b = a[box], b[box]  # same surfaces: the erosion also sees background outside an array
     structure = scipy.ndimage.generate_binary_structure(a.ndim, 1)  # 4- (2D) / 6-neighbours (3D)
-    surface_a = a ^ scipy.ndimage.binary_erosion(a, structure)  # outside the array counts as 0
-    surface_b = b ^ scipy.ndimage.binary_erosion(b, structure)
-    # The EDT gives each voxel its distance to the nearest zero, so b's surface must be the zeros.
-    return scipy.ndimage.distance_transform_edt(~surface_b, sampling=spacing)[surface_a]
+    # the erosion sees background outside the box, as it does outside the whole array
+    return tuple(m[box] ^ scipy.ndimage.binary_erosion(m[box], structure) for m in (a, b))
+
+
+def _distances(surface_from, surface_to, spacing):
+    """Distance from every voxel of one surface to the nearest voxel of the other."""
+    # The EDT gives each voxel its distance to the nearest zero, so the target must be the zeros.
+    return scipy.ndimage.distance_transform_edt(~surface_to, sampling=spacing)[surface_from]
 
 
 def hd95(pred, gt, spacing=None):
@@ -224,17 +227,18 @@ def hd95(pred, gt, spacing=None):
     hd95 = np.percentile(distances pred->gt and gt->pred pooled, 95). `spacing` (a number or one
     per axis) gives physical units; None = voxel units (TransUNet's protocol). Returns nan if
     either mask is empty (MedPy raises); VolumeMeter applies the papers' conventions for that."""
-    to_gt, to_pred = _surface_distances(pred, gt, spacing), _surface_distances(gt, pred, spacing)
-    if to_gt is None:
+    surfaces = _surfaces(pred, gt)
+    if surfaces is None:
         return math.nan
-    return float(np.percentile(np.concatenate([to_gt, to_pred]), 95))
+    return float(np.percentile(np.concatenate([_distances(*surfaces, spacing),
+                                               _distances(*surfaces[::-1], spacing)]), 95))
 
 
 def asd(pred, gt, spacing=None):
     """Average surface distance from pred's surface to gt's (not symmetric), as MedPy's asd;
     surfaces, `spacing` and empty masks (nan) as in hd95."""
-    distances = _surface_distances(pred, gt, spacing)
-    return math.nan if distances is None else float(distances.mean())
+    surfaces = _surfaces(pred, gt)
+    return math.nan if surfaces is None else float(_distances(*surfaces, spacing).mean())
 
 
 def assd(pred, gt, spacing=None):
@@ -243,7 +247,11 @@ def assd(pred, gt, spacing=None):
     This is MedPy <= 0.4's assd. MedPy 0.5 instead takes the mean of the pooled distances of both
     directions, which weights the larger surface more; the two agree when both surfaces have the
     same number of voxels. Empty masks give nan, as in hd95."""
-    return (asd(pred, gt, spacing) + asd(gt, pred, spacing)) / 2
+    surfaces = _surfaces(pred, gt)
+    if surfaces is None:
+        return math.nan
+    return float((_distances(*surfaces, spacing).mean()
+                  + _distances(*surfaces[::-1], spacing).mean()) / 2)
 
 
 # ---- Probability maps: the polyp benchmark (PraNet protocol, PySODMetrics conventions) ----
