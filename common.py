@@ -2018,32 +2018,37 @@ def _scan_with(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return
     return (y.to(dtype), last_state) if return_last_state else y.to(dtype)
 
 
-# ---- Fast path: the recurrence one step per op, everything else in blocks of steps ----
+# ---- Fast path: the recurrence one step per op, everything else in tiles of steps ----
 #
 # Only h_t = A_bar_t h_{t-1} + B_bar_t u_t is sequential, and it is one in-place addcmul_ per
-# step on a contiguous (b, G, N, H) state. The rest runs per block of T steps as a few large
+# step on a contiguous (b, G, N, H) state. The rest runs per tile of T steps as a few large
 # ops on (b, T, G, N, H) buffers, time-major: A_bar = exp(delta A) and B_bar u for the whole
-# block, then y = C h as one batched matmul. The forward keeps only u, delta and the state
-# entering each block (blocks of at least SCAN_MIN_STEPS = 16 steps, so that what a model's
-# graph holds per scan stays small when one step's state alone fills a block). The backward
-# walks the blocks from the end: it recomputes their states from those, runs the adjoint
+# tile, then y = C h as one batched matmul. A tile holds about SCAN_BLOCK_ELEMENTS states and
+# at least SCAN_MIN_STEPS = 16 steps; where 16 steps of all channels would hold more (the
+# short sequences of many channels), the channels are cut into slices of whole groups too
+# (_tiles), which keeps a tile's buffers near the L2 cache's size. The forward keeps only u,
+# delta and the state entering each tile: one per 16 steps or more, so that what a model's
+# graph holds per scan stays small. The backward walks each slice's tiles from the end: it
+# recomputes their states from those, runs the adjoint
 # lambda_t = dLoss/dh_t = A_bar_{t+1} lambda_{t+1} + C_t dLoss/dy_t the same way backwards,
-# and takes every gradient from a few block-wide ops. Every factor is an A_bar_t =
+# and takes every gradient from a few tile-wide ops. Every factor is an A_bar_t =
 # exp(delta_t A) <= 1 (delta >= 0, A < 0 in Mamba): no cumulative product, no division,
-# nothing to overflow however long the sequence.
+# nothing to overflow however long the sequence. Results overwrite time-major copies the
+# tile has finished reading (y_t over delta_t u_t, dLoss/du_t over delta_t u_t, dLoss/ddelta_t
+# over dLoss/dy_t): fewer fresh (b, L, D) tensors, each of which costs page faults.
 #
 # Why it is faster on a CPU than the chunked scan before it (issue 14, see bench_scan):
 # - about 20 passes over the (L, D, N) states in all against about 30, three small ops per step
-#   (one forward, two backward) against about 30, and buffers of about 1 MB that fit the L2
-#   cache; time-major copies by 2-D transposes (torch's blocked kernel; the same copy as a 3-D
-#   transpose is several times slower);
+#   (one forward, two backward) against about 30, and buffers of about 1 MB; time-major copies
+#   by 2-D transposes (torch's blocked kernel; the same copy as a 3-D transpose is several
+#   times slower);
 # - its ops run on SCAN_THREADS = 1 thread. Each touches at most a few MB, and with
 #   OMP_WAIT_POLICY=PASSIVE (see "Threads") every op on two threads first wakes the sleeping
 #   second thread, which cost more than the op saved (measured on two cores: 0.70 s -> 0.35 s
 #   at L 4096, D 768).
 # What is left is memory traffic (about 20 ops each reading and writing the whole (L, D, N)
-# volume) and about 4 us of dispatch per step, which only a fused kernel (mamba-ssm on a GPU,
-# or a compiler) would avoid.
+# volume, mostly from the L3 cache) and about 3 us of dispatch per step, which only a fused
+# kernel (mamba-ssm on a GPU, or a compiler) would avoid.
 
 
 @contextlib.contextmanager
@@ -2074,7 +2079,7 @@ def _time_major(x):
     """(b, P, Q) -> (b, Q, P) contiguous, by 2-D transposes per batch item (the fast copies)."""
     out = x.new_empty(x.shape[0], x.shape[2], x.shape[1])
     for out_item, x_item in zip(out, x):
-        if x.shape[2] >= 1024:  # long rows: 64 of them at a time stay in cache (2x faster)
+        if min(x.shape[1:]) >= 512:  # large: 64 rows at a time stay in cache (up to 2x faster)
             for j in range(0, x.shape[1], 64):
                 out_item[:, j:j + 64].copy_(x_item[j:j + 64].t())
         else:
@@ -2105,31 +2110,37 @@ def _operand_grad(grad, x):
     return _time_major(grad.flatten(2)).view(x.shape)
 
 
-def _scan_inputs(u_t, delta_t, A, B, C, groups):
+def _steps(x, groups):
+    """(b, L, D) -> (b, L, G, 1, H), a view."""
+    return x.unflatten(2, (groups, -1)).unsqueeze(3)
+
+
+def _scan_inputs(delta_t, du_t, A, B, C, groups):
     """What forward and backward read: time-major (b, L, G, 1, H) steps, A (G, N, H), B, C."""
-    def steps(x):
-        """(b, L, D) -> (b, L, G, 1, H), a view."""
-        return x.unflatten(2, (groups, -1)).unsqueeze(3)
-    return dict(u=steps(u_t), delta=steps(delta_t), du=steps(delta_t * u_t),
+    return dict(delta=_steps(delta_t, groups), du=_steps(du_t, groups),
                 A=A.unflatten(0, (groups, -1)).transpose(1, 2).contiguous(),
                 B=_operand_steps(B, groups), C=_operand_steps(C, groups))
 
 
-def _blocks(length, per_step, block_elements, min_steps):
-    """Slices of about block_elements / per_step, and at least min_steps, steps covering the
-    sequence."""
+def _tiles(batch, dim, state, groups, length, block_elements, min_steps):
+    """How the fast path cuts the (L, D) plane: (groups, steps, slices).
+
+    Blocks of `steps` steps, about block_elements states and at least min_steps, cover the
+    sequence. Where min_steps steps of all channels hold more than block_elements states (the
+    short sequences of many channels), the channels are cut too, into `slices` ranges of
+    whole groups; the groups are refined (B and C repeated) where that needs more of them.
+    """
+    per_step = batch * dim * state
     steps = max(1, min(length, max(min_steps, block_elements // per_step)))
-    return [slice(t, min(t + steps, length)) for t in range(0, length, steps)]
+    wanted = -(-steps * per_step // block_elements)  # slices of about block_elements each
+    for slices in (*range(wanted, 2 * wanted), *range(wanted - 1, 0, -1)):
+        if dim % math.lcm(groups, slices) == 0:
+            return math.lcm(groups, slices), steps, slices
 
 
-def _at(x, ts):
-    """Steps ts (axis 1) of x, or all of x where it is the same at every step (fixed B or C)."""
-    return x[:, ts] if x.shape[1] > 1 else x
-
-
-def _decays(inputs, ts, out):
-    """A_bar_t = exp(delta_t A) of the steps ts into out (b, T, G, N, H)."""
-    return torch.mul(inputs["delta"][:, ts], inputs["A"], out=out).exp_()  # Eq. (4)
+def _tile(x, ts, gs):
+    """Steps ts (axis 1) and groups gs (axis 2) of x, where x has more than one of each."""
+    return x[:, ts if x.shape[1] > 1 else slice(None), gs if x.shape[2] > 1 else slice(None)]
 
 
 def _run_states(decays, hs, start):
@@ -2154,12 +2165,12 @@ def _run_adjoint(decays, lams, after):
     return decays[0] * lams[0]
 
 
-def _store_operand_grad(grad, ts, block_grad):
-    """A block's dLoss/dB_t (b, T, G, 1, N) into grad (b, L|1, G, N), summed if B is fixed."""
+def _store_operand_grad(grad, ts, gs, block_grad):
+    """A tile's dLoss/dB_t (b, T, G, 1, N) into grad (b, L|1, G, N), summed if B is fixed."""
     if grad.shape[1] == 1:
-        grad += block_grad[..., 0, :].sum(1, keepdim=True)
+        grad[:, :, gs] += block_grad[..., 0, :].sum(1, keepdim=True)
     else:
-        grad[:, ts] = block_grad[..., 0, :]
+        grad[:, ts, gs] = block_grad[..., 0, :]
 
 
 class _BlockScan(torch.autograd.Function):
@@ -2170,74 +2181,92 @@ class _BlockScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, block_elements, min_steps):
         """u, delta (b, D, L), A (D, N), B, C as in selective_scan -> y (b, D, L), h (b, D, N)."""
         batch, dim, length = u.shape
-        groups = math.lcm(_own_groups(B, dim), _own_groups(C, dim))
-        u_t, delta_t = _time_major(u), _time_major(delta)  # (b, L, D)
-        inputs = _scan_inputs(u_t, delta_t, A, B, C, groups)
-        blocks = _blocks(length, batch * A.numel(), block_elements, min_steps)
-        decay_buf = u.new_empty(batch, blocks[0].stop, *inputs["A"].shape)  # (b, T, G, N, H)
-        h_buf = torch.empty_like(decay_buf)
+        groups, steps, slices = _tiles(batch, dim, A.shape[1], math.lcm(
+            _own_groups(B, dim), _own_groups(C, dim)), length, block_elements, min_steps)
+        delta_t = _time_major(delta)  # (b, L, D)
+        du_t = _time_major(u).mul_(delta_t)  # delta_t u_t, then y_t in its place, tile by tile
+        inputs = _scan_inputs(delta_t, du_t, A, B, C, groups)
+        A_t, y_steps = inputs["A"], _steps(du_t, groups)  # (G, N, H), (b, L, G, 1, H)
+        blocks = [slice(t, min(t + steps, length)) for t in range(0, length, steps)]
+        tile = (batch, steps, groups // slices, *A_t.shape[1:])  # (b, T, G / slices, N, H)
+        decay_buf, h_buf = u.new_empty(tile), u.new_empty(tile)
         decay_steps, h_steps = decay_buf.unbind(1), h_buf.unbind(1)
-        y_t = torch.empty_like(u_t)
-        y_steps = y_t.unflatten(2, (groups, -1)).unsqueeze(3)  # (b, L, G, 1, H)
-        starts = u.new_empty(len(blocks), batch, *inputs["A"].shape)  # h entering each block
-        starts[0] = 0
-        for i, ts in enumerate(blocks):
-            steps = ts.stop - ts.start
-            _decays(inputs, ts, decay_buf[:, :steps])
-            h = torch.mul(inputs["du"][:, ts], _at(inputs["B"], ts)[..., None],
-                          out=h_buf[:, :steps])  # B_bar_t u_t
-            last = _run_states(decay_steps[:steps], h_steps[:steps], starts[i])
-            if i + 1 < len(blocks):
-                starts[i + 1] = last
-            torch.matmul(_at(inputs["C"], ts)[..., None, :], h, out=y_steps[:, ts])  # Eq. (2b)
+        starts = u.new_empty(slices, len(blocks), batch, *tile[2:])  # h entering each tile
+        starts[:, 0] = 0
+        last = u.new_empty(batch, *A_t.shape)  # h_{L-1} (b, G, N, H)
+        for k in range(slices):
+            gs, start = slice(k * tile[2], (k + 1) * tile[2]), starts[k].unbind(0)
+            for i, ts in enumerate(blocks):
+                n = ts.stop - ts.start
+                torch.mul(inputs["delta"][:, ts, gs], A_t[gs],
+                          out=decay_buf[:, :n]).exp_()  # Eq. (4)
+                h = torch.mul(inputs["du"][:, ts, gs], _tile(inputs["B"], ts, gs)[..., None],
+                              out=h_buf[:, :n])  # B_bar_t u_t
+                end = _run_states(decay_steps[:n], h_steps[:n], start[i])
+                if i + 1 < len(blocks):
+                    start[i + 1].copy_(end)
+                torch.matmul(_tile(inputs["C"], ts, gs)[..., None, :], h,
+                             out=y_steps[:, ts, gs])  # Eq. (2b), over du_t's read tile
+            last[:, gs] = end
         ctx.save_for_backward(u, delta_t, A, B, C, starts)  # u, not u_t: the graph holds u
         ctx.blocks, ctx.groups = blocks, groups
-        return _time_major(y_t), last.transpose(2, 3).reshape(batch, dim, -1)
+        return _time_major(du_t), last.transpose(2, 3).reshape(batch, dim, -1)
 
     @staticmethod
     @_scan_threads()
     def backward(ctx, grad_y, grad_last):
-        """Gradients of u, delta, A, B, C: per block from the end, states recomputed."""
+        """Gradients of u, delta, A, B, C: tile by tile from the end, states recomputed."""
         u, delta_t, A, B, C, starts = ctx.saved_tensors
-        groups, blocks = ctx.groups, ctx.blocks
-        inputs = _scan_inputs(_time_major(u), delta_t, A, B, C, groups)
-        grad_y = _time_major(grad_y).unflatten(2, (groups, -1)).unsqueeze(3)  # (b, L, G, 1, H)
-        after = grad_last.unflatten(1, (groups, -1)).transpose(2, 3).contiguous()  # (b, G, N, H)
-        grad_u, grad_delta = torch.empty_like(delta_t), torch.empty_like(delta_t)
-        grad_u_steps, grad_delta_steps = (x.unflatten(2, (groups, -1)).unsqueeze(3)
-                                          for x in (grad_u, grad_delta))
-        decay_buf = u.new_empty(starts.shape[1], blocks[0].stop, *inputs["A"].shape)
-        h_buf = u.new_empty(decay_buf.shape[0], decay_buf.shape[1] + 1, *decay_buf.shape[2:])
-        lam_buf, grad_A = torch.empty_like(decay_buf), torch.zeros_like(decay_buf)
+        groups, blocks, slices = ctx.groups, ctx.blocks, starts.shape[0]
+        u_t = _time_major(u)
+        du_t = u_t * delta_t  # then dLoss/du_t in its place, tile by tile
+        inputs = _scan_inputs(delta_t, du_t, A, B, C, groups)
+        A_t, u_steps, grad_u_steps = inputs["A"], _steps(u_t, groups), inputs["du"]
+        grad_y_t = _time_major(grad_y)  # then dLoss/ddelta_t in its place
+        grad_y = grad_delta_steps = _steps(grad_y_t, groups)  # (b, L, G, 1, H)
+        afters = grad_last.unflatten(1, (groups, -1)).transpose(2, 3)  # (b, G, N, H)
+        tile = (starts.shape[2], blocks[0].stop, *starts.shape[3:])  # (b, T, G / slices, N, H)
+        decay_buf, lam_buf, grad_A_buf = (u.new_empty(tile) for _ in range(3))
+        h_buf = u.new_empty(tile[0], tile[1] + 1, *tile[2:])  # h_{t-1}: a step more
         decay_steps, h_steps, lam_steps = (x.unbind(1) for x in (decay_buf, h_buf, lam_buf))
-        grad_B, grad_C = (u.new_zeros(len(u), inputs[k].shape[1], *inputs["A"].shape[:2])
+        grad_A = A.new_empty(A_t.shape)
+        grad_B, grad_C = (u.new_zeros(len(u), inputs[k].shape[1], *A_t.shape[:2])
                           for k in "BC")  # (b, L|1, G, N)
-        for i in reversed(range(len(blocks))):
-            ts, steps = blocks[i], blocks[i].stop - blocks[i].start
-            delta_ts, du_ts = inputs["delta"][:, ts], inputs["du"][:, ts]
-            B_ts = _at(inputs["B"], ts)
-            decay = _decays(inputs, ts, decay_buf[:, :steps])
-            h = h_buf[:, :steps + 1]  # h[:, t] = h_{t-1}: the block's start, then its states
-            h[:, 0] = starts[i]
-            torch.mul(du_ts, B_ts[..., None], out=h[:, 1:])
-            _run_states(decay_steps[:steps], h_steps[1:steps + 1], h[:, 0])
-            lam = torch.mul(grad_y[:, ts], _at(inputs["C"], ts)[..., None],
-                            out=lam_buf[:, :steps])  # C_t dLoss/dy_t
-            after = _run_adjoint(decay_steps[:steps], lam_steps[:steps], after)
-            # dLoss/dC_t, dLoss/dB_t: sums over each group's channels of dy_t h_t, lambda_t du_t
-            _store_operand_grad(grad_C, ts, torch.matmul(grad_y[:, ts],
-                                                         h[:, 1:].transpose(-1, -2)))
-            _store_operand_grad(grad_B, ts, torch.matmul(du_ts, lam.transpose(-1, -2)))
-            lam_B = torch.matmul(B_ts[..., None, :], lam)  # <lambda_t, B_t> (b, T, G, 1, H)
-            # dLoss/da_t = lambda_t A_bar_t h_{t-1} for a_t = delta_t A, as A_bar_t = exp(a_t)
-            grad_a = decay.mul_(lam).mul_(h[:, :-1])
-            grad_A[:, :steps].addcmul_(grad_a, delta_ts)
-            # delta_t reaches a_t = delta_t A and B_bar_t u_t = delta_t B_t u_t; u_t the latter
-            torch.sum(grad_a.mul_(inputs["A"]), 3, keepdim=True,
-                      out=grad_delta_steps[:, ts]).addcmul_(lam_B, inputs["u"][:, ts])
-            torch.mul(lam_B, delta_ts, out=grad_u_steps[:, ts])
-        grad_A = grad_A.sum((0, 1)).transpose(1, 2).reshape(A.shape)
-        return (_time_major(grad_u), _time_major(grad_delta), grad_A,
+        for k in range(slices):
+            gs, start = slice(k * tile[2], (k + 1) * tile[2]), starts[k].unbind(0)
+            after = afters[:, gs]
+            for i in reversed(range(len(blocks))):
+                ts, n = blocks[i], blocks[i].stop - blocks[i].start
+                delta_ts, du_ts, grad_y_ts = (x[:, ts, gs] for x in (inputs["delta"], inputs["du"],
+                                                                     grad_y))
+                B_ts = _tile(inputs["B"], ts, gs)
+                decay = torch.mul(delta_ts, A_t[gs], out=decay_buf[:, :n]).exp_()
+                h = h_buf[:, :n + 1]  # h[:, t] = h_{t-1}: the tile's start, then its states
+                h_steps[0].copy_(start[i])
+                torch.mul(du_ts, B_ts[..., None], out=h[:, 1:])
+                _run_states(decay_steps[:n], h_steps[1:n + 1], h_steps[0])
+                # dLoss/dC_t, dLoss/dB_t: sums over each group's channels of dy_t h_t, lambda_t du_t
+                _store_operand_grad(grad_C, ts, gs, torch.matmul(grad_y_ts,
+                                                                 h[:, 1:].transpose(-1, -2)))
+                lam = torch.mul(grad_y_ts, _tile(inputs["C"], ts, gs)[..., None],
+                                out=lam_buf[:, :n])  # C_t dLoss/dy_t
+                after = _run_adjoint(decay_steps[:n], lam_steps[:n], after)
+                _store_operand_grad(grad_B, ts, gs, torch.matmul(du_ts, lam.transpose(-1, -2)))
+                lam_B = torch.matmul(B_ts[..., None, :], lam)  # <lambda_t, B_t> (b, T, G, 1, H)
+                # dLoss/da_t = lambda_t A_bar_t h_{t-1} for a_t = delta_t A, as A_bar_t = exp(a_t)
+                grad_a = decay.mul_(lam).mul_(h[:, :-1])
+                if i + 1 < len(blocks):
+                    grad_A_buf[:, :n].addcmul_(grad_a, delta_ts)
+                else:  # the first tile of a slice sets the sums, zero where it is short
+                    torch.mul(grad_a, delta_ts, out=grad_A_buf[:, :n])
+                    grad_A_buf[:, n:] = 0
+                # delta_t reaches a_t = delta_t A and B_bar_t u_t = delta_t B_t u_t; u_t the
+                # latter. Both overwrite inputs this tile has read: dy_t, du_t.
+                torch.sum(grad_a.mul_(A_t[gs]), 3, keepdim=True,
+                          out=grad_delta_steps[:, ts, gs]).addcmul_(lam_B, u_steps[:, ts, gs])
+                torch.mul(lam_B, delta_ts, out=grad_u_steps[:, ts, gs])
+            grad_A[gs] = grad_A_buf.sum((0, 1))
+        return (_time_major(du_t), _time_major(grad_y_t), grad_A.transpose(1, 2).reshape(A.shape),
                 _operand_grad(grad_B, B), _operand_grad(grad_C, C), None, None)
 
 

@@ -163,17 +163,21 @@ def test_channel_uses_group_d_over_channels_per_group():
 
 
 @pytest.mark.parametrize("b_form, c_form", [("groups", "groups"), ("fixed", "shared")])
-def test_gradcheck_fast_path_float64(b_form, c_form):
-    """Finite differences agree with the hand-written backward, every input, float64."""
+@pytest.mark.parametrize("block_elements, min_steps", [(2 * 2 * 4 * 3, 1), (6, 2)],
+                         ids=["blocks of two steps", "and one channel"])
+def test_gradcheck_fast_path_float64(b_form, c_form, block_elements, min_steps):
+    """Finite differences agree with the hand-written backward, every input, float64: blocks
+    of two steps (the last one of one step), then also cut into one channel each (B and C of
+    two groups then repeated to four)."""
     inputs = make_inputs(batch=2, dim=4, length=7, state=3, b_form=b_form, c_form=c_form)
     leaves = [v.detach().double().requires_grad_() for v in inputs.values()]
 
     def scan(*tensors):
-        """Fast path with blocks of two steps, the last one of one step."""
+        """Fast path with these blocks."""
         return common._selective_scan_fast(*tensors[:5], D=tensors[5], z=tensors[6],
                                            delta_bias=tensors[7], delta_softplus=True,
-                                           return_last_state=True, block_elements=2 * 2 * 4 * 3,
-                                           min_steps=1)
+                                           return_last_state=True,
+                                           block_elements=block_elements, min_steps=min_steps)
     assert scan(*leaves)[0].dtype == torch.float64
     assert torch.autograd.gradcheck(scan, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
 
@@ -326,3 +330,19 @@ def test_forward_keeps_its_inputs_and_one_state_per_sixteen_steps():
     states_per_step = batch * dim * state
     bound = sum(x.numel() for x in operands.values()) + math.ceil(length / 16) * states_per_step
     assert 0 < sum(saved) <= bound
+
+
+@pytest.mark.parametrize("call, cut", [
+    ((1, 768, 16, 4, 4096), (4, 21, 1)),  # 21 steps of 12,288 states fill a block
+    ((2, 768, 16, 4, 4096), (4, 16, 2)),  # 16 steps of 24,576 would be 1.5 blocks: 2 slices
+    ((1, 3072, 16, 4, 256), (12, 16, 3)),  # 16 x 49,152 = 3 blocks: 3 slices of 4 groups of 12
+    ((1, 6144, 16, 4, 64), (12, 16, 6)),  # 6 blocks: 6 slices, groups refined 4 -> lcm(4, 6)
+    ((1, 6, 4, 2, 37), (6, 1, 6)),  # one state a block: at most 6 slices, of one channel
+    ((1, 5, 4, 5, 9), (5, 1, 5)),  # 5 channels: 1 or 5 slices
+])
+def test_blocks_cut_the_channels_where_min_steps_would_overfill_them(call, cut):
+    """_tiles(batch, dim, N, groups, L, ...) -> (groups, steps, slices), worked by hand for the
+    default block of 2^18 states and 16 steps (cmssm_unet's calls) and for one-state blocks."""
+    batch, dim, state, groups, length = call
+    limits = (common.SCAN_BLOCK_ELEMENTS, 16) if dim >= 768 else (1, 1)
+    assert common._tiles(batch, dim, state, groups, length, *limits) == cut
