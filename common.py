@@ -2165,12 +2165,13 @@ def _run_adjoint(decays, lams, after):
     return decays[0] * lams[0]
 
 
-def _store_operand_grad(grad, ts, gs, block_grad):
-    """A tile's dLoss/dB_t (b, T, G, 1, N) into grad (b, L|1, G, N), summed if B is fixed."""
+def _operand_grad_into(grad, ts, gs, left, right):
+    """A tile's dLoss/dB_t = left @ right (b, T, G, 1, N) into grad (b, L|1, G, N), summed over
+    the steps if B is fixed."""
     if grad.shape[1] == 1:
-        grad[:, :, gs] += block_grad[..., 0, :].sum(1, keepdim=True)
+        grad[:, :, gs] += torch.matmul(left, right)[..., 0, :].sum(1, keepdim=True)
     else:
-        grad[:, ts, gs] = block_grad[..., 0, :]
+        torch.matmul(left, right, out=grad[:, ts, gs].unsqueeze(3))
 
 
 class _BlockScan(torch.autograd.Function):
@@ -2246,12 +2247,11 @@ class _BlockScan(torch.autograd.Function):
                 torch.mul(du_ts, B_ts[..., None], out=h[:, 1:])
                 _run_states(decay_steps[:n], h_steps[1:n + 1], h_steps[0])
                 # dLoss/dC_t, dLoss/dB_t: sums over each group's channels of dy_t h_t, lambda_t du_t
-                _store_operand_grad(grad_C, ts, gs, torch.matmul(grad_y_ts,
-                                                                 h[:, 1:].transpose(-1, -2)))
+                _operand_grad_into(grad_C, ts, gs, grad_y_ts, h[:, 1:].transpose(-1, -2))
                 lam = torch.mul(grad_y_ts, _tile(inputs["C"], ts, gs)[..., None],
                                 out=lam_buf[:, :n])  # C_t dLoss/dy_t
                 after = _run_adjoint(decay_steps[:n], lam_steps[:n], after)
-                _store_operand_grad(grad_B, ts, gs, torch.matmul(du_ts, lam.transpose(-1, -2)))
+                _operand_grad_into(grad_B, ts, gs, du_ts, lam.transpose(-1, -2))
                 lam_B = torch.matmul(B_ts[..., None, :], lam)  # <lambda_t, B_t> (b, T, G, 1, H)
                 # dLoss/da_t = lambda_t A_bar_t h_{t-1} for a_t = delta_t A, as A_bar_t = exp(a_t)
                 grad_a = decay.mul_(lam).mul_(h[:, :-1])
