@@ -2066,8 +2066,8 @@ def _scan_threads():
 def _selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                          delta_softplus=False, return_last_state=False,
                          block_elements=SCAN_BLOCK_ELEMENTS, min_steps=SCAN_MIN_STEPS):
-    """Pure-PyTorch selective scan in blocks of about block_elements states, and of at least
-    min_steps steps (same results whatever the two)."""
+    """Pure-PyTorch selective scan in tiles of about block_elements states and at least
+    min_steps steps (see _tiles; same results whatever the two)."""
     def core(u, delta, A, B, C):
         """Blocked scan core with its hand-written backward."""
         return _BlockScan.apply(u, delta, A, B, C, block_elements, min_steps)
@@ -2139,7 +2139,8 @@ def _tiles(batch, dim, state, groups, length, block_elements, min_steps):
 
 
 def _tile(x, ts, gs):
-    """Steps ts (axis 1) and groups gs (axis 2) of x, where x has more than one of each."""
+    """Steps ts (axis 1) and groups gs (axis 2) of B or C; a fixed or shared one keeps its
+    single step or group."""
     return x[:, ts if x.shape[1] > 1 else slice(None), gs if x.shape[2] > 1 else slice(None)]
 
 
@@ -2257,7 +2258,7 @@ class _BlockScan(torch.autograd.Function):
                 grad_a = decay.mul_(lam).mul_(h[:, :-1])
                 if i + 1 < len(blocks):
                     grad_A_buf[:, :n].addcmul_(grad_a, delta_ts)
-                else:  # the first tile of a slice sets the sums, zero where it is short
+                else:  # the slice's first tile (its last steps) sets the sums; 0 past them
                     torch.mul(grad_a, delta_ts, out=grad_A_buf[:, :n])
                     grad_A_buf[:, n:] = 0
                 # delta_t reaches a_t = delta_t A and B_bar_t u_t = delta_t B_t u_t; u_t the
