@@ -2237,6 +2237,7 @@ class _BlockScan(torch.autograd.Function):
         for k in range(slices):
             gs, start = slice(k * tile[2], (k + 1) * tile[2]), starts[k].unbind(0)
             after = afters[:, gs]
+            grad_A_buf.zero_()  # the slice's dLoss/dA sums over its tiles
             for i in reversed(range(len(blocks))):
                 ts, n = blocks[i], blocks[i].stop - blocks[i].start
                 delta_ts, du_ts, grad_y_ts = (x[:, ts, gs] for x in (inputs["delta"], inputs["du"],
@@ -2256,11 +2257,7 @@ class _BlockScan(torch.autograd.Function):
                 lam_B = torch.matmul(B_ts[..., None, :], lam)  # <lambda_t, B_t> (b, T, G, 1, H)
                 # dLoss/da_t = lambda_t A_bar_t h_{t-1} for a_t = delta_t A, as A_bar_t = exp(a_t)
                 grad_a = decay.mul_(lam).mul_(h[:, :-1])
-                if i + 1 < len(blocks):
-                    grad_A_buf[:, :n].addcmul_(grad_a, delta_ts)
-                else:  # the slice's first tile (its last steps) sets the sums; 0 past them
-                    torch.mul(grad_a, delta_ts, out=grad_A_buf[:, :n])
-                    grad_A_buf[:, n:] = 0
+                grad_A_buf[:, :n].addcmul_(grad_a, delta_ts)
                 # delta_t reaches a_t = delta_t A and B_bar_t u_t = delta_t B_t u_t; u_t the
                 # latter. Both overwrite inputs this tile has read: dy_t, du_t.
                 torch.sum(grad_a.mul_(A_t[gs]), 3, keepdim=True,
